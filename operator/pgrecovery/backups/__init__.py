@@ -1,0 +1,1 @@
+"""backups layer (see DESIGN.md)."""

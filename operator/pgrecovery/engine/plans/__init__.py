@@ -1,0 +1,20 @@
+"""Concrete recovery plans (which steps each phase has), chosen by source and target type.
+
+Why this package exists: the engine's phase machine is generic; the plans bind it to the
+backups and cluster layers. `build_plan` is the operator's default plan factory
+(`PGRECOVERY_PLAN_FACTORY`).
+"""
+
+from __future__ import annotations
+
+from pgrecovery.engine.plan import Plan, PlanInputs
+from pgrecovery.errors import InvalidSpec
+
+
+async def build_plan(inputs: PlanInputs) -> Plan:
+    """The plan for `inputs.spec`; unsupported combinations fail with InvalidSpec."""
+    raise InvalidSpec(
+        f"recovery of source type {inputs.spec.source.type.value} onto target type "
+        f"{inputs.spec.target.type.value} is not implemented in this version",
+        field="spec.source.type",
+    )

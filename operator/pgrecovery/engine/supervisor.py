@@ -1,0 +1,328 @@
+"""Start / poll / cancel of phase work, for callers that must never block (kopf handlers).
+
+Why this module exists: a phase can take an hour (download, psql restore), but a kopf handler
+must return quickly and report progress every few seconds. The supervisor runs a phase's steps
+as a background task per recovery and hands back, on each poll, the latest status and the step
+events since the last poll. The handler patches that status, posts the events, and asks kopf to
+call it again (a temporary error with a delay) until the outcome is known. After an operator
+restart the task is gone; the next poll starts the phase again and idempotent steps skip what is
+already done. The local runner (`pgrecovery recover`) uses `execute_phase` directly.
+
+Gates live here too, because they decide *whether* the next phase may start: `dryRun` stops
+before the first destructive phase, and destructive phases wait for `spec.confirm`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from pgrecovery.engine import status as st
+from pgrecovery.engine.phases import Phase, is_destructive, next_phase
+from pgrecovery.engine.plan import Plan, PlanFactory, PlanInputs
+from pgrecovery.engine.spec import RecoverySpec
+from pgrecovery.engine.status import ConditionType, RecoveryStatus
+from pgrecovery.engine.steps import StatusChange, StepContext, StepEvent, run_steps
+from pgrecovery.errors import Cancelled, FatalError, RecoveryError, RetryableError
+
+log = logging.getLogger(__name__)
+
+
+class OutcomeKind(StrEnum):
+    RUNNING = "Running"  # work continues; poll again after `delay`
+    ADVANCED = "Advanced"  # the phase finished; status.phase is the next phase
+    SUCCEEDED = "Succeeded"  # Rejoined finished; the recovery is complete
+    FAILED = "Failed"  # fatal; status is Failed
+    RETRYING = "Retrying"  # a retryable error; the phase runs again after `delay`
+    BLOCKED = "Blocked"  # waiting for a person (confirm) or another recovery; poll again
+    DRY_RUN_DONE = "DryRunDone"  # dryRun stopped before the first destructive phase
+    CANCELLED = "Cancelled"  # the resource was deleted; stopped at a safe point
+
+
+@dataclass
+class Outcome:
+    kind: OutcomeKind
+    status: RecoveryStatus
+    delay: float = 0.0
+    events: list[StepEvent] = field(default_factory=list)
+
+    @property
+    def again(self) -> bool:
+        """The caller must poll again after `delay`."""
+        return self.kind in (OutcomeKind.RUNNING, OutcomeKind.RETRYING, OutcomeKind.BLOCKED)
+
+
+class MemoryReporter:
+    """Keeps the latest status and the step events in memory until the next poll drains them."""
+
+    def __init__(self, status: RecoveryStatus) -> None:
+        self._status = status
+        self._events: list[StepEvent] = []
+
+    @property
+    def status(self) -> RecoveryStatus:
+        return self._status
+
+    async def update(self, change: StatusChange) -> RecoveryStatus:
+        self._status = change(self._status)
+        return self._status
+
+    async def event(self, event: StepEvent) -> None:
+        self._events.append(event)
+
+    def drain(self) -> list[StepEvent]:
+        events, self._events = self._events, []
+        return events
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    limit: int = 8
+    base_delay: float = 5.0
+    max_delay: float = 300.0
+
+    def delay(self, attempt: int) -> float:
+        return float(min(self.max_delay, self.base_delay * (2 ** max(0, attempt - 1))))
+
+
+def gate(spec: RecoverySpec, phase: Phase) -> tuple[OutcomeKind, str, str] | None:
+    """Whether `phase` may start now: None, or (kind, reason, message) when it may not."""
+    if not is_destructive(phase):
+        return None
+    if spec.dry_run:
+        return (
+            OutcomeKind.DRY_RUN_DONE,
+            "DryRunComplete",
+            "dry run complete: every check and read passed; stopped before Staging "
+            "(nothing on the cluster was changed)",
+        )
+    if not spec.confirmed:
+        return (
+            OutcomeKind.BLOCKED,
+            "AwaitingConfirmation",
+            f"destructive phases wait: set spec.confirm to {spec.target.deployment!r} "
+            "to let Staging, Restoring and Rejoined change the cluster",
+        )
+    return None
+
+
+def _retry_key(phase: Phase) -> str:
+    return f"retries{phase.value}"
+
+
+async def execute_phase(
+    phase: Phase,
+    plan: Plan,
+    ctx: StepContext,
+    retry: RetryPolicy,
+    spec: RecoverySpec,
+) -> Outcome:
+    """Run one phase's steps to an outcome; errors become status, never escape (but Cancelled)."""
+    try:
+        await run_steps(plan.for_phase(phase), ctx)
+    except Cancelled:
+        raise
+    except RetryableError as exc:
+        reason, text = exc.reason, str(exc)
+        attempts = int(ctx.status.facts.get(_retry_key(phase), "0")) + 1
+        if attempts > retry.limit:
+            now = st.now_utc()
+            message = f"{text} (gave up after {retry.limit} retries)"
+            failed = await ctx.update(lambda s: st.fail(s, reason, message, now))
+            return Outcome(OutcomeKind.FAILED, failed)
+        delay = exc.delay if exc.delay is not None else retry.delay(attempts)
+        message = f"{text}; retry {attempts}/{retry.limit} in {int(delay)}s"
+        status = await ctx.update(
+            lambda s: st.set_message(st.set_facts(s, **{_retry_key(phase): str(attempts)}), message)
+        )
+        return Outcome(OutcomeKind.RETRYING, status, delay=delay)
+    except RecoveryError as exc:  # FatalError, or an unclassified one: treat as fatal
+        reason, text, now = exc.reason, str(exc), st.now_utc()
+        failed = await ctx.update(lambda s: st.fail(s, reason, text, now))
+        return Outcome(OutcomeKind.FAILED, failed)
+    except Exception as exc:
+        # A bug or an unmapped library error. Failing is safer than looping on unknown state;
+        # the step records in status say exactly how far the recovery got.
+        log.exception("unexpected error in %s", phase.value)
+        now = st.now_utc()
+        message = f"internal error ({exc.__class__.__name__}): {exc}"
+        failed = await ctx.update(lambda s: st.fail(s, "InternalError", message, now))
+        return Outcome(OutcomeKind.FAILED, failed)
+    return await finish_phase(phase, ctx, spec)
+
+
+async def finish_phase(phase: Phase, ctx: StepContext, spec: RecoverySpec) -> Outcome:
+    """Move to the next phase; a dry run stops here, before the first destructive phase."""
+    now = st.now_utc()
+    following = next_phase(phase)
+    if following is not None and spec.dry_run and is_destructive(following):
+        verdict = apply_gate(spec, ctx.status, following)
+        if verdict is None:  # cannot happen: dry_run always gates a destructive phase
+            raise FatalError("internal error: dry run gate did not hold", reason="InternalError")
+        kind, status = verdict
+        return Outcome(kind, await ctx.update(lambda _s: status))
+    if following is None:
+        done = await ctx.update(
+            lambda s: st.succeed(s, "recovery complete: cluster rejoined and verified", now)
+        )
+        return Outcome(OutcomeKind.SUCCEEDED, done)
+    status = await ctx.update(lambda s: st.enter_phase(s, following, now))
+    return Outcome(OutcomeKind.ADVANCED, status)
+
+
+def apply_gate(
+    spec: RecoverySpec, status: RecoveryStatus, phase: Phase
+) -> tuple[OutcomeKind, RecoveryStatus] | None:
+    """Status change for a gated phase start, or None when the phase may run."""
+    verdict = gate(spec, phase)
+    now = st.now_utc()
+    if verdict is None:
+        return None
+    kind, reason, message = verdict
+    if kind is OutcomeKind.DRY_RUN_DONE:
+        blocked = st.block(status, reason, message, now)
+        blocked = st.set_condition(blocked, ConditionType.STALLED, False, "DryRun", "", now)
+        return kind, blocked.model_copy(update={"completed_at": now})
+    return kind, st.block(status, reason, message, now)
+
+
+@dataclass
+class _Run:
+    phase: Phase
+    reporter: MemoryReporter
+    cancel_event: asyncio.Event
+    task: asyncio.Task[Outcome]
+
+
+class Supervisor:
+    """One background task per recovery key; `poll` starts or checks it, `cancel` stops it."""
+
+    def __init__(
+        self,
+        plan_factory: PlanFactory,
+        *,
+        poll_interval: float,
+        stall_after: float,
+        gate_recheck: float,
+        retry: RetryPolicy,
+    ) -> None:
+        self._plan_factory = plan_factory
+        self._poll_interval = poll_interval
+        self._stall_after = stall_after
+        self._gate_recheck = gate_recheck
+        self._retry = retry
+        self._runs: dict[str, _Run] = {}
+
+    def running(self, key: str) -> bool:
+        run = self._runs.get(key)
+        return run is not None and not run.task.done()
+
+    async def poll(
+        self,
+        key: str,
+        phase: Phase,
+        status: RecoveryStatus,
+        inputs: Callable[[], PlanInputs],
+        extra_gate: Callable[[], Awaitable[tuple[str, str] | None]] | None = None,
+    ) -> Outcome:
+        """Start the phase if it is not running, else report on it. Never blocks for long."""
+        run = self._runs.get(key)
+        if run is not None and run.phase is not phase:
+            # A stale run of an earlier phase (e.g. status was reset by hand): discard it.
+            await self._discard(key)
+            run = None
+        if run is None:
+            spec = inputs().spec
+            gated = apply_gate(spec, status, phase)
+            if gated is None and extra_gate is not None and is_destructive(phase):
+                held = await extra_gate()
+                if held is not None:
+                    now = st.now_utc()
+                    gated = (OutcomeKind.BLOCKED, st.block(status, held[0], held[1], now))
+            if gated is not None:
+                kind, blocked = gated
+                delay = self._gate_recheck if kind is OutcomeKind.BLOCKED else 0.0
+                return Outcome(kind, blocked, delay=delay)
+            now = st.now_utc()
+            status = st.unblock(status, now)
+            run = self._start(key, phase, status, inputs())
+        return self._report(key, run)
+
+    def _start(self, key: str, phase: Phase, status: RecoveryStatus, inputs: PlanInputs) -> _Run:
+        reporter = MemoryReporter(status)
+        cancel_event = asyncio.Event()
+        ctx = StepContext(reporter=reporter, cancel_event=cancel_event)
+        task = asyncio.create_task(
+            self._run_phase(phase, inputs, ctx), name=f"pgrecovery:{key}:{phase.value}"
+        )
+        run = _Run(phase, reporter, cancel_event, task)
+        self._runs[key] = run
+        return run
+
+    async def _run_phase(self, phase: Phase, inputs: PlanInputs, ctx: StepContext) -> Outcome:
+        plan = await self._plan_factory(inputs)
+        try:
+            return await execute_phase(phase, plan, ctx, self._retry, inputs.spec)
+        finally:
+            await plan.close()
+
+    def _report(self, key: str, run: _Run) -> Outcome:
+        now = st.now_utc()
+        if not run.task.done():
+            status = st.check_stalled(run.reporter.status, now, self._stall_after)
+            # Keep the computed Stalled condition in the run so the next change builds on it.
+            run.reporter._status = status
+            return Outcome(
+                OutcomeKind.RUNNING, status, delay=self._poll_interval, events=run.reporter.drain()
+            )
+        del self._runs[key]
+        events = run.reporter.drain()
+        try:
+            outcome = run.task.result()
+        except Cancelled as exc:
+            cancelled = st.fail(run.reporter.status, exc.reason, str(exc), now)
+            return Outcome(OutcomeKind.CANCELLED, cancelled, events=events)
+        except Exception as exc:  # noqa: BLE001 - errors of the plan factory become outcomes
+            reason = getattr(exc, "reason", "InternalError")
+            if isinstance(exc, RetryableError):
+                return Outcome(
+                    OutcomeKind.RETRYING,
+                    st.set_message(run.reporter.status, str(exc)),
+                    delay=self._retry.base_delay,
+                    events=events,
+                )
+            failed = st.fail(run.reporter.status, reason, str(exc), now)
+            return Outcome(OutcomeKind.FAILED, failed, events=events)
+        outcome.events = events + outcome.events
+        return outcome
+
+    async def cancel(self, key: str, timeout: float) -> RecoveryStatus | None:
+        """Ask the running phase to stop at its next safe point; wait up to `timeout`."""
+        run = self._runs.get(key)
+        if run is None:
+            return None
+        run.cancel_event.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(run.task), timeout)
+        status = run.reporter.status
+        if not run.task.done():
+            run.task.cancel()
+            with contextlib.suppress(BaseException):
+                await run.task
+        self._runs.pop(key, None)
+        return status
+
+    async def _discard(self, key: str) -> None:
+        run = self._runs.pop(key, None)
+        if run is not None and not run.task.done():
+            run.task.cancel()
+            with contextlib.suppress(BaseException):
+                await run.task
+
+    async def close(self) -> None:
+        for key in list(self._runs):
+            await self._discard(key)

@@ -1,0 +1,188 @@
+"""kopf handlers for PgRecovery: one per phase, each a thin translation into engine calls.
+
+Why this module exists: it is the only place that knows kopf's calling conventions. Each
+handler reads the status, asks the engine what to do (accept / poll the phase / note a spec
+change / cancel), writes the resulting status into kopf's patch, turns step transitions into
+Events, and — while work continues — raises `kopf.TemporaryError` with a delay so kopf calls it
+again (the start / poll pattern: handlers never sleep or block).
+
+How phases chain: each phase handler is `@kopf.on.field('status.phase', new=<Phase>)`. When a
+phase finishes, its handler patches `status.phase` to the next phase; kopf sees that field change
+and fires the next handler. A handler interrupted by an operator restart is rerun by kopf (its
+progress is kept in our annotations), and the engine's idempotent steps skip finished work.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from pgrecovery import metrics
+from pgrecovery.engine.lifecycle import accept_or_reject, spec_change
+from pgrecovery.engine.phases import WORKING_PHASES, Phase
+from pgrecovery.engine.status import ConditionType, RecoveryStatus
+from pgrecovery.engine.steps import StepEvent, StepEventKind
+from pgrecovery.engine.supervisor import Outcome, OutcomeKind
+from pgrecovery.handlers.runtime import Runtime
+
+GROUP = "pgrecovery.dev"
+VERSION = "v1alpha1"
+PLURAL = "pgrecoveries"
+
+log = logging.getLogger(__name__)
+
+
+def _runtime(memo: Any) -> Runtime:
+    runtime: Runtime = memo["runtime"]
+    return runtime
+
+
+def _write_status(patch: Any, status: RecoveryStatus) -> None:
+    patch.status.update(status.to_dict())
+
+
+def _post_step_event(body: Any, event: StepEvent) -> None:
+    kind = "Warning" if event.kind is StepEventKind.FAILED else "Normal"
+    message = f"{event.phase.value}/{event.step}"
+    if event.message:
+        message += f": {event.message}"
+    kopf.event(body, type=kind, reason=event.kind.value, message=message[:1024])
+    metrics.record_step_event(event.phase.value, event.kind.value)
+
+
+def _post_outcome_event(body: Any, outcome: Outcome, phase: Phase) -> None:
+    status = outcome.status
+    if outcome.kind is OutcomeKind.ADVANCED:
+        kopf.event(
+            body,
+            type="Normal",
+            reason=f"Phase{status.phase.value}",
+            message=f"{phase.value} done; {status.phase.value} started",
+        )
+    elif outcome.kind is OutcomeKind.SUCCEEDED:
+        kopf.event(body, type="Normal", reason="Succeeded", message=status.message)
+    elif outcome.kind in (OutcomeKind.FAILED, OutcomeKind.CANCELLED):
+        kopf.event(
+            body, type="Warning", reason=status.failure_reason or "Failed", message=status.message
+        )
+    elif outcome.kind is OutcomeKind.DRY_RUN_DONE:
+        kopf.event(body, type="Normal", reason="DryRunComplete", message=status.message)
+
+
+def _record_metrics(body: Any, outcome: Outcome, phase: Phase) -> None:
+    name = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
+    status = outcome.status
+    metrics.record_progress(name, status)
+    if outcome.kind in (
+        OutcomeKind.ADVANCED,
+        OutcomeKind.SUCCEEDED,
+        OutcomeKind.FAILED,
+        OutcomeKind.CANCELLED,
+        OutcomeKind.DRY_RUN_DONE,
+    ):
+        duration = status.phase_durations.get(phase.value)
+        if duration is not None:
+            metrics.record_phase_duration(phase.value, duration)
+    if outcome.kind is OutcomeKind.SUCCEEDED:
+        metrics.record_result(name, "succeeded", None)
+    elif outcome.kind in (OutcomeKind.FAILED, OutcomeKind.CANCELLED):
+        metrics.record_result(name, "failed", status.failure_reason)
+    elif outcome.kind is OutcomeKind.DRY_RUN_DONE:
+        metrics.record_result(name, "dry_run", None)
+
+
+@kopf.on.create(GROUP, VERSION, PLURAL, id="accept")
+async def accept(body: Any, meta: Any, patch: Any, **_: Any) -> None:
+    """Parse the spec: valid → Fetching, invalid → Failed naming the field. Runs once."""
+    status = RecoveryStatus.from_dict(body.get("status"))
+    new = accept_or_reject(dict(body.get("spec") or {}), status, meta.get("generation"))
+    if new == status:
+        return
+    _write_status(patch, new)
+    if new.phase is Phase.FAILED:
+        kopf.event(
+            body, type="Warning", reason=new.failure_reason or "InvalidSpec", message=new.message
+        )
+        metrics.record_result(f"{meta['namespace']}/{meta['name']}", "failed", new.failure_reason)
+    else:
+        kopf.event(
+            body,
+            type="Normal",
+            reason=f"Phase{new.phase.value}",
+            message=f"spec accepted; {new.phase.value} started",
+        )
+
+
+def _make_phase_handler(phase: Phase) -> Any:
+    async def handle_phase(body: Any, meta: Any, patch: Any, memo: Any, **_: Any) -> None:
+        status = RecoveryStatus.from_dict(body.get("status"))
+        if status.finished or status.phase is not phase:
+            return
+        runtime = _runtime(memo)
+        outcome = await runtime.supervisor.poll(
+            meta["uid"], phase, status, lambda: runtime.inputs(body, status)
+        )
+        _write_status(patch, outcome.status)
+        for event in outcome.events:
+            _post_step_event(body, event)
+        _post_outcome_event(body, outcome, phase)
+        _record_metrics(body, outcome, phase)
+        if outcome.again:
+            # Not an error: kopf's way of "call me again in N seconds" (the poll pattern).
+            raise kopf.TemporaryError(outcome.status.message or phase.value, delay=outcome.delay)
+
+    handle_phase.__name__ = f"handle_{phase.value.lower()}"
+    handle_phase.__qualname__ = handle_phase.__name__
+    return handle_phase
+
+
+for _phase in WORKING_PHASES:
+    kopf.on.field(
+        GROUP,
+        VERSION,
+        PLURAL,
+        field="status.phase",
+        new=_phase.value,
+        id=f"phase-{_phase.value.lower()}",
+        # Unlimited retries: a phase ends only through its outcome (Succeeded/Failed/…);
+        # the engine's own retry policy bounds retryable errors.
+        retries=None,
+    )(_make_phase_handler(_phase))
+
+
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec", id="spec-changed")
+async def spec_changed(body: Any, meta: Any, patch: Any, **_: Any) -> None:
+    """After start only `confirm` is honoured; other edits are ignored, visibly."""
+    status = RecoveryStatus.from_dict(body.get("status"))
+    new = spec_change(dict(body.get("spec") or {}), status, meta.get("generation"))
+    if new != status:
+        _write_status(patch, new)
+        ignored = new.condition(ConditionType.SPEC_CHANGE_IGNORED)
+        if ignored is not None and ignored.status == "True":
+            kopf.event(body, type="Warning", reason="SpecChangeIgnored", message=ignored.message)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, id="cancel")
+async def cancel(body: Any, meta: Any, memo: Any, **_: Any) -> None:
+    """Stop running work at the next safe point; say what state the cluster was left in."""
+    runtime = _runtime(memo)
+    status = RecoveryStatus.from_dict(body.get("status"))
+    stopped = await runtime.supervisor.cancel(meta["uid"], runtime.settings.cancel_grace)
+    final = stopped or status
+    done = [s.name for s in final.steps if s.state.value == "Succeeded"]
+    message = (
+        f"deleted during {final.phase.value}"
+        + (" (work stopped at a safe point)" if stopped is not None else "")
+        + f"; steps completed: {', '.join(done) or 'none'}"
+        + "; nodes: "
+        + (", ".join(f"{n.name}={n.role}/{n.state or '?'}" for n in final.nodes) or "not probed")
+    )
+    kopf.event(
+        body,
+        type="Warning" if stopped is not None else "Normal",
+        reason="Deleted",
+        message=message[:1024],
+    )
+    metrics.forget(f"{meta['namespace']}/{meta['name']}")

@@ -1,0 +1,64 @@
+"""The operator's entry point: `kopf run -m pgrecovery.main`.
+
+Why this module exists: it registers the handlers (by importing them), validates settings once
+at startup, builds the process-wide runtime, serves metrics, and sets kopf's settings
+deliberately — each with the reason it is set.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from pgrecovery import metrics
+from pgrecovery.handlers import recovery  # noqa: F401 - importing registers the handlers
+from pgrecovery.handlers.runtime import build_runtime
+from pgrecovery.settings import load_settings
+
+log = logging.getLogger(__name__)
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    ours = load_settings()  # ConfigurationError here stops the operator with a clear message
+
+    # Our own finalizer and annotation prefix: the resource belongs to pgrecovery, and kopf's
+    # defaults (kopf.zalando.org) would clash with any other kopf operator on the same objects.
+    settings.persistence.finalizer = "pgrecovery.dev/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="pgrecovery.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="pgrecovery.dev", key="last-handled-configuration"
+    )
+    # Each running recovery holds SSH connections and a download pipeline; bound how many
+    # objects are worked on at once so a burst of GitOps commits cannot exhaust the pod.
+    settings.batching.worker_limit = ours.worker_limit
+    # Step events are posted explicitly (one per step start/finish/failure); kopf's own log
+    # lines ("handler failed temporarily" on every poll) must not become Events.
+    settings.posting.loggers = False
+    settings.posting.level = logging.INFO
+    # Re-establish watches regularly: a silently dead watch connection would freeze the
+    # phase chain (the next phase is triggered by a watch event of our own status patch).
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    # After patching status.phase, kopf waits for its own change to come back through the
+    # watch before handling the object again, so the next phase never acts on a stale body.
+    settings.persistence.consistency_timeout = 5.0
+
+    runtime = build_runtime(ours)
+    memo["runtime"] = runtime
+    if ours.metrics_port:
+        memo["metrics_server"] = metrics.serve(ours.metrics_port, healthy=lambda: True)
+    log.info("pgrecovery operator configured (work dir %s)", ours.work_dir)
+
+
+@kopf.on.cleanup()
+async def shutdown(memo: kopf.Memo, **_: Any) -> None:
+    runtime = memo.get("runtime")
+    if runtime is not None:
+        await runtime.close()
+    server = memo.get("metrics_server")
+    if server is not None:
+        server.shutdown()
+        server.server_close()
