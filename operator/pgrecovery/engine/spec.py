@@ -40,8 +40,8 @@ SSH_USER_PATTERN = r"^[a-z_][a-z0-9_-]{0,31}$"
 K8S_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
 SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]{1,253}$"  # noqa: S105 - a pattern, not a secret
 BUCKET_PATTERN = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
-CONTAINER_PATTERN = r"^[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]$"
-PREFIX_PATTERN = r"^[A-Za-z0-9!_.*'()/-]{0,512}$"
+CONTAINER_PATTERN = r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$"
+PREFIX_PATTERN = r"^[A-Za-z0-9_./-]{0,512}$"
 REGION_PATTERN = r"^[a-z0-9-]{1,32}$"
 URL_PATTERN = r"^https?://[A-Za-z0-9.:\[\]_-]+(/[A-Za-z0-9._~/-]*)?$"
 

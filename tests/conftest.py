@@ -1,0 +1,1 @@
+"""Top-level pytest configuration: shared fixtures of the test environment are imported here."""
