@@ -1,0 +1,208 @@
+"""S3 (and S3-compatible stores) behind `ObjectStore`: the only module that imports boto3.
+
+Why this module exists: the backups layer lists and reads a9s-pg backup objects without
+knowing botocore; this adapter makes the calls on worker threads (`asyncio.to_thread`, boto3
+clients are thread-safe) and converts every botocore exception at the boundary:
+
+- 5xx, `SlowDown`/throttling, timeouts, connection resets, truncated bodies → `StoreUnavailable`
+- `AccessDenied`, unknown key id, bad signature, expired token, no credentials → `StoreAccessDenied`
+- `NoSuchBucket`, `NoSuchKey`, 404 → `BackupNotFound`
+
+botocore's own retries are off (`max_attempts=1`): `adapters/retry.py` is the single retry
+policy, so waits are logged and bounded in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import boto3
+import botocore.exceptions
+from botocore.config import Config
+
+from pgrecovery.adapters.objectstore import ObjectInfo
+from pgrecovery.errors import BackupNotFound, RecoveryError, StoreAccessDenied, StoreUnavailable
+
+T = TypeVar("T")
+
+_DENIED = {
+    "AccessDenied",
+    "AllAccessDisabled",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "AuthorizationHeaderMalformed",
+    "AccountProblem",
+    "InvalidSecurity",
+}
+_MISSING = {"NoSuchBucket", "NoSuchKey", "NotFound", "404"}
+_BUSY = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "TooManyRequests",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+    "503",
+    "500",
+}
+
+
+def convert_error(exc: Exception, what: str) -> RecoveryError:  # noqa: PLR0911 - a flat map
+    """The pgrecovery error for a botocore exception raised while doing `what`."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        message = error.get("Message") or code or f"HTTP {status}"
+        if code in _DENIED or status in (401, 403):
+            return StoreAccessDenied(
+                f"{what}: the store refused the credentials ({code or status}: {message}); "
+                "check spec.source.*.credentialsSecretRef and the bucket policy"
+            )
+        if code in _MISSING or status == 404:
+            return BackupNotFound(f"{what}: not found ({code or status}: {message})")
+        if code in _BUSY or status >= 500 or status == 429:
+            retry_after = (
+                exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("retry-after")
+            )
+            delay = float(retry_after) if retry_after and retry_after.isdigit() else None
+            return StoreUnavailable(
+                f"{what}: store busy or failing ({code or status}: {message})", delay=delay
+            )
+        return StoreUnavailable(f"{what}: unexpected store error ({code or status}: {message})")
+    if isinstance(
+        exc, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError
+    ):
+        return StoreAccessDenied(
+            f"{what}: no usable S3 credentials ({exc}); set AWS_ACCESS_KEY_ID / "
+            "AWS_SECRET_ACCESS_KEY or spec.source.s3.credentialsSecretRef"
+        )
+    if isinstance(exc, botocore.exceptions.CredentialRetrievalError):
+        return StoreAccessDenied(f"{what}: could not obtain S3 credentials ({exc})")
+    # Connection refused/reset, timeouts, truncated bodies: all worth another try.
+    return StoreUnavailable(f"{what}: {type(exc).__name__}: {exc}")
+
+
+class S3ObjectStore:
+    """One bucket, read-only. Build with `await S3ObjectStore.create(...)`."""
+
+    def __init__(self, client: Any, bucket: str, *, endpoint: str | None = None) -> None:
+        self._client = client
+        self.bucket = bucket
+        self._endpoint = endpoint
+
+    @classmethod
+    async def create(
+        cls,
+        bucket: str,
+        *,
+        region: str | None = None,
+        endpoint_url: str | None = None,
+        access_key_id: str | None = None,
+        secret_access_key: str | None = None,
+        session_token: str | None = None,
+        max_connections: int = 16,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 60.0,
+    ) -> S3ObjectStore:
+        """A store for `bucket`; without explicit keys boto3's usual chain applies
+        (environment, shared config/credentials files, instance role)."""
+
+        def build() -> Any:
+            session = boto3.session.Session(
+                aws_access_key_id=access_key_id,
+                aws_secret_access_key=secret_access_key,
+                aws_session_token=session_token,
+                region_name=region,
+            )
+            config = Config(
+                retries={"max_attempts": 1, "mode": "standard"},
+                max_pool_connections=max_connections,
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
+                # Path-style works with every S3-compatible store; AWS still accepts it.
+                s3={"addressing_style": "path"} if endpoint_url else None,
+            )
+            return session.client("s3", endpoint_url=endpoint_url, config=config)
+
+        try:
+            client = await asyncio.to_thread(build)
+        except (botocore.exceptions.BotoCoreError, ValueError) as exc:
+            raise StoreUnavailable(f"cannot set up an S3 client for {bucket}: {exc}") from exc
+        return cls(client, bucket, endpoint=endpoint_url)
+
+    @property
+    def description(self) -> str:
+        where = f" at {self._endpoint}" if self._endpoint else ""
+        return f"s3://{self.bucket}{where}"
+
+    async def _call(self, what: str, fn: Callable[[], T]) -> T:
+        try:
+            return await asyncio.to_thread(fn)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise convert_error(exc, what) from exc
+        except (ConnectionError, TimeoutError) as exc:  # raw socket errors from urllib3
+            raise StoreUnavailable(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+    async def list(self, prefix: str, *, limit: int | None = None) -> list[ObjectInfo]:
+        def run() -> list[ObjectInfo]:
+            out: list[ObjectInfo] = []
+            paginator = self._client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for item in page.get("Contents", ()):
+                    out.append(
+                        ObjectInfo(
+                            key=item["Key"],
+                            size=int(item["Size"]),
+                            etag=str(item.get("ETag", "")).strip('"') or None,
+                        )
+                    )
+                    if limit is not None and len(out) >= limit:
+                        return out
+            return out
+
+        return await self._call(f"list s3://{self.bucket}/{prefix}*", run)
+
+    async def head(self, key: str) -> ObjectInfo:
+        def run() -> ObjectInfo:
+            resp = self._client.head_object(Bucket=self.bucket, Key=key)
+            return ObjectInfo(
+                key=key,
+                size=int(resp["ContentLength"]),
+                etag=str(resp.get("ETag", "")).strip('"') or None,
+            )
+
+        return await self._call(f"head s3://{self.bucket}/{key}", run)
+
+    async def read_range(self, key: str, start: int, end: int) -> bytes:
+        what = f"read s3://{self.bucket}/{key} bytes {start}-{end - 1}"
+
+        def run() -> bytes:
+            resp = self._client.get_object(
+                Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}"
+            )
+            body = resp["Body"]
+            try:
+                data: bytes = body.read()
+            finally:
+                body.close()
+            return data
+
+        if end <= start:
+            return b""
+        data = await self._call(what, run)
+        if len(data) != end - start:
+            # A short body is a cut connection (or the object changed): retry the range.
+            raise StoreUnavailable(f"{what}: got {len(data)} bytes, expected {end - start}")
+        return data
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._client.close)
