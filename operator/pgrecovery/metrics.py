@@ -79,6 +79,19 @@ PROGRESS_PERCENT = Gauge(
     ["recovery"],
     registry=REGISTRY,
 )
+RECOVERY_ACTIVE = Gauge(
+    "pgrecovery_recovery_in_progress",
+    "1 while a recovery is in a working phase, 0 once it succeeded, failed or was blocked "
+    "by a completed dry run.",
+    ["recovery"],
+    registry=REGISTRY,
+)
+RECOVERY_STARTED = Gauge(
+    "pgrecovery_recovery_started_timestamp_seconds",
+    "Unix time a recovery was accepted (for 'slower than expected' alerts).",
+    ["recovery"],
+    registry=REGISTRY,
+)
 STEP_EVENTS = Counter(
     "pgrecovery_step_events_total",
     "Step transitions (StepStarted, StepFinished, StepSkipped, StepFailed) by phase.",
@@ -111,6 +124,9 @@ def record_progress(recovery: str, status: RecoveryStatus) -> None:
         PHASE_INFO.labels(recovery=recovery, phase=phase).set(
             1 if phase == status.phase.value else 0
         )
+    RECOVERY_ACTIVE.labels(recovery=recovery).set(0 if status.finished else 1)
+    if status.started_at is not None:
+        RECOVERY_STARTED.labels(recovery=recovery).set(status.started_at.timestamp())
     if status.progress.last_progress_at is not None:
         LAST_PROGRESS.labels(recovery=recovery).set(status.progress.last_progress_at.timestamp())
     if status.progress.percent is not None:
@@ -123,6 +139,7 @@ def record_phase_duration(phase: str, seconds: float) -> None:
 
 def record_result(recovery: str, result: str, reason: str | None) -> None:
     RECOVERIES.labels(result=result).inc()
+    RECOVERY_ACTIVE.labels(recovery=recovery).set(0)
     if reason:
         FAILURES.labels(reason=reason).inc()
     with _lock:
@@ -143,7 +160,7 @@ def forget(recovery: str) -> None:
     with _lock:
         _phase_of.pop(recovery, None)
         _refresh_in_progress()
-    for gauge in (LAST_PROGRESS, PROGRESS_PERCENT):
+    for gauge in (LAST_PROGRESS, PROGRESS_PERCENT, RECOVERY_ACTIVE, RECOVERY_STARTED):
         with contextlib.suppress(KeyError):
             gauge.remove(recovery)
     for phase in (*_WORKING, "Failed"):
