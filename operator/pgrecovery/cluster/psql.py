@@ -1,0 +1,123 @@
+"""psql on an a9s-pg VM, exactly as the runbook runs it, with SQL on stdin.
+
+Why this module exists: the runbook's way to reach PostgreSQL is
+`source /var/vcap/jobs/postgresql-ha/helpers/vars.sh; chpst -u postgres:vcap psql …` as root:
+vars.sh sets the environment (PATH to the PostgreSQL binaries, port, PGPASSFILE, …) and chpst
+drops to postgres:vcap for peer authentication over the local socket, so no password is ever
+needed or passed. The SQL text goes to psql's stdin, never to `-c` on a command line (it could
+hold a password in `create_or_update…` style statements, and stdin needs no shell quoting).
+
+Everything a caller can influence is validated: database names match a conservative pattern
+and become one argv element; identifiers and literals inside SQL go through `quote_ident` /
+`quote_literal` (E'' literals, so the result does not depend on standard_conforming_strings).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+
+from pgrecovery.adapters.ssh import CommandResult, RemoteShell, shell_script_argv
+from pgrecovery.cluster.nodes import A9sLayout, Node
+from pgrecovery.errors import RemoteCommandFailed
+
+_DBNAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+# vars.sh first (it may set PATH to the versioned binaries), then drop to postgres:vcap.
+# `exec` so that `timeout` (see adapters.ssh) signals psql itself.
+_AS_POSTGRES = r"""
+source "$1"; shift
+exec chpst -u postgres:vcap "$@"
+"""
+
+DEFAULT_SQL_TIMEOUT = 120.0
+
+
+def validate_dbname(name: str) -> str:
+    if not _DBNAME.match(name):
+        raise ValueError(f"unsafe database name {name!r}")
+    return name
+
+
+def quote_ident(name: str) -> str:
+    """A PostgreSQL identifier, always double-quoted (`"` doubled)."""
+    if not name or _CONTROL.search(name):
+        raise ValueError(f"unsafe identifier {name!r}")
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(value: str) -> str:
+    """A PostgreSQL string literal as E'…' (`\\` and `'` escaped; no control characters)."""
+    if _CONTROL.search(value):
+        raise ValueError("control characters are not allowed in SQL literals")
+    return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def as_postgres_argv(layout: A9sLayout, argv: list[str]) -> list[str]:
+    """`source vars.sh; exec chpst -u postgres:vcap <argv>` as a root argv."""
+    return shell_script_argv(_AS_POSTGRES, layout.vars_sh, *argv)
+
+
+def psql_argv(
+    layout: A9sLayout, database: str, *extra: str, on_error_stop: bool = True
+) -> list[str]:
+    args = ["psql", "-X", "--no-password"]
+    if on_error_stop:
+        args += ["-v", "ON_ERROR_STOP=1"]
+    args += [*extra, "-d", validate_dbname(database)]
+    return as_postgres_argv(layout, args)
+
+
+async def execute(
+    shell: RemoteShell,
+    node: Node,
+    layout: A9sLayout,
+    sql: str,
+    *,
+    database: str = "postgres",
+    timeout: float = DEFAULT_SQL_TIMEOUT,
+) -> CommandResult:
+    """Run SQL (stdin) with ON_ERROR_STOP; a failing statement raises RemoteCommandFailed."""
+    return await shell.run_root(
+        node.endpoint, psql_argv(layout, database, "-q"), input=sql, timeout=timeout
+    )
+
+
+async def query(
+    shell: RemoteShell,
+    node: Node,
+    layout: A9sLayout,
+    sql: str,
+    *,
+    database: str = "postgres",
+    timeout: float = DEFAULT_SQL_TIMEOUT,
+) -> list[list[str]]:
+    """Rows of the SQL's result(s), every value as text (NULL → '')."""
+    res = await shell.run_root(
+        node.endpoint,
+        psql_argv(layout, database, "-q", "-t", "--csv"),
+        input=sql,
+        timeout=timeout,
+    )
+    return parse_csv(res.stdout)
+
+
+def parse_csv(text: str) -> list[list[str]]:
+    return [row for row in csv.reader(io.StringIO(text)) if row]
+
+
+def is_connection_failure(exc: RemoteCommandFailed) -> bool:
+    """psql could not reach the server (not running, starting, shutting down)."""
+    text = exc.stderr or str(exc)
+    return exc.exit_status == 2 or any(
+        s in text
+        for s in (
+            "could not connect",
+            "connection to server",
+            "the database system is starting up",
+            "the database system is shutting down",
+            "No such file or directory",
+        )
+    )
