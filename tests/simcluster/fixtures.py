@@ -1,0 +1,50 @@
+"""pytest fixtures for the simulated a9s-pg cluster.
+
+One cluster per test session (bring-up takes a few seconds, and the machine has two cores
+shared with other work). Register them in the top-level conftest with
+`pytest_plugins = ["tests.simcluster.fixtures"]` or by importing the fixtures.
+
+Tests that break the cluster on purpose should ask for `healthy_sim_cluster`, which waits for
+(and if need be rebuilds) a healthy cluster before the test; tests that need pristine data
+call `sim_cluster.rebuild()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from .cluster import SimCluster, missing_prerequisites
+from .config import ClusterConfig
+
+
+def skip_unless_simcluster_possible() -> None:
+    """Skip the calling test (or fixture) with the reason the simulator cannot run here."""
+    problems = missing_prerequisites()
+    if problems:
+        pytest.skip("simulated a9s-pg cluster unavailable: " + "; ".join(problems))
+
+
+@pytest.fixture(scope="session")
+def sim_cluster() -> Iterator[SimCluster]:
+    """A healthy 3-VM a9s-pg cluster (pg/0 primary, pg/1 and pg/2 standbys) for the session.
+
+    Leftovers of an earlier, crashed run are removed before bring-up; everything is torn down
+    at the end of the session, also when bring-up fails.
+    """
+    skip_unless_simcluster_possible()
+    cluster = SimCluster(ClusterConfig())
+    cluster.up()
+    try:
+        yield cluster
+    finally:
+        cluster.down()
+
+
+@pytest.fixture
+def healthy_sim_cluster(sim_cluster: SimCluster) -> SimCluster:
+    """`sim_cluster`, healthy at the start of the test: injected faults are undone (see
+    `SimCluster.heal`), and a cluster that does not recover within 30 s is rebuilt."""
+    sim_cluster.heal(timeout=30)
+    return sim_cluster
