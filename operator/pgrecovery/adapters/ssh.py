@@ -95,9 +95,10 @@ SHA256_SECONDS_PER_BYTE = 1 / 100e6
 STDERR_HEAD_LINES = 5
 STDERR_HEAD_CHARS = 600
 
+# sudo's refusals; older versions print "<user> is not in the sudoers file" unprefixed.
 _SUDO_REFUSED = re.compile(
-    r"^sudo: (a password is required|.*is not in the sudoers file|.*not allowed to execute"
-    r"|a terminal is required)",
+    r"^(?:sudo: (?:a password is required|.*not allowed to execute|a terminal is required)"
+    r"|(?:sudo: )?\S+ is not in the sudoers file)",
     re.MULTILINE,
 )
 _REMOTE_PATH = re.compile(r"^/[A-Za-z0-9._/@+-]+$")

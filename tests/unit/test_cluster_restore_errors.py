@@ -1,0 +1,126 @@
+"""Classification of psql's output while restoring a pg_dumpall script.
+
+The message shapes were captured from psql 15.18 with `-f <file>` (which prefixes the dump's
+line number) and with the script on stdin (no prefix).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pgrecovery.cluster.restore_errors import (
+    ConnectMap,
+    classify_output,
+    parse_connect_target,
+)
+
+pytestmark = pytest.mark.unit
+
+DUMP = "/var/vcap/store/postgresql-restore/x.dump"
+
+# `grep -n '^\\connect ' dump` of a pg_dumpall script
+CONNECTS = """\
+20:\\connect template1
+40:\\connect postgres
+60:\\connect repmgr_cluster
+200:\\connect -reuse-previous=on "dbname='app''s db'"
+"""
+
+LOG = f"""\
+psql:{DUMP}:3: error: invalid command \\restrict
+psql:{DUMP}:9: ERROR:  role "postgres" already exists
+psql:{DUMP}:10: ERROR:  role "repmgr" already exists
+psql:{DUMP}:30: ERROR:  database "repmgr_cluster" already exists
+psql:{DUMP}:65: ERROR:  schema "repmgr" already exists
+psql:{DUMP}:66: ERROR:  extension "repmgr" already exists
+psql:{DUMP}:80: ERROR:  duplicate key value violates unique constraint "nodes_pkey"
+DETAIL:  Key (node_id)=(1) already exists.
+CONTEXT:  COPY nodes, line 1
+psql:{DUMP}:95: NOTICE:  relation "t" already exists, skipping
+psql:{DUMP}:150: ERROR:  relation "events_node_id_idx" already exists
+psql:{DUMP}:499: error: invalid command \\unrestrict
+"""
+
+
+def test_expected_errors_are_counted() -> None:
+    report = classify_output(LOG.splitlines(), ConnectMap(CONNECTS))
+    assert report.ok, report.summary()
+    assert report.expected == {
+        "\\restrict unknown to psql": 2,
+        "role already exists": 2,
+        "database already exists": 1,
+        "schema already exists": 1,
+        "extension already exists": 1,
+        "duplicate key in repmgr tables": 1,
+        "relation already exists": 1,
+    }
+    assert "2 x role already exists" in report.summary()
+
+
+def test_duplicate_key_outside_repmgr_is_data_loss() -> None:
+    log = f"""\
+psql:{DUMP}:250: ERROR:  duplicate key value violates unique constraint "nodes_pkey"
+DETAIL:  Key (id)=(1) already exists.
+CONTEXT:  COPY nodes, line 1
+"""
+    report = classify_output(log.splitlines(), ConnectMap(CONNECTS))
+    assert not report.ok
+    assert report.unexpected[0].database == "app's db"
+    assert "dump line 250" in report.summary()
+
+
+def test_other_errors_fail_with_first_lines() -> None:
+    log = f"""\
+psql:{DUMP}:9: ERROR:  role "postgres" already exists
+psql:{DUMP}:70: ERROR:  could not extend file "base/1/2": No space left on device
+HINT:  Check free disk space.
+psql:{DUMP}:71: ERROR:  current transaction is aborted
+psql:{DUMP}:72: FATAL:  terminating connection due to administrator command
+"""
+    report = classify_output(log.splitlines(), ConnectMap(CONNECTS))
+    assert report.unexpected_count == 3
+    assert report.expected["role already exists"] == 1
+    first = report.unexpected[0]
+    assert "No space left on device" in first.text
+    assert first.database == "repmgr_cluster"
+    assert first.context == ("HINT:  Check free disk space.",)
+
+
+def test_stdin_form_without_line_numbers() -> None:
+    log = """\
+ERROR:  role "postgres" already exists
+invalid command \\restrictx
+ERROR:  duplicate key value violates unique constraint "nodes_pkey"
+DETAIL:  Key (node_id)=(1) already exists.
+CONTEXT:  COPY nodes, line 1
+ERROR:  division by zero
+"""
+    report = classify_output(log.splitlines())
+    # Without a database, a duplicate in a table named like repmgr's is given the benefit of
+    # the doubt; anything else is unexpected.
+    assert report.expected["duplicate key in repmgr tables"] == 1
+    assert report.unexpected_count == 1
+    assert report.unexpected[0].text == "division by zero"
+
+
+@pytest.mark.parametrize(
+    ("args", "db"),
+    [
+        ("postgres", "postgres"),
+        ('"weird db"', "weird db"),
+        ("-reuse-previous=on \"dbname='it''s'\"", "it's"),
+        ("-reuse-previous=on", None),
+    ],
+)
+def test_connect_targets(args: str, db: str | None) -> None:
+    assert parse_connect_target(args) == db
+
+
+def test_connect_map_positions() -> None:
+    cm = ConnectMap(CONNECTS)
+    assert cm.database_at(5) == "postgres"  # before any \connect: psql's own database
+    assert cm.database_at(21) == "template1"
+    assert cm.database_at(60) == "postgres"  # the \connect line itself
+    assert cm.database_at(61) == "repmgr_cluster"
+    assert cm.database_at(10_000) == "app's db"
+    assert cm.database_at(None) is None
