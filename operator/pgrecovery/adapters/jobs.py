@@ -64,17 +64,19 @@ echo started
 _POLL = r"""
 dir=$1; tail_bytes=$2
 if [ ! -d "$dir" ]; then echo state=absent; exit 0; fi
+# Liveness first, exit file second: the runner writes `exit` before it ends, so a job that
+# ends between the two checks is seen as finished, never as lost.
+pid=$(cat "$dir/pid" 2>/dev/null || true)
+alive=no
+if [ -n "$pid" ] && grep -qaF -- "$dir" "/proc/$pid/cmdline" 2>/dev/null; then alive=yes; fi
 if [ -f "$dir/exit" ]; then
   echo state=finished; echo "exit=$(cat "$dir/exit")"
+elif [ "$alive" = yes ]; then
+  echo state=running
+elif [ -z "$pid" ]; then
+  echo state=starting
 else
-  pid=$(cat "$dir/pid" 2>/dev/null || true)
-  if [ -n "$pid" ] && grep -qaF -- "$dir" "/proc/$pid/cmdline" 2>/dev/null; then
-    echo state=running
-  elif [ -z "$pid" ]; then
-    echo state=starting
-  else
-    echo state=lost
-  fi
+  echo state=lost
 fi
 if [ -f "$dir/cancelled" ]; then echo cancelled=1; fi
 echo "size=$(stat -c %s "$dir/log" 2>/dev/null || echo 0)"

@@ -131,6 +131,8 @@ async def cluster_show(shell: RemoteShell, node: Node, layout: A9sLayout) -> lis
     """`repmgr cluster show` on `node`; an exit 25 with a table is data, not a failure."""
     res = await shell.run_root(node.endpoint, cluster_show_argv(layout), timeout=60, check=False)
     rows = parse_cluster_show(res.stdout)
+    if res.exit_status == 1 and "no node records were found" in res.stderr + res.stdout:
+        return []  # an emptied repmgr schema (after the runbook's TRUNCATE)
     if res.exit_status not in (0, EXIT_NODE_STATUS) or (res.exit_status and not rows):
         raise RemoteCommandFailed(
             f"{node.name}: `repmgr cluster show` exited {res.exit_status}: "

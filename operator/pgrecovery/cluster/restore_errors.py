@@ -43,6 +43,11 @@ _EXPECTED: list[tuple[str, re.Pattern[str]]] = [
     ("extension already exists", re.compile(r'^extension ".*" already exists$')),
     ("relation already exists", re.compile(r'^relation ".*" already exists$')),
     ("\\restrict unknown to psql", re.compile(r"^invalid command \\(?:un)?restrict\b")),
+    # Dumps made with `pg_dumpall --clean` drop every role and database first; the role psql
+    # runs as and the database it is connected to cannot be dropped, and are kept.
+    ("current user cannot be dropped", re.compile(r"^current user cannot be dropped$")),
+    ("open database cannot be dropped",
+     re.compile(r"^cannot drop the currently open database$")),
 ]
 _DUPLICATE_KEY = re.compile(r'^duplicate key value violates unique constraint "(?P<c>[^"]+)"$')
 _COPY_CONTEXT = re.compile(r"^CONTEXT:\s+COPY (?:(?P<schema>\w+)\.)?(?P<table>\w+),")
