@@ -3,7 +3,7 @@
 Why this exists: the decryption/decompression speed and the compression ratio of a backup
 depend on what is inside it. Zeros or random bytes would make gzip look either absurdly fast
 or useless; real dumps are mostly `COPY … FROM stdin` rows of ids, names, e-mail addresses,
-timestamps, amounts and free text, which gzip shrinks 3–6×. This module writes text of that
+timestamps, amounts and free text, which gzip shrinks 3-6x. This module writes text of that
 shape, deterministically from a seed, at a few hundred MB/s so a 1 GB benchmark dump is cheap.
 
 How: a pool of distinct row blocks is generated once (random words, numbers, UUIDs), then
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-_WORDS = (
+_WORDS = (  # noqa: SIM905 - a word list reads best as prose
     "alpha beta gamma delta invoice order customer payment shipped pending cancelled refund "
     "berlin hamburg munich cologne frankfurt stuttgart dresden leipzig bremen hannover "
     "widget gadget sprocket bracket flange gasket bearing spindle valve nozzle "
@@ -27,8 +27,8 @@ _WORDS = (
     "ut labore et dolore magna aliqua enim ad minim veniam quis nostrud exercitation ullamco "
     "laboris nisi aliquip ex ea commodo consequat duis aute irure in reprehenderit voluptate"
 ).split()
-_FIRST = "anna ben clara david emma felix greta hans ida jonas karla lukas mia noah paul".split()
-_LAST = "muller schmidt schneider fischer weber meyer wagner becker schulz hoffmann koch".split()
+_FIRST = "anna ben clara david emma felix greta hans ida jonas karla lukas mia noah paul".split()  # noqa: SIM905
+_LAST = "muller schmidt schneider fischer weber meyer wagner becker schulz hoffmann koch".split()  # noqa: SIM905
 _STATUS = ("paid", "open", "shipped", "refunded", "\\N")
 _DOMAINS = ("example.com", "example.org", "mail.test", "corp.example")
 
@@ -65,7 +65,7 @@ SET client_encoding = 'UTF8';
 SET standard_conforming_strings = on;
 SELECT pg_catalog.set_config('search_path', '', false);
 
-"""
+"""  # noqa: E501 - SQL as pg_dumpall writes it
 
 TABLE_DDL = """
 --
@@ -93,7 +93,7 @@ ALTER TABLE public.{name} OWNER TO a9s_app;
 --
 
 COPY public.{name} (id, ref, customer, email, created_at, amount, status, currency, active, country, note) FROM stdin;
-"""
+"""  # noqa: E501 - SQL as pg_dumpall writes it
 
 FOOTER = """
 --

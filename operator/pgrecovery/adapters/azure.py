@@ -44,7 +44,8 @@ def convert_error(exc: Exception, what: str) -> RecoveryError:
     """The pgrecovery error for an azure-core exception raised while doing `what`."""
     if isinstance(exc, HttpResponseError):
         status = exc.status_code or 0
-        code = str(getattr(exc, "error_code", None) or exc.reason or status)
+        raw = getattr(exc, "error_code", None) or exc.reason or status
+        code = str(getattr(raw, "value", raw))  # azure gives a StorageErrorCode enum
         if (
             isinstance(exc, ClientAuthenticationError)
             or status in (401, 403)
