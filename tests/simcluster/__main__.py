@@ -31,7 +31,7 @@ def _print_access(cluster: SimCluster) -> None:
     print(f"client key:  {cluster.client_key_path}")
     print(f"known_hosts: {cluster.known_hosts_path}")
     for vm in cluster.vms:
-        print(f"  {vm.name}  {vm.address}:  {shlex.join(cluster.ssh_argv(vm))}")
+        print(f"  {vm.name} {vm.address}: {shlex.join(cluster.ssh_argv(vm))}")
     print(
         f"root shell without ssh: nsenter -t <pid1> -m -u -i -n -p (state in {cluster.state_path})"
     )

@@ -552,6 +552,12 @@ class SimCluster:
         if problems:
             raise SimClusterError("cannot run the simulated cluster: " + "; ".join(problems))
         teardown(self.config)
+        # Another cluster (or anything else) on the same /24 would make routing ambiguous.
+        if users := host.links_with_addresses_in(self.config.subnet + "."):
+            raise SimClusterError(
+                f"subnet {self.config.cidr} is already used on this host by {users}: "
+                "give this cluster another `subnet` (and `name`)"
+            )
         try:
             self._create()
             for vm in self.vms:

@@ -89,6 +89,17 @@ def create_vm_network(
     run(["ip", "-n", netns, "link", "set", "eth0", "up"])
 
 
+def links_with_addresses_in(subnet_prefix: str) -> list[str]:
+    """Host interfaces holding an IPv4 address that starts with `subnet_prefix` ("10.77.0.")."""
+    out = run(["ip", "-o", "-4", "addr", "show"]).stdout
+    found = []
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) > 3 and fields[3].startswith(subnet_prefix):
+            found.append(fields[1])
+    return found
+
+
 def set_link_up(name: str, up: bool) -> None:
     run(["ip", "link", "set", name, "up" if up else "down"])
 
