@@ -42,9 +42,17 @@ from tests.simcluster import (
     wait_for_replay,
     write_sample_data,
 )
+from tests.simcluster.fixtures import skip_unless_simcluster_possible
 from tests.simcluster.render import JOB_DIR, PGDATA, RESTORE_DIR, STARTUP_LOCK_DIR
 
 pytestmark = [pytest.mark.integration, pytest.mark.vms]
+
+
+@pytest.fixture(autouse=True)
+def _needs_simcluster() -> None:
+    """Skip (with the reason) where the simulator cannot run, e.g. without root."""
+    skip_unless_simcluster_possible()
+
 
 REPO = Path(__file__).resolve().parents[2]
 

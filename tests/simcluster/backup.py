@@ -215,6 +215,7 @@ def write_backup_files(
             f"{openssl_err.decode(errors='replace')[-500:]}; copy: {copy_error}"
         )
 
+    files: tuple[Path, ...]
     if part_size is None:
         files = (directory / backup_id,)
     else:

@@ -619,6 +619,9 @@ class SimCluster:
             (vm.dir / "root").mkdir(mode=0o700)
             host.mount_tmpfs(vm.store_dir, size_bytes=cfg.store_size_bytes)
             _keygen(vm.dir / "ssh_host_ed25519_key", f"root@{vm.hostname}")
+            libexec = vm.dir / "vcap/bosh/libexec"
+            libexec.mkdir(parents=True)
+            shutil.copy2("/usr/bin/monit", libexec / "monit")
             (vm.dir / "authorized_keys").write_text(
                 self.client_key_path.with_suffix(".pub").read_text()
             )

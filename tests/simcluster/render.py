@@ -248,6 +248,16 @@ MaxStartups 100:30:200
         VMFile("sshd_config", sshd_config),
         VMFile("hosts", hosts),
         VMFile("vcap/bosh/bin/monit", _static("monit"), 0o755),
+        VMFile(
+            "monit-not-on-path",
+            '#!/bin/sh\necho "monit: command not found (use /var/vcap/bosh/bin/monit)" >&2\n'
+            "exit 127\n",
+            0o755,
+        ),
+        VMFile(
+            "bosh-path.sh",
+            '[ "$(id -u)" -eq 0 ] && PATH=/var/vcap/bosh/bin:$PATH\n',
+        ),
         VMFile("vcap/bosh/bin/bosh-agent", _static("bosh-agent"), 0o755),
         VMFile("vcap/bosh/etc/monitrc", monitrc, 0o600),
         VMFile("vcap/monit/job/0000_postgresql-ha.monitrc", job_monitrc, 0o600),

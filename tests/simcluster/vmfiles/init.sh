@@ -46,7 +46,12 @@ umount -R -l /run/netns 2>/dev/null
 mount -t tmpfs -o mode=0755,nosuid,nodev,size=64m pgsim-run /run || fail "tmpfs /run"
 mount -t tmpfs -o mode=1777,nosuid,nodev,size=256m pgsim-shm /dev/shm || fail "tmpfs /dev/shm"
 mount -t sysfs -o ro pgsim-sys /sys || echo "init: warning: no private /sys"
-mount --bind /usr /usr && mount -o remount,bind,ro /usr || fail "read-only /usr"
+mount --bind /usr /usr || fail "bind /usr"
+# BOSH VMs have no monit on the default PATH (only /var/vcap/bosh/bin/monit); the host's
+# /usr/bin/monit would read Debian's control file and fail in confusing ways.
+mount --bind "$VMDIR/monit-not-on-path" /usr/bin/monit &&
+    mount -o remount,bind,ro /usr/bin/monit || fail "hide /usr/bin/monit"
+mount -o remount,bind,ro /usr || fail "read-only /usr"
 
 if [ ! -e /etc/pgsim-provisioned ]; then
     # First boot: what the stemcell and `bosh ssh` would have set up.
@@ -68,6 +73,8 @@ if [ ! -e /etc/pgsim-provisioned ]; then
         install -m 0644 "$VMDIR/ssh_host_ed25519_key.pub" /etc/ssh/ssh_host_ed25519_key.pub &&
         install -m 0644 "$VMDIR/sshd_config" /etc/ssh/sshd_config || fail "sshd files"
     install -m 0644 "$VMDIR/hosts" /etc/hosts || fail "hosts"
+    # As on a stemcell: interactive root shells (`sudo su -`) find /var/vcap/bosh/bin/monit.
+    install -m 0644 "$VMDIR/bosh-path.sh" /etc/profile.d/bosh-path.sh || fail "profile"
     echo "$VM_HOSTNAME" >/etc/hostname
     touch /etc/pgsim-provisioned
 fi
