@@ -31,6 +31,7 @@ from pgrecovery.adapters.ssh import (
 )
 from pgrecovery.errors import (
     AuthenticationFailed,
+    ChecksumMismatch,
     ConfigurationError,
     HostKeyMismatch,
     NodeUnreachable,
@@ -321,3 +322,17 @@ async def test_job_cancel_and_lost(
     assert (await runner.poll_job(node, "lose-me")).state is JobState.LOST
     await runner.remove_job(node, "lose-me")
     assert (await runner.poll_job(node, "lose-me")).state is JobState.ABSENT
+
+
+async def test_checksum_mismatch_keeps_the_partial_file(
+    pool: SshPool, local_sshd: LocalSshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    async def corrupted(node: SshEndpoint, path: str, *, size_hint: int = 0) -> str:
+        return "0" * 64  # what a disk that flipped a bit would report
+
+    monkeypatch.setattr(pool, "remote_sha256", corrupted)
+    dest = tmp_path / "c.dump"
+    with pytest.raises(ChecksumMismatch, match="sha256"):
+        await pool.upload(_node(local_sshd), _random_stream(4096), str(dest))
+    assert not dest.exists()
+    assert Path(str(dest) + ".part").stat().st_size == 4096
