@@ -53,6 +53,16 @@ def merge(api: KubeAPI, path: str, patch: dict[str, Any]) -> tuple[int, Any]:
     return api.request("PATCH", path, patch, content_type="application/merge-patch+json")
 
 
+def table_rows(output: str) -> list[dict[str, str]]:
+    """Parse kubectl's aligned table output by header positions (empty cells are blank)."""
+    header, *rows = output.splitlines()
+    starts = [i for i, ch in enumerate(header) if ch != " " and (i == 0 or header[i - 1] == " ")]
+    bounds = list(zip(starts, [*starts[1:], None], strict=True))
+    names = [header[a:b].strip() for a, b in bounds]
+    return [{name: row[a:b].strip() for name, (a, b) in zip(names, bounds, strict=True)}
+            for row in rows]
+
+
 def watch(api: KubeAPI, path: str, **params: str) -> list[dict[str, Any]]:
     """All events of a watch that the server ends itself (pass timeoutSeconds)."""
     query = "&".join(f"{k}={v}" for k, v in {"watch": "true", **params}.items())
@@ -348,10 +358,10 @@ def test_kubectl_apply_get_wait_delete_against_the_emulator(kube_api: KubeAPI,
     assert result.returncode == 0, result.stderr
     table = kubectl.get("ty")
     assert table.returncode == 0, table.stderr
-    header, row = table.stdout.splitlines()
-    assert header.split() == ["NAME", "PHASE", "POLLS", "DONE", "AGE"]
-    assert row.split()[:4] == ["t1", "C", "2", "True"]
-    assert row.split()[4].endswith("s")
+    (row,) = table_rows(table.stdout)
+    assert list(row) == ["NAME", "PHASE", "POLLS", "DONE", "AGE"]
+    assert [row["NAME"], row["PHASE"], row["POLLS"], row["DONE"]] == ["t1", "C", "2", "True"]
+    assert row["AGE"].endswith("s")
     assert kubectl.wait("--for=condition=Done", "toy/t1", "--timeout=5s").returncode == 0
     assert kubectl.wait("--for=jsonpath={.status.phase}=C", "toy/t1",
                         "--timeout=5s").returncode == 0
@@ -413,9 +423,8 @@ def test_status_changes_chain_phase_handlers(kube_api: KubeAPI, kubectl: Kubectl
     assert table.returncode == 0, table.stderr
     assert "toy/chain" in table.stdout
     assert "entered phase A" in table.stdout
-    columns = kubectl.get("ty", "chain").stdout.splitlines()[1].split()
-    assert columns[:2] == ["chain", "C"]
-    assert columns[3] == "True"
+    (row,) = table_rows(kubectl.get("ty", "chain").stdout)
+    assert (row["PHASE"], row["POLLS"], row["DONE"]) == ("C", "", "True")
 
     # The operator only used the API in ways a Role can allow; no emulator errors either.
     verbs = {(r.verb, r.resource, r.subresource) for r in kube_api.records(user=operator.user)}
