@@ -95,7 +95,10 @@ class StepContext:
 class Step(Protocol):
     """An idempotent unit of work: `check` says whether its state already holds."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """Named for the state the step ensures, e.g. `ensure-standbys-stopped`."""
+        ...
 
     async def check(self, ctx: StepContext) -> bool:
         """True when the state this step ensures already holds (then `apply` is skipped)."""

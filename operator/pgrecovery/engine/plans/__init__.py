@@ -8,11 +8,19 @@ backups and cluster layers. `build_plan` is the operator's default plan factory
 from __future__ import annotations
 
 from pgrecovery.engine.plan import Plan, PlanInputs
+from pgrecovery.engine.spec import SourceType, TargetType
 from pgrecovery.errors import InvalidSpec
 
 
 async def build_plan(inputs: PlanInputs) -> Plan:
     """The plan for `inputs.spec`; unsupported combinations fail with InvalidSpec."""
+    source, target = inputs.spec.source.type, inputs.spec.target.type
+    if source is SourceType.A9S_LOGICAL and target is TargetType.A9S_PG:
+        from pgrecovery.engine.plans.a9s_logical import (  # noqa: PLC0415 - SDKs load lazily
+            build_a9s_logical_plan,
+        )
+
+        return await build_a9s_logical_plan(inputs)
     raise InvalidSpec(
         f"recovery of source type {inputs.spec.source.type.value} onto target type "
         f"{inputs.spec.target.type.value} is not implemented in this version",

@@ -1,0 +1,634 @@
+"""The a9s-pg logical recovery plan: the runbook's steps, phase by phase.
+
+Why this module exists: it binds the engine's phases to the backups layer (find, fetch, decrypt)
+and the cluster layer (the a9s-pg runbook over SSH), and records in status everything a resumed
+run needs (the chosen backup id, the primary, the staged dump's checksum). Each step is named for
+the state it ensures; the cluster operations are idempotent themselves (check → apply → check
+inside), so the steps here run them and report what changed.
+
+Decisions recorded here:
+- The backup is chosen once (in Fetching) and then pinned in `status.backup.id`, so a backup
+  that appears during a long recovery never changes what is restored.
+- The primary is found once (in Fetching) and pinned in `status.primary`; later phases rebuild
+  the cluster view from it, because in Staging the standbys are stopped and cannot be probed.
+- The decrypted dump never touches the operator's disk: parts are downloaded (resumable), then
+  decrypted and decompressed in a stream straight into the primary's staging directory, where
+  its SHA-256 is checked against the stream's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pgrecovery import metrics
+from pgrecovery.adapters.objectstore import ObjectStore
+from pgrecovery.adapters.ssh import SshAuth, SshPool
+from pgrecovery.backups.config import (
+    AzureCredentials,
+    AzureLocation,
+    Digest,
+    EncryptionKey,
+    S3Credentials,
+    S3Location,
+)
+from pgrecovery.backups.download import download_backup, part_is_complete
+from pgrecovery.backups.listing import Backup, list_backups, select_backup
+from pgrecovery.backups.pipeline import check_key, decrypt_stream
+from pgrecovery.backups.progress import Progress as BackupProgress
+from pgrecovery.backups.sources import LocalPartsSource, StorePartsSource
+from pgrecovery.backups.stores import open_azure_store, open_s3_store
+from pgrecovery.cluster.a9s import A9sOperations, StepResult, estimate_needed_bytes
+from pgrecovery.cluster.nodes import A9sLayout, ClusterView, Node, ProgressEvent, run_id_for
+from pgrecovery.engine import status as st
+from pgrecovery.engine.phases import Phase
+from pgrecovery.engine.plan import Plan, PlanInputs
+from pgrecovery.engine.spec import RecoverySpec
+from pgrecovery.engine.status import BackupInfo, NodeState
+from pgrecovery.engine.steps import FunctionStep, Step, StepContext
+from pgrecovery.errors import FatalError, NotReadyYet, RestoreFailed, SecretError
+
+log = logging.getLogger(__name__)
+
+# Progress is pushed into status at most this often; callbacks from worker threads only
+# update a holder, and a pump task copies it into status (never from a thread).
+PROGRESS_PUMP_INTERVAL = 1.0
+# How often the detached psql job is polled; psql output is classified on the VM's log.
+RESTORE_POLL_INTERVAL = 2.0
+# Bound on the restore: a dump that restores slower than 1 MB/s for its whole size means
+# something is wrong; the floor leaves small dumps an hour.
+RESTORE_MIN_TIMEOUT = 3600.0
+
+
+@dataclass
+class _ProgressHolder:
+    done: int = 0
+    total: int | None = None
+    detail: str = ""
+    changed: bool = False
+
+    def set(self, done: int, total: int | None, detail: str) -> None:
+        self.done, self.total, self.detail, self.changed = done, total, detail, True
+
+
+@contextlib.asynccontextmanager
+async def _pumping(ctx: StepContext, holder: _ProgressHolder) -> Any:
+    """Copy `holder` into status every PROGRESS_PUMP_INTERVAL while the block runs."""
+
+    async def pump() -> None:
+        while True:
+            await asyncio.sleep(PROGRESS_PUMP_INTERVAL)
+            if holder.changed:
+                holder.changed = False
+                await ctx.progress(holder.done, holder.total, holder.detail)
+
+    task = asyncio.create_task(pump(), name="pgrecovery-progress-pump")
+    try:
+        yield holder
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if holder.changed:
+            await ctx.progress(holder.done, holder.total, holder.detail)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+@dataclass
+class A9sLogicalRecovery:
+    """Shared state of one phase run: clients are opened lazily and closed by the plan."""
+
+    inputs: PlanInputs
+    layout: A9sLayout
+    nodes: tuple[Node, ...]
+    _store: ObjectStore | None = None
+    _pool: SshPool | None = None
+    _ops: A9sOperations | None = None
+    _backup: Backup | None = None
+    _key: EncryptionKey | None = None
+    _ctx: StepContext | None = None
+    _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    @property
+    def spec(self) -> RecoverySpec:
+        return self.inputs.spec
+
+    @property
+    def work_dir(self) -> Path:
+        return Path(self.inputs.work_dir)
+
+    # ------------------------------------------------------------------ clients
+
+    async def store(self) -> ObjectStore:
+        if self._store is None:
+            source = self.spec.source
+            secrets = self.inputs.secrets
+            if source.s3 is not None:
+                creds = None
+                if source.s3.credentials_secret_ref is not None:
+                    values = await secrets.get_all(source.s3.credentials_secret_ref)
+                    creds = _s3_credentials(source.s3.credentials_secret_ref.name, values)
+                location = S3Location(
+                    bucket=source.s3.bucket,
+                    region=source.s3.region,
+                    endpoint=source.s3.endpoint,
+                    prefix=source.s3.prefix,
+                )
+                self._store = await open_s3_store(location, creds)
+            elif source.azure is not None:
+                values = await secrets.get_all(source.azure.credentials_secret_ref)
+                azure_creds = _azure_credentials(source.azure.credentials_secret_ref.name, values)
+                self._store = await open_azure_store(
+                    AzureLocation(
+                        container=source.azure.container, account_url=source.azure.account_url
+                    ),
+                    azure_creds,
+                )
+            else:  # the model guarantees one of both
+                raise FatalError("no backup store configured", reason="InvalidSpec")
+            self._closers.append(self._store.close)
+        return self._store
+
+    async def ops(self, ctx: StepContext) -> A9sOperations:
+        self._ctx = ctx
+        if self._ops is None:
+            ssh = self.spec.target.ssh
+            key = await self.inputs.secrets.get_key(ssh.private_key_secret_ref)
+            known_hosts = await self.inputs.secrets.get_key(ssh.known_hosts_secret_ref)
+            auth = SshAuth(username=ssh.user, private_key=key, known_hosts=known_hosts.decode())
+            self._pool = SshPool(auth)
+            self._closers.append(self._pool.close)
+            self._ops = A9sOperations(
+                self._pool, self.nodes, layout=self.layout, progress=self._on_cluster_progress
+            )
+        return self._ops
+
+    async def encryption_key(self) -> EncryptionKey:
+        if self._key is None:
+            encryption = self.spec.source.encryption
+            if encryption is None:
+                raise FatalError("a9sLogical needs spec.source.encryption", reason="InvalidSpec")
+            raw = await self.inputs.secrets.get_key(encryption.key_secret_ref)
+            self._key = EncryptionKey.from_file_content(raw)
+        return self._key
+
+    @property
+    def digest(self) -> Digest:
+        encryption = self.spec.source.encryption
+        return Digest(encryption.digest.value) if encryption is not None else Digest.AUTO
+
+    def _on_cluster_progress(self, event: ProgressEvent) -> None:
+        # Called synchronously by the cluster operations on the event loop; keep it cheap.
+        log.info("%s%s: %s", event.step, f" [{event.node}]" if event.node else "", event.message)
+
+    async def close(self) -> None:
+        for closer in reversed(self._closers):
+            with contextlib.suppress(Exception):
+                await closer()
+
+    # ------------------------------------------------------------------ pinned facts
+
+    async def backup(self, ctx: StepContext) -> Backup:
+        """The backup pinned in status (listing again to get its parts and sizes)."""
+        if self._backup is None:
+            pinned = ctx.status.backup.id
+            listing = await list_backups(
+                await self.store(),
+                self.spec.source.backup_guid,
+                prefix=self.spec.source.s3.prefix if self.spec.source.s3 else "",
+            )
+            for ignored in listing.ignored[:20]:
+                log.warning("ignored object in backup store: %s", ignored)
+            self._backup = select_backup(listing, pinned or self.spec.source.backup_id)
+        return self._backup
+
+    def view(self, ctx: StepContext) -> ClusterView:
+        """The cluster as pinned in Fetching: the primary in status, the others standbys."""
+        primary_name = ctx.status.primary
+        if primary_name is None:
+            raise FatalError(
+                "the primary was not recorded in Fetching; the status was edited or lost",
+                reason="InternalError",
+            )
+        primary = next(n for n in self.nodes if n.name == primary_name)
+        standbys = tuple(n for n in self.nodes if n.name != primary_name)
+        return ClusterView(primary=primary, standbys=standbys, nodes=())
+
+    def run_id(self, ctx: StepContext) -> str:
+        backup_id = ctx.status.backup.id
+        if backup_id is None:
+            raise FatalError("no backup pinned in status", reason="InternalError")
+        return run_id_for(backup_id, self.inputs.uid.replace("-", "")[:8])
+
+    # ------------------------------------------------------------------ Fetching
+
+    async def resolve_backup(self, ctx: StepContext) -> None:
+        backup = await self.backup(ctx)
+        info = BackupInfo(
+            id=backup.backup_id,
+            taken_at=backup.taken_at,
+            parts=backup.part_count,
+            size_bytes=backup.total_size,
+        )
+        await ctx.update(lambda s: st.set_backup(s, info))
+        await ctx.update(
+            lambda s: st.set_message(
+                s,
+                f"backup {backup.backup_id} taken {backup.taken_at:%Y-%m-%d %H:%M:%S}Z: "
+                f"{backup.part_count} part(s), {_human(backup.total_size)}",
+            )
+        )
+
+    async def check_encryption_key(self, ctx: StepContext) -> None:
+        backup = await self.backup(ctx)
+        source = StorePartsSource(await self.store(), backup)
+        params = await check_key(source, await self.encryption_key(), self.digest)
+        await ctx.fact(keyDigest=str(getattr(params, "digest", self.digest.value)))
+
+    async def probe_cluster(self, ctx: StepContext) -> None:
+        ops = await self.ops(ctx)
+        view = await ops.probe_nodes()
+        states = tuple(
+            NodeState(
+                name=nv.node.name,
+                role=str(getattr(nv.role, "value", nv.role)),
+                monit=" ".join(f"{svc}={state}" for svc, state in sorted(nv.monit.items())),
+                state="reachable" if nv.pg_running else "postgres-down",
+            )
+            for nv in view.nodes
+        )
+        await ctx.update(lambda s: st.set_nodes(s, states))
+        await ctx.update(lambda s: s.model_copy(update={"primary": view.primary.name}))
+
+    async def check_free_space(self, ctx: StepContext) -> None:
+        ops = await self.ops(ctx)
+        backup = await self.backup(ctx)
+        view = self.view(ctx)
+        staged = await ops.staged_dump(view.primary, backup.backup_id)
+        needed = estimate_needed_bytes(
+            compressed_size=backup.total_size, already_staged=staged.size if staged else 0
+        )
+        space = await ops.check_free_space(view.primary, needed)
+        await ctx.fact(freeBytesOnPrimary=str(space.available), neededBytes=str(space.needed))
+
+    def parts_dir(self) -> Path:
+        return self.work_dir / "parts"
+
+    async def parts_downloaded(self, ctx: StepContext) -> bool:
+        if ctx.status.backup.id is None:
+            return False
+        backup = await self.backup(ctx)
+        return all(part_is_complete(self.parts_dir(), part) for part in backup.parts)
+
+    async def download_parts(self, ctx: StepContext) -> None:
+        backup = await self.backup(ctx)
+        self.parts_dir().mkdir(parents=True, exist_ok=True)
+        holder = _ProgressHolder(total=backup.total_size)
+        last = [0]
+
+        def on_progress(p: BackupProgress) -> None:
+            metrics.record_bytes("fetched", max(0, p.bytes_done - last[0]))
+            last[0] = p.bytes_done
+            holder.set(
+                p.bytes_done,
+                p.bytes_total,
+                f"downloaded parts {p.parts_done}/{p.parts_total}, "
+                f"{_human(p.bytes_done)} of {_human(p.bytes_total)}",
+            )
+
+        async with _pumping(ctx, holder):
+            await download_backup(
+                await self.store(), backup, self.parts_dir(), progress=on_progress
+            )
+
+    # ------------------------------------------------------------------ Decrypting
+
+    async def ensure_restore_dir(self, ctx: StepContext) -> None:
+        ops = await self.ops(ctx)
+        result = await ops.ensure_restore_dir(self.view(ctx).primary)
+        await self.note(ctx, result)
+
+    async def dump_staged(self, ctx: StepContext) -> bool:
+        backup_id = ctx.status.backup.id
+        if backup_id is None or ctx.status.backup.plain_sha256 is None:
+            return False
+        ops = await self.ops(ctx)
+        staged = await ops.staged_dump(self.view(ctx).primary, backup_id)
+        return staged is not None and staged.sha256 == ctx.status.backup.plain_sha256
+
+    async def stage_dump(self, ctx: StepContext) -> None:
+        ops = await self.ops(ctx)
+        backup = await self.backup(ctx)
+        view = self.view(ctx)
+        source = LocalPartsSource.for_backup(backup, self.parts_dir())
+        holder = _ProgressHolder(total=backup.total_size)
+        last_in, last_out = [0], [0]
+
+        def on_decrypt(p: BackupProgress) -> None:
+            metrics.record_bytes("decrypted", max(0, p.output_bytes - last_out[0]))
+            last_in[0], last_out[0] = p.bytes_done, p.output_bytes
+            holder.set(
+                p.bytes_done,
+                p.bytes_total,
+                f"decrypted {_human(p.bytes_done)} of {_human(p.bytes_total)} "
+                f"(dump so far {_human(p.output_bytes)}) → {view.primary.name}",
+            )
+
+        stream = decrypt_stream(
+            source, await self.encryption_key(), digest=self.digest, progress=on_decrypt
+        )
+        async with _pumping(ctx, holder):
+            result = await ops.upload_dump(view.primary, stream, backup.backup_id)
+        metrics.record_bytes("uploaded", result.size)
+        info = ctx.status.backup.model_copy(
+            update={"plain_size_bytes": result.size, "plain_sha256": result.sha256}
+        )
+        await ctx.update(lambda s: st.set_backup(s, info))
+        await ctx.fact(stagedDump=result.path)
+
+    # ------------------------------------------------------------------ Staging / Rejoined
+
+    async def note(self, ctx: StepContext, result: StepResult) -> None:
+        text = result.message if result.changed else f"unchanged: {result.message}"
+        await ctx.update(lambda s: st.set_message(s, f"{result.step}: {text}"))
+
+    def cluster_step(
+        self, name: str, op: Callable[[A9sOperations, ClusterView], Awaitable[StepResult]]
+    ) -> Step:
+        async def apply(ctx: StepContext) -> None:
+            ops = await self.ops(ctx)
+            result = await op(ops, self.view(ctx))
+            await self.note(ctx, result)
+
+        return FunctionStep(name, _never, apply, verify_after=False)
+
+    # ------------------------------------------------------------------ Restoring
+
+    async def restore_dump(self, ctx: StepContext) -> None:
+        ops = await self.ops(ctx)
+        view = self.view(ctx)
+        backup_id = ctx.status.backup.id
+        if backup_id is None:
+            raise FatalError("no backup pinned in status", reason="InternalError")
+        run_id = self.run_id(ctx)
+        await ops.start_restore(view, backup_id, run_id)
+        plain = ctx.status.backup.plain_size_bytes or 0
+        deadline = time.monotonic() + max(RESTORE_MIN_TIMEOUT, plain / 1e6)
+        while True:
+            ctx.raise_if_cancelled()
+            polled = await ops.poll_restore(view, backup_id, run_id)
+            if polled.done:
+                break
+            if polled.bytes_read is not None:
+                await ctx.progress(
+                    polled.bytes_read,
+                    polled.bytes_total,
+                    f"psql restored {_human(polled.bytes_read)} of "
+                    f"{_human(polled.bytes_total or 0)}",
+                )
+            if time.monotonic() > deadline:
+                raise FatalError(
+                    "the restore did not finish in time; the psql job is still running on "
+                    f"{view.primary.name} (job {ops.restore_job_id(run_id)})",
+                    reason="RestoreTimeout",
+                )
+            await asyncio.sleep(RESTORE_POLL_INTERVAL)
+        report = polled.report
+        if report is None or not report.ok:
+            summary = report.summary() if report is not None else "no report"
+            raise RestoreFailed(f"psql reported errors that are not expected: {summary}")
+        await ctx.fact(restoreReport=report.summary()[:900])
+        await ctx.update(lambda s: st.set_message(s, f"restore done; {report.summary()[:400]}"))
+
+    async def restore_done(self, ctx: StepContext) -> bool:
+        return "restoreReport" in ctx.status.facts
+
+    async def apply_roles_sql(self, ctx: StepContext) -> None:
+        ops = await self.ops(ctx)
+        await self.note(ctx, await ops.apply_roles_sql(self.view(ctx), self.run_id(ctx)))
+
+    async def verify_cluster(self, ctx: StepContext) -> None:
+        ops = await self.ops(ctx)
+        view = self.view(ctx)
+        # Right after the last re-clone repmgr may need a few seconds to see every node.
+        for attempt in range(30):
+            try:
+                health = await ops.verify_cluster(view)
+                break
+            except NotReadyYet:
+                if attempt == 29:
+                    raise
+                await asyncio.sleep(2)
+        states = tuple(
+            NodeState(
+                name=n.name,
+                role="primary" if n == view.primary else "standby",
+                state="running" if n == view.primary else "streaming",
+            )
+            for n in view.all_nodes
+        )
+        await ctx.update(lambda s: st.set_nodes(s, states))
+        await ctx.update(
+            lambda s: st.set_message(
+                s,
+                "cluster verified: "
+                + ("healthy" if health.healthy else "; ".join(health.problems)),
+            )
+        )
+
+
+async def _never(_ctx: StepContext) -> bool:
+    return False
+
+
+def _s3_credentials(secret: str, values: dict[str, bytes] | Any) -> S3Credentials:
+    from pydantic import SecretStr  # noqa: PLC0415
+
+    try:
+        access = values["AWS_ACCESS_KEY_ID"].decode().strip()
+        secret_key = values["AWS_SECRET_ACCESS_KEY"].decode().strip()
+    except KeyError as exc:
+        raise SecretError(
+            f"Secret {secret} needs keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            f"(missing {exc.args[0]})"
+        ) from None
+    token = values.get("AWS_SESSION_TOKEN")
+    return S3Credentials(
+        access_key_id=access,
+        secret_access_key=SecretStr(secret_key),
+        session_token=SecretStr(token.decode().strip()) if token else None,
+    )
+
+
+def _azure_credentials(secret: str, values: dict[str, bytes] | Any) -> AzureCredentials:
+    from pydantic import SecretStr  # noqa: PLC0415
+
+    def get(name: str) -> SecretStr | None:
+        raw = values.get(name)
+        return SecretStr(raw.decode().strip()) if raw else None
+
+    connection = get("AZURE_STORAGE_CONNECTION_STRING")
+    if connection is not None:
+        return AzureCredentials(connection_string=connection)
+    account = values.get("AZURE_STORAGE_ACCOUNT")
+    key, sas = get("AZURE_STORAGE_ACCOUNT_KEY"), get("AZURE_STORAGE_SAS_TOKEN")
+    if key is None and sas is None:
+        raise SecretError(
+            f"Secret {secret} needs AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_KEY "
+            "(with AZURE_STORAGE_ACCOUNT) or AZURE_STORAGE_SAS_TOKEN"
+        )
+    return AzureCredentials(
+        account_name=account.decode().strip() if account else None,
+        account_key=key,
+        sas_token=sas if key is None else None,
+    )
+
+
+async def build_a9s_logical_plan(inputs: PlanInputs) -> Plan:
+    spec = inputs.spec
+    nodes = tuple(
+        Node(name=n.name, address=n.address, port=spec.target.ssh.port) for n in spec.target.nodes
+    )
+    recovery = A9sLogicalRecovery(
+        inputs=inputs,
+        layout=A9sLayout(postgres_major=spec.target.postgres_major_version),
+        nodes=nodes,
+    )
+
+    async def backup_pinned(ctx: StepContext) -> bool:
+        return ctx.status.backup.id is not None and ctx.status.backup.parts is not None
+
+    async def key_checked(ctx: StepContext) -> bool:
+        return "keyDigest" in ctx.status.facts
+
+    async def primary_known(ctx: StepContext) -> bool:
+        return ctx.status.primary is not None and "freeBytesOnPrimary" in ctx.status.facts
+
+    r = recovery
+    steps: dict[Phase, list[Step]] = {
+        Phase.FETCHING: [
+            FunctionStep("resolve-backup", backup_pinned, r.resolve_backup),
+            FunctionStep(
+                "check-encryption-key", key_checked, r.check_encryption_key, verify_after=False
+            ),
+            FunctionStep("probe-cluster", _never, r.probe_cluster, verify_after=False),
+            FunctionStep("check-free-space", _never, r.check_free_space, verify_after=False),
+            FunctionStep("download-parts", r.parts_downloaded, r.download_parts),
+        ],
+        Phase.DECRYPTING: [
+            FunctionStep("ensure-restore-dir", _never, r.ensure_restore_dir, verify_after=False),
+            FunctionStep("stage-dump", r.dump_staged, r.stage_dump),
+        ],
+        Phase.STAGING: [
+            r.cluster_step("ensure-standbys-stopped", lambda o, v: o.ensure_standbys_stopped(v)),
+            r.cluster_step(
+                "ensure-repmgr-stopped-on-primary",
+                lambda o, v: o.ensure_repmgr_stopped_on_primary(v),
+            ),
+            r.cluster_step(
+                "ensure-inactive-slots-dropped", lambda o, v: o.ensure_inactive_slots_dropped(v)
+            ),
+            r.cluster_step(
+                "ensure-connections-blocked", lambda o, v: o.ensure_connections_blocked(v)
+            ),
+            r.cluster_step(
+                "ensure-startup-locks-clear", lambda o, v: o.ensure_startup_locks_clear(v)
+            ),
+        ],
+        Phase.RESTORING: [
+            FunctionStep("restore-dump", r.restore_done, r.restore_dump),
+        ],
+        Phase.REJOINED: [],
+    }
+    if spec.target.new_site:
+        steps[Phase.RESTORING].append(
+            FunctionStep("apply-site-roles", _never, r.apply_roles_sql, verify_after=False)
+        )
+
+    def run_id_step(
+        name: str, op: Callable[[A9sOperations, ClusterView, str], Awaitable[StepResult]]
+    ) -> Step:
+        async def apply(ctx: StepContext) -> None:
+            ops = await r.ops(ctx)
+            await r.note(ctx, await op(ops, r.view(ctx), r.run_id(ctx)))
+
+        return FunctionStep(name, _never, apply, verify_after=False)
+
+    steps[Phase.REJOINED] = [
+        run_id_step(
+            "ensure-repmgr-schema-truncated",
+            lambda o, v, run: o.ensure_repmgr_schema_truncated(v, run),
+        ),
+        r.cluster_step("ensure-primary-registered", lambda o, v: o.ensure_primary_registered(v)),
+        r.cluster_step(
+            "ensure-repmgr-running-on-primary", lambda o, v: o.ensure_repmgr_running_on_primary(v)
+        ),
+        run_id_step("ensure-clone-marker", lambda o, v, run: o.ensure_clone_marker(v, run)),
+    ]
+    for node in nodes:
+
+        async def reclone(ctx: StepContext, node: Node = node) -> None:
+            ops = await r.ops(ctx)
+            view = r.view(ctx)
+            if node == view.primary:
+                return
+            await ctx.update(
+                lambda s: st.update_node(
+                    s, NodeState(name=node.name, role="standby", state="recloning")
+                )
+            )
+            result = await ops.ensure_standby_recloned(view, node, r.run_id(ctx))
+            await ctx.update(
+                lambda s: st.update_node(
+                    s, NodeState(name=node.name, role="standby", state="streaming")
+                )
+            )
+            await r.note(ctx, result)
+
+        steps[Phase.REJOINED].append(
+            FunctionStep(
+                f"ensure-standby-recloned-{node.name.replace('/', '-')}",
+                _never,
+                reclone,
+                verify_after=False,
+            )
+        )
+    steps[Phase.REJOINED] += [
+        FunctionStep("verify-cluster", _never, r.verify_cluster, verify_after=False),
+        FunctionStep(
+            "ensure-staging-file-removed",
+            _never,
+            _apply_with(
+                r, lambda o, v, ctx: o.ensure_staging_file_removed(v, ctx.status.backup.id or "")
+            ),
+            verify_after=False,
+        ),
+        r.cluster_step(
+            "ensure-connections-unblocked", lambda o, v: o.ensure_connections_unblocked(v)
+        ),
+    ]
+    return Plan(steps=steps, closers=[recovery.close])
+
+
+def _apply_with(
+    r: A9sLogicalRecovery,
+    op: Callable[[A9sOperations, ClusterView, StepContext], Awaitable[StepResult]],
+) -> Callable[[StepContext], Awaitable[None]]:
+    async def apply(ctx: StepContext) -> None:
+        ops = await r.ops(ctx)
+        await r.note(ctx, await op(ops, r.view(ctx), ctx))
+
+    return apply
