@@ -293,6 +293,28 @@ def test_power_cut_standby_comes_back_and_rejoins(healthy_sim_cluster: SimCluste
     primary.psql("DROP TABLE powercut")
 
 
+def test_fail_over_to_a_standby_and_back(healthy_sim_cluster: SimCluster) -> None:
+    cluster = healthy_sim_cluster
+    write_sample_data(cluster.primary(), rows=100, databases=("fotest",))
+    try:
+        cluster.fail_over("pg/1")
+        primary = cluster.primary()
+        assert primary.name == "pg/1"
+        nodes = parse_cluster_show(cluster_show(primary)[1])
+        assert {n.name: (n.role, n.upstream) for n in nodes} == {
+            "pg-0": ("standby", "pg-1"),
+            "pg-1": ("primary", ""),
+            "pg-2": ("standby", "pg-1"),
+        }
+        wait_for_replay(cluster)
+        sums = [table_checksums(vm, ["fotest"]) for vm in cluster.vms]
+        assert sums[0] == sums[1] == sums[2]
+        assert len(sums[0]) == 3
+    finally:
+        cluster.fail_over("pg/0")
+    cluster.primary().psql("DROP DATABASE fotest WITH (FORCE)")
+
+
 def test_silent_power_cut_and_reboot(healthy_sim_cluster: SimCluster) -> None:
     vm = healthy_sim_cluster.vm("pg/1")
     vm.power_cut(silent=True)

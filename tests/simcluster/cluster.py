@@ -30,7 +30,7 @@ from types import TracebackType
 from . import host
 from .config import PG_BINDIR, ClusterConfig
 from .data import cluster_show, parse_cluster_show, parse_monit_summary, streaming_standbys
-from .render import MONIT, REPMGR_USER, Ids, render_vm
+from .render import MONIT, PGDATA, REPMGR_CONFIG, REPMGR_USER, VARS_SH, Ids, render_vm
 
 VM_PATH = "/var/vcap/bosh/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 VM_ENV = ("PATH=" + VM_PATH, "HOME=/root", "LANG=C.UTF-8", "USER=root", "LOGNAME=root")
@@ -225,6 +225,18 @@ class SimVM:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._unshare.wait(timeout=10)
             self._unshare = None
+
+    def wipe_data_directory(self) -> None:
+        """Empty PGDATA of a powered-off VM (the runbook's `rm -r .../postgresql15/*`); its
+        next boot's pre-start then clones from the registered primary."""
+        if self.running:
+            raise SimClusterError(f"{self.name} is running; power it off first")
+        pgdata = self.store_dir / PGDATA.rsplit("/", 1)[1]
+        for child in pgdata.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
 
     # ------------------------------------------------------------------ commands inside
     def _nsenter_argv(self, command: str | Sequence[str], env: dict[str, str] | None) -> list[str]:
@@ -577,6 +589,39 @@ class SimCluster:
         for vm in self.vms:
             vm.power_cut()
         teardown(self.config)
+
+    def fail_over(self, to: SimVM | str | int, *, timeout: float = 90.0) -> None:
+        """Make `to` the primary, as after a real failover, and end with a healthy cluster.
+
+        Power-cuts the current primary, promotes `to` (`repmgr standby promote`), lets the
+        other standbys follow it (or re-clones those that cannot), then wipes the old
+        primary's data directory and boots it: its pre-start clones from the new primary and
+        registers it as a standby. For tests that need a primary other than pg/0.
+        """
+        target = to if isinstance(to, SimVM) else self.vm(to)
+        old = self.primary()
+        if target is old:
+            return
+        old.power_cut(silent=True)
+        repmgr = f"source {VARS_SH}; chpst -u postgres:vcap repmgr -f {REPMGR_CONFIG}"
+        target.run(f"{repmgr} standby promote")
+        recloned = [old]
+        for vm in self.vms:
+            if vm not in (old, target):
+                follow = vm.run(
+                    f"{repmgr} standby follow --upstream-node-id={target.node_id}", check=False
+                )
+                # A standby that had received more WAL than `to` cannot follow its new
+                # timeline (repmgr exit 23): clone it again, as an operator would.
+                if follow.returncode != 0:
+                    vm.power_cut()
+                    recloned.append(vm)
+        for vm in recloned:
+            vm.wipe_data_directory()
+            vm.boot()
+        self.wait_healthy(timeout=timeout)
+        if self.primary() is not target:
+            raise SimClusterError(f"after failover the primary is not {target.name}")
 
     def heal(self, *, timeout: float = 30.0) -> None:
         """Undo the faults the controls inject (power cuts, network cuts, stopped sshd, shrunk
