@@ -23,7 +23,7 @@ import kmock
 import pytest
 import yaml
 
-from tests.kubeapi.harness import REPO_ROOT, KubeAPI, Kubectl, wait_for
+from tests.kubeapi.harness import REPO_ROOT, KubeAPI, Kubectl, log_problems, wait_for
 from tests.kubeapi.server import EmulatorThread, write_kubeconfig
 from tests.kubeapi.toy_operator import FINALIZER
 
@@ -373,6 +373,9 @@ def test_kubectl_apply_get_wait_delete_against_the_emulator(kube_api: KubeAPI,
                                            "stringData": {"key": "s3cret"}}))
     assert secret.returncode == 0, secret.stderr
     assert kubectl.json("secret", "key")["data"] == {"key": "czNjcmV0"}
+    created = kubectl("create", "secret", "generic", "ssh", "--from-literal=user=vcap")
+    assert created.returncode == 0, created.stderr  # a protobuf body, unlike apply
+    assert kubectl.json("secret", "ssh")["data"] == {"user": "dmNhcA=="}
     deleted = kubectl.delete("toy", "t1", "--timeout=10s")
     assert deleted.returncode == 0, deleted.stderr
     missing = kubectl.get("toy", "t1")
@@ -425,6 +428,9 @@ def test_status_changes_chain_phase_handlers(kube_api: KubeAPI, kubectl: Kubectl
     assert "entered phase A" in table.stdout
     (row,) = table_rows(kubectl.get("ty", "chain").stdout)
     assert (row["PHASE"], row["POLLS"], row["DONE"]) == ("C", "", "True")
+    described = kubectl("describe", "toy", "chain")
+    assert "entered phase A" in described.stdout  # kopf's Events reference the object's uid
+    assert log_problems(operator.log_text()) == []
 
     # The operator only used the API in ways a Role can allow; no emulator errors either.
     verbs = {(r.verb, r.resource, r.subresource) for r in kube_api.records(user=operator.user)}
@@ -449,6 +455,9 @@ def test_temporary_errors_poll_until_done_inprocess(kube_api: KubeAPI, kubectl: 
     assert sorted(polls) == ["poll attempt 1/3", "poll attempt 2/3", "poll attempt 3/3"]
     operator.stop()
     assert "Handler 'poll' failed temporarily" in operator.output
+    # In a thread kopf cannot install signal handlers and says so; nothing else may go wrong.
+    assert log_problems(operator.output, allowed=("failed temporarily",
+                                                  "OS signals are ignored")) == []
 
 
 def test_unfinished_handler_resumes_after_sigkill(kube_api: KubeAPI, kubectl: Kubectl,
@@ -479,6 +488,7 @@ def test_unfinished_handler_resumes_after_sigkill(kube_api: KubeAPI, kubectl: Ku
     assert resumed  # the retry count survived the SIGKILL
     assert resumed[0] > 1
     assert {pid for _, pid in log} == {first_pid, operator.pid}
+    assert log_problems(operator.log_text()) == []
 
 
 def test_finalizer_blocks_deletion_until_the_operator_releases_it(
@@ -512,3 +522,4 @@ def test_finalizer_blocks_deletion_until_the_operator_releases_it(
     gone = kubectl.wait("--for=delete", "toy/stuck", "--timeout=30s")
     assert gone.returncode == 0, (gone.stderr, operator.log_text()[-3000:])
     assert "released the finalizer" in event_messages(kubectl, "stuck")
+    assert log_problems(operator.log_text()) == []

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -54,6 +55,17 @@ def wait_for(fn: Callable[[], _T | None], *, timeout: float = 30.0, interval: fl
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {message}")
         time.sleep(interval)
+
+
+# kopf log lines that mean something went wrong between the operator and the API (as opposed
+# to a handler's own TemporaryError, which kopf logs as an ERROR too).
+_PROBLEM = re.compile(r"\[(WARNING|ERROR|CRITICAL) *\]|Traceback \(most recent call last\)")
+
+
+def log_problems(text: str, allowed: Sequence[str] = ("failed temporarily",)) -> list[str]:
+    """Warnings, errors and tracebacks in a kopf log, minus lines containing `allowed`."""
+    return [line for line in text.splitlines()
+            if _PROBLEM.search(line) and not any(ok in line for ok in allowed)]
 
 
 @dataclasses.dataclass

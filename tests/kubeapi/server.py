@@ -79,7 +79,7 @@ import yaml
 from kmock._internal import enums, parsing, references, rendering
 from typing_extensions import override
 
-from tests.kubeapi import patches, resources, selectors, tables
+from tests.kubeapi import patches, protobuf, resources, selectors, tables
 from tests.kubeapi.resources import ResourceType
 
 _T = TypeVar("_T")
@@ -469,18 +469,23 @@ class KubeAPIEmulator(kmock.KubernetesScaffold):
         params = request.params
         verb = _verb(method, api, params)
         accept = _header(request, "Accept")
+        body = request.data
         if request.body and "protobuf" in _header(request, "Content-Type"):
-            # client-go retries with JSON after a 415 (kubectl create's typed clients send
-            # protobuf for built-in types); answers are always JSON, which it accepts too.
-            raise ApiError(415, "UnsupportedMediaType", "the body of the request was in an "
-                           "unknown format - accepted media types include: application/json")
+            # kubectl create's typed clients send protobuf for built-in kinds (see protobuf.py).
+            try:
+                if verb not in ("create", "update"):
+                    raise protobuf.ProtobufError("protobuf is only read for create and update")
+                body = protobuf.decode(request.body)
+            except protobuf.ProtobufError as e:
+                raise ApiError(415, "UnsupportedMediaType", f"the body of the request was in "
+                               f"an unknown format - accepted media types include: "
+                               f"application/json ({e})") from e
         if verb == "watch":
             return await self._serve_watch(request, rtype, api, record)
         if verb == "list":
             return self._serve_list(rtype, api, params, accept)
         if verb == "get":
             return self._serve_get(rtype, api, params, accept)
-        body = request.data
         dry_run = params.get("dryRun") == "All"
         if verb == "create":
             if api.name is not None or api.subresource is not None:
