@@ -28,6 +28,7 @@ from moto.server import ThreadedMotoServer
 from tests.objectstores.servers import AzuriteServer
 from tests.simcluster import (
     ClusterConfig,
+    ClusterInUse,
     SimCluster,
     SimClusterError,
     backup,
@@ -39,6 +40,7 @@ from tests.simcluster import (
     parse_monit_summary,
     streaming_standbys,
     table_checksums,
+    teardown,
     wait_for_replay,
     write_sample_data,
 )
@@ -113,7 +115,10 @@ def test_cluster_comes_up_healthy(sim_cluster: SimCluster) -> None:
     assert {n.host for n in nodes} == {vm.address for vm in sim_cluster.vms}
 
     streaming = streaming_standbys(primary)
-    assert sorted(r.client_addr for r in streaming) == ["10.77.0.11", "10.77.0.12"]
+    assert sorted(r.client_addr for r in streaming) == [
+        sim_cluster.vm("pg/1").address,
+        sim_cluster.vm("pg/2").address,
+    ]
     # Streaming through replication slots, one per standby.
     assert data.replication_slots(primary) == {"repmgr_slot_2": True, "repmgr_slot_3": True}
     assert [vm.agent_state() for vm in sim_cluster.vms] == ["running"] * 3
@@ -345,7 +350,8 @@ def test_network_cut_and_restore(healthy_sim_cluster: SimCluster) -> None:
         assert proc.returncode == 255
         assert "timed out" in proc.stderr
         # Nor can the VM reach its peers.
-        reach = vm.run("timeout 3 bash -c '</dev/tcp/10.77.0.10/5432'", check=False)
+        primary = healthy_sim_cluster.vm("pg/0").address
+        reach = vm.run(f"timeout 3 bash -c '</dev/tcp/{primary}/5432'", check=False)
         assert reach.returncode != 0
     finally:
         vm.restore_network()
@@ -397,7 +403,7 @@ def test_failed_bring_up_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch) 
 @pytest.fixture
 def cli_cluster() -> Iterator[ClusterConfig]:
     yield CLI_CLUSTER
-    clean_stale(CLI_CLUSTER)
+    teardown(CLI_CLUSTER, force=True)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -432,13 +438,40 @@ def test_cli_up_status_and_stale_cleanup(cli_cluster: ClusterConfig) -> None:
     assert status.returncode == 0, status.stdout + status.stderr
     assert "healthy" in status.stdout
 
-    # The VMs belong to a process that has exited: exactly what a crashed run leaves.
+    # The CLI has exited but its keeper owns the cluster: no one else may clean it away.
+    with pytest.raises(ClusterInUse):
+        clean_stale(cli_cluster)
+    with pytest.raises(ClusterInUse):
+        SimCluster(cli_cluster).up(lock_wait_s=0)
+    assert _ssh_ok(SimCluster.attach(cli_cluster.name), "pg/1")
+
+    # Owner dead (as after a crash): the VMs are stale leftovers, and clean_stale removes them.
+    keeper = [p for p in host.pids_mentioning(str(cli_cluster.root) + "/") if _is_keeper(p)]
+    assert len(keeper) == 1
+    host.kill_and_wait(keeper)
     removed = clean_stale(cli_cluster)
     assert any("killed" in r for r in removed)
     assert _traces(cli_cluster) == []
     down = _cli("down", *opts)
     assert down.returncode == 0
     assert "nothing to remove" in down.stdout
+
+
+def test_cli_down_removes_a_running_cluster(cli_cluster: ClusterConfig) -> None:
+    opts = ("--name", cli_cluster.name, "--subnet", cli_cluster.subnet)
+    assert _cli("up", *opts).returncode == 0
+    down = _cli("down", *opts)
+    assert down.returncode == 0
+    assert "killed" in down.stdout
+    assert _traces(cli_cluster) == []
+
+
+def _is_keeper(pid: int) -> bool:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"simcluster-keeper")
+
+
+def _ssh_ok(cluster: SimCluster, vm: str) -> bool:
+    return _ssh(cluster, vm, "true").returncode == 0
 
 
 # ---------------------------------------------------------------------------- backups

@@ -14,6 +14,7 @@ Public API (see each module):
 
 from .backup import A9sBackup, BackupPart, make_azure_backup, make_s3_backup, write_backup_files
 from .cluster import (
+    ClusterInUse,
     Health,
     SimCluster,
     SimClusterError,
@@ -45,6 +46,7 @@ __all__ = [
     "A9sBackup",
     "BackupPart",
     "ClusterConfig",
+    "ClusterInUse",
     "Health",
     "MonitService",
     "ReplicationRow",

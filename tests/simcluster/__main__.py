@@ -16,6 +16,9 @@ from pathlib import Path
 from .cluster import SimCluster, SimClusterError, missing_prerequisites, teardown
 from .config import ClusterConfig
 
+CLI_NAME = "pgdemo"
+CLI_SUBNET = "10.77.8"
+
 
 def _config(args: argparse.Namespace) -> ClusterConfig:
     return ClusterConfig(
@@ -40,15 +43,16 @@ def _print_access(cluster: SimCluster) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.simcluster", description=__doc__)
     parser.add_argument("command", choices=["up", "down", "status"])
-    parser.add_argument("--name", default=ClusterConfig.name)
+    # Not the test fixture's name and subnet: a demo cluster and a test session can coexist.
+    parser.add_argument("--name", default=CLI_NAME)
     parser.add_argument("--vms", type=int, default=ClusterConfig.vms)
-    parser.add_argument("--subnet", default=ClusterConfig.subnet)
+    parser.add_argument("--subnet", default=CLI_SUBNET)
     parser.add_argument("--base-dir", default=None)
     args = parser.parse_args(argv)
     config = _config(args)
 
     if args.command == "down":
-        done = teardown(config)
+        done = teardown(config, force=True)
         print("\n".join(done) if done else "nothing to remove")
         return 0
 
@@ -71,10 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     cluster = SimCluster(config)
     started = time.monotonic()
     try:
-        cluster.up()
+        cluster.up(lock_wait_s=0)
     except SimClusterError as exc:
         print(f"bring-up failed: {exc}", file=sys.stderr)
         return 1
+    cluster.detach()
     print(f"cluster {config.name} up and healthy in {time.monotonic() - started:.1f}s")
     print(cluster.status_text())
     _print_access(cluster)

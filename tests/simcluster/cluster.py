@@ -14,6 +14,7 @@ it by name, so it also cleans what a crashed run left.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import grp
 import json
 import os
@@ -42,6 +43,72 @@ BASE_TMPFS_BYTES = 4 * 1024**3
 
 class SimClusterError(RuntimeError):
     """The simulated cluster could not be built or did not become healthy."""
+
+
+class ClusterInUse(SimClusterError):
+    """Another live process (a test session, or the keeper of a CLI-started cluster) owns a
+    cluster of this name."""
+
+
+def lock_path(config: ClusterConfig) -> Path:
+    """The owner lock of cluster `config` (outside its base directory, which is a mount)."""
+    return Path(f"/tmp/simcluster-{config.name}.lock")
+
+
+class OwnerLock:
+    """flock-based ownership of a cluster name.
+
+    The machine is shared: without it a second test session (or a bring-up "cleaning stale
+    leftovers") would tear down a cluster another session is using. The kernel drops the
+    lock when its holder dies, so a crashed run's cluster counts as stale, never as in use.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self, *, wait_s: float) -> None:
+        if self.fd is not None:
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise ClusterInUse(
+                        f"cluster lock {self.path} is held by PID {holder(self.path)} "
+                        f"(waited {wait_s:.0f}s); use another cluster name and subnet, or "
+                        "`python -m tests.simcluster down --name ...` if it is yours"
+                    ) from None
+                time.sleep(0.5)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def holder(path: Path) -> int | None:
+    """PID recorded by the live holder of lock `path`, or None when nobody holds it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        text = Path(path).read_text().strip()
+        return int(text) if text.isdigit() else -1
+    finally:
+        os.close(fd)
+    return None
 
 
 class VMCommandError(RuntimeError):
@@ -464,6 +531,7 @@ class SimCluster:
         self.root = self.config.root
         self.vms = [SimVM(self, i) for i in range(self.config.vms)]
         self.passwords: dict[str, str] = {}
+        self._lock = OwnerLock(lock_path(self.config))
 
     def __enter__(self) -> SimCluster:
         self.up()
@@ -554,8 +622,9 @@ class SimCluster:
         return [vm for vm in self.vms if vm is not primary]
 
     # ------------------------------------------------------------------ lifecycle
-    def up(self, *, timeout: float = 120.0) -> None:
-        """Clean leftovers, build and boot every VM, wait until the cluster is healthy.
+    def up(self, *, timeout: float = 120.0, lock_wait_s: float = 300.0) -> None:
+        """Take ownership of the cluster name (waiting up to `lock_wait_s` for another owner
+        to finish), clean leftovers, build and boot every VM, wait until healthy.
 
         On failure everything is torn down again (unless PGSIM_KEEP_ON_FAILURE=1) and the
         error carries the tails of the VMs' logs.
@@ -563,7 +632,8 @@ class SimCluster:
         problems = missing_prerequisites()
         if problems:
             raise SimClusterError("cannot run the simulated cluster: " + "; ".join(problems))
-        teardown(self.config)
+        self._lock.acquire(wait_s=lock_wait_s)
+        teardown(self.config, force=True)
         # Another cluster (or anything else) on the same /24 would make routing ambiguous.
         if users := host.links_with_addresses_in(self.config.subnet + "."):
             raise SimClusterError(
@@ -585,10 +655,31 @@ class SimCluster:
             raise
 
     def down(self) -> None:
-        """Stop every VM and remove every trace on the host."""
+        """Stop every VM, remove every trace on the host, give up ownership."""
         for vm in self.vms:
             vm.power_cut()
-        teardown(self.config)
+        teardown(self.config, force=True)
+        self._lock.release()
+
+    def detach(self) -> None:
+        """Leave the cluster running after this process exits (the CLI's `up`): a small
+        keeper process inherits the ownership lock, so other bring-ups of this name wait or
+        refuse instead of tearing it down; `teardown(force=True)` (CLI `down`) kills it."""
+        if self._lock.fd is None:
+            raise SimClusterError("not the owner of this cluster")
+        keeper = subprocess.Popen(
+            # argv[0] names the base directory, so teardown finds and kills the keeper.
+            [f"simcluster-keeper {self.root}/", "infinity"],
+            executable="/bin/sleep",
+            pass_fds=(self._lock.fd,),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        os.ftruncate(self._lock.fd, 0)
+        os.pwrite(self._lock.fd, f"{keeper.pid}\n".encode(), 0)
+        self._lock.release()
 
     def fail_over(self, to: SimVM | str | int, *, timeout: float = 90.0) -> None:
         """Make `to` the primary, as after a real failover, and end with a healthy cluster.
@@ -808,14 +899,17 @@ def _keygen(path: Path, comment: str) -> None:
     host.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)])
 
 
-def teardown(config: ClusterConfig | None = None) -> list[str]:
+def teardown(config: ClusterConfig | None = None, *, force: bool = False) -> list[str]:
     """Remove every trace of cluster `config` from the host: VM processes, mounts under the
     base directory, network namespaces, veth pairs, the bridge. Safe on a half-built or
     already-removed cluster; used before bring-up to clean a crashed run's leftovers.
 
+    Refuses (ClusterInUse) while another live process owns the cluster name, unless `force`.
     Returns what it removed (empty when there was nothing).
     """
     config = config or ClusterConfig()
+    if not force and (pid := holder(lock_path(config))) is not None:
+        raise ClusterInUse(f"cluster {config.name} is owned by live process {pid}")
     done: list[str] = []
     root = config.root
     prefix = f"{config.name}-"
@@ -855,6 +949,6 @@ def teardown(config: ClusterConfig | None = None) -> list[str]:
 
 
 def clean_stale(config: ClusterConfig | None = None) -> list[str]:
-    """Remove leftovers of an earlier run of cluster `config` (an alias of `teardown`, named
-    for its use before bring-up)."""
+    """Remove leftovers of an earlier, dead run of cluster `config`; refuses (ClusterInUse)
+    while a live process owns it. `up()` does this itself under the ownership lock."""
     return teardown(config)

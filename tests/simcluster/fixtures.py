@@ -11,12 +11,22 @@ call `sim_cluster.rebuild()`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 
 from .cluster import SimCluster, missing_prerequisites
 from .config import ClusterConfig
+
+
+def session_config() -> ClusterConfig:
+    """The session cluster: `pgsim` on 10.77.0.0/24 unless PGSIM_NAME / PGSIM_SUBNET say
+    otherwise (to run two test sessions side by side)."""
+    return ClusterConfig(
+        name=os.environ.get("PGSIM_NAME", ClusterConfig.name),
+        subnet=os.environ.get("PGSIM_SUBNET", ClusterConfig.subnet),
+    )
 
 
 def skip_unless_simcluster_possible() -> None:
@@ -34,8 +44,9 @@ def sim_cluster() -> Iterator[SimCluster]:
     at the end of the session, also when bring-up fails.
     """
     skip_unless_simcluster_possible()
-    cluster = SimCluster(ClusterConfig())
-    cluster.up()
+    cluster = SimCluster(session_config())
+    # Another session using the same name makes this one wait (up to PGSIM_LOCK_WAIT_S).
+    cluster.up(lock_wait_s=float(os.environ.get("PGSIM_LOCK_WAIT_S", "300")))
     try:
         yield cluster
     finally:
