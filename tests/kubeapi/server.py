@@ -32,10 +32,14 @@ Semantics kept faithful to a real server (each was a reason a kopf operator beha
 - Names: `generateName` (kopf names its Events so), DNS-subdomain validation, 409 on duplicates,
   objects only in existing, non-terminating namespaces.
 
+Protobuf request bodies, which kubectl's typed clients send for `kubectl create secret|configmap|
+namespace|serviceaccount`, are decoded for those kinds (`protobuf.py`); responses are JSON.
+
 Not emulated (tests must not rely on them): admission, RBAC enforcement (requests are recorded
 so a test can check what the operator needs instead), schema validation and defaulting (validate
 CRDs and samples offline, see the test-environment notes), server-side apply, garbage collection
-through ownerReferences, aggregated discovery, protobuf.
+through ownerReferences, aggregated discovery, `kubectl explain` (no schemas are served),
+`kubectl auth can-i` (no SelfSubjectAccessReview), pod logs/exec, other protobuf bodies.
 
 Three ways to run it, all serving plain HTTP on 127.0.0.1 (kubectl and kopf accept a plain-HTTP
 server in a kubeconfig, so no TLS is needed):
@@ -785,9 +789,10 @@ class KubeAPIEmulator(kmock.KubernetesScaffold):
                 await response.write(render(event.type, event.obj))
                 last_write = time.monotonic()
             await response.write_eof()
-        except (ConnectionError, asyncio.CancelledError):
+        except ConnectionError:
             pass  # the client went away (kopf stopping, kubectl wait done): not an error
         finally:
+            # Also on cancellation: aiohttp cancels the handler when the client disconnects.
             self._watchers.discard(watcher)
         return response
 
@@ -1129,7 +1134,9 @@ async def serve(host: str = "127.0.0.1", port: int = 0,
     bound_host, bound_port = sock.getsockname()[:2]
     emulator = KubeAPIEmulator(server_address=f"{bound_host}:{bound_port}", **options)
     async with emulator:
-        server = aiohttp.web.Server(emulator)
+        # handler_cancellation: a watch whose client disconnected ends at once, not on its
+        # next write, so no watcher outlives its client.
+        server = aiohttp.web.Server(emulator, handler_cancellation=True)
         # Short shutdown: open watch streams are ended by close_watches() first.
         runner = aiohttp.web.ServerRunner(server, handle_signals=False, shutdown_timeout=2.0)
         await runner.setup()

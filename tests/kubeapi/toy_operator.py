@@ -18,7 +18,8 @@ the operator; every step posts an Event (names from `generateName`).
 What the real operator must do to run against the emulator (and why):
 
 - `--standalone` (or `settings.peering.standalone = True`): the emulator serves no
-  `kopf.dev` peering resources. Without it kopf only warns and falls back, but say it.
+  `kopf.dev` peering resources unless their CRDs are applied to it. Without the flag kopf
+  1.45 finds no peering resource and runs unpeered without a word; say it explicitly.
 - An explicit `@kopf.on.login` that reads `$KUBECONFIG` when called, here
   `kopf.login_with_kubeconfig`: kopf's implicit login goes through the `kubernetes` client,
   whose `KUBECONFIG` default is fixed when that library is first imported — wrong when tests
