@@ -579,6 +579,17 @@ class SimCluster:
                 return vm
         raise KeyError(key)
 
+    def dsn(
+        self, vm: SimVM | str | int, *, user: str = "a9s_admin", database: str = "postgres"
+    ) -> str:
+        """libpq connection string from the host to `vm`'s PostgreSQL (password included:
+        for test clients such as psycopg, never for a command line)."""
+        target = vm if isinstance(vm, SimVM) else self.vm(vm)
+        return (
+            f"host={target.address} port=5432 dbname={database} user={user} "
+            f"password={self.passwords[user]} connect_timeout=5"
+        )
+
     def nodes_spec(self) -> list[dict[str, str]]:
         """`target.nodes` of a PgRecovery for this cluster."""
         return [{"name": vm.name, "address": vm.address} for vm in self.vms]
