@@ -339,6 +339,8 @@ def test_kubectl_apply_get_wait_delete_against_the_emulator(kube_api: KubeAPI,
     assert crd.returncode == 0, crd.stderr
     assert kubectl.wait("--for=condition=Established",
                         "crd/toys.toy.pgrecovery.dev", "--timeout=10s").returncode == 0
+    explained = kubectl("explain", "toy.spec")
+    assert "What the toy operator should do" in explained.stdout, explained.stderr
     manifest = yaml.safe_dump(toy("t1", mode="idle"))
     first = kubectl.apply(manifest)
     assert first.returncode == 0

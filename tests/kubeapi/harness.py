@@ -159,7 +159,12 @@ def _plural_of(api: KubeAPI, api_version: str, kind: str) -> str:
 
 @dataclasses.dataclass
 class Kubectl:
-    """The real kubectl pointed at the emulator."""
+    """The real kubectl pointed at the emulator.
+
+    kubectl caches discovery in `cache_dir` as it does for a real cluster: `get` notices new
+    types by itself, but after a CRD was created other than through this kubectl, `explain`
+    needs a `kubectl("api-resources")` first.
+    """
 
     kubeconfig: Path
     cache_dir: Path

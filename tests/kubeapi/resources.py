@@ -43,6 +43,8 @@ class ResourceType:
     printer_columns: Mapping[str, tuple[Mapping[str, Any], ...]] = dataclasses.field(
         default_factory=dict)
     selectable_fields: frozenset[str] = frozenset()
+    # Per served version: the CRD's openAPIV3Schema (served for `kubectl explain`).
+    schemas: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     # metadata.generation is maintained only where a real server maintains it (not for
     # Secrets, ConfigMaps, Events, Namespaces).
     tracks_generation: bool = False
@@ -199,6 +201,9 @@ def from_crd(crd: Mapping[str, Any]) -> ResourceType:
             v["name"]: tuple(v.get("additionalPrinterColumns") or ()) for v in versions
         },
         selectable_fields=selectable,
+        schemas={
+            v["name"]: (v.get("schema") or {}).get("openAPIV3Schema") or {} for v in versions
+        },
         tracks_generation=True,
         custom=True,
     )

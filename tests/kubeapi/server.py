@@ -566,9 +566,10 @@ class KubeAPIEmulator(kmock.KubernetesScaffold):
     # whether the server validates fields itself. A PATCH operation that declares the
     # `fieldValidation` query parameter for a kind means "yes", so kubectl sends
     # fieldValidation=Strict instead of downloading schemas. The emulator ignores it (no schema
-    # validation here: CRDs and samples are validated offline). No schemas are served, so
-    # `kubectl explain` does not work; strategic-merge patches fall back to kubectl's built-in
-    # type information, as with a server without OpenAPI.
+    # validation here: CRDs and samples are validated offline). CRD schemas are served as a
+    # real server publishes them, so `kubectl explain pgr.spec` shows the CRD's descriptions;
+    # built-in types get none, and strategic-merge patches fall back to kubectl's built-in type
+    # information, as with a server without OpenAPI.
     def _openapi_group_version(self, relative: str) -> dict[str, Any]:
         parts = relative.strip("/").split("/")
         if parts[:1] == ["api"] and len(parts) == 2:
@@ -584,7 +585,10 @@ class KubeAPIEmulator(kmock.KubernetesScaffold):
         content = {"application/json-patch+json": {"schema": {"type": "object"}},
                    "application/merge-patch+json": {"schema": {"type": "object"}}}
         paths: dict[str, Any] = {}
+        schemas: dict[str, Any] = {}
         for rtype in served:
+            if rtype.custom and rtype.schemas.get(version):
+                schemas[self._schema_name(rtype, version)] = self._crd_schema(rtype, version)
             scope = "/namespaces/{namespace}" if rtype.namespaced else ""
             paths[f"{prefix}{scope}/{rtype.plural}/{{name}}"] = {"patch": {
                 "x-kubernetes-group-version-kind": {"group": group, "version": version,
@@ -599,7 +603,29 @@ class KubeAPIEmulator(kmock.KubernetesScaffold):
             }}
         return {"openapi": "3.0.0",
                 "info": {"title": "Kubernetes", "version": SERVER_VERSION["gitVersion"]},
-                "paths": paths, "components": {"schemas": {}}}
+                "paths": paths, "components": {"schemas": schemas}}
+
+    @staticmethod
+    def _schema_name(rtype: ResourceType, version: str) -> str:
+        reversed_group = ".".join(reversed(rtype.group.split(".")))
+        return f"{reversed_group}.{version}.{rtype.kind}"
+
+    @staticmethod
+    def _crd_schema(rtype: ResourceType, version: str) -> dict[str, Any]:
+        """The CRD's schema plus what a real server adds: apiVersion, kind, metadata, GVK."""
+        schema = copy.deepcopy(dict(rtype.schemas[version]))
+        properties = schema.setdefault("properties", {})
+        properties.setdefault("apiVersion", {
+            "type": "string", "description": "APIVersion defines the versioned schema of this "
+            "representation of an object."})
+        properties.setdefault("kind", {
+            "type": "string", "description": "Kind is a string value representing the REST "
+            "resource this object represents."})
+        properties["metadata"] = {"type": "object", "description": "Standard object's "
+                                  "metadata."}
+        schema["x-kubernetes-group-version-kind"] = [
+            {"group": rtype.group, "kind": rtype.kind, "version": version}]
+        return schema
 
     def _openapi_root(self) -> dict[str, Any]:
         paths: dict[str, Any] = {}
