@@ -11,6 +11,7 @@ the poll pattern with TemporaryError surviving a SIGKILL, finalizers, Events, pr
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import pytest
 import yaml
 
 from tests.kubeapi.harness import REPO_ROOT, KubeAPI, Kubectl, log_problems, wait_for
-from tests.kubeapi.server import EmulatorThread, write_kubeconfig
+from tests.kubeapi.server import EmulatorThread, fetch_records, write_kubeconfig
 from tests.kubeapi.toy_operator import FINALIZER
 
 pytestmark = pytest.mark.e2e
@@ -104,7 +105,7 @@ def test_metadata_generation_and_status_subresource(kube_api: KubeAPI) -> None:
     assert "status" not in created  # dropped on create: status is written through /status
 
     def current() -> dict[str, Any]:
-        return kube_api.request("GET", toy_path("t1"))[1]
+        return dict(kube_api.request("GET", toy_path("t1"))[1])
 
     _, after_spec = merge(kube_api, toy_path("t1"), {"spec": {"mode": "chain"}})
     assert after_spec["metadata"]["generation"] == 2
@@ -318,6 +319,11 @@ def test_runs_as_a_separate_process(tmp_path: Path) -> None:
         result = remote.get("namespaces")
         assert result.returncode == 0, result.stderr
         assert "kube-system" in result.stdout
+        url = line.strip().removeprefix("KUBEAPI_URL=")
+        lists = [r for r in fetch_records(url) if r.rbac() == ("list", "", "namespaces", None,
+                                                               None)]
+        assert [(r.user, r.status) for r in lists] == [("admin", 200)]
+        assert lists[0].user_agent.startswith("kubectl/")
     finally:
         process.terminate()
         assert process.wait(timeout=10) == 0
@@ -505,7 +511,8 @@ def test_finalizer_blocks_deletion_until_the_operator_releases_it(
     for name in ("doomed", "stuck"):
         assert kubectl.apply(yaml.safe_dump(toy(name, toy_namespace, mode="idle"))
                              ).returncode == 0
-        wait_for(lambda name=name: FINALIZER in finalizers(name), timeout=30,  # type: ignore[misc]
+    for name in ("doomed", "stuck"):
+        wait_for(functools.partial(lambda n: FINALIZER in finalizers(n), name), timeout=30,
                  message=f"the operator's finalizer on {name}")
 
     # With the operator running, `kubectl delete` returns once the delete handler has run.

@@ -15,8 +15,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import jsonpatch
-import jsonpointer
+import jsonpatch  # type: ignore[import-untyped]  # no stubs published
+import jsonpointer  # type: ignore[import-untyped]  # no stubs published
 
 MERGE = "application/merge-patch+json"
 JSON = "application/json-patch+json"

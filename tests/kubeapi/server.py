@@ -71,6 +71,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
@@ -284,7 +285,9 @@ class KubeAPIEmulator(kmock.KubernetesScaffold):
     """
 
     bookmark_interval: float = 5.0  # kopf reconnects after 70 s of silence; a bookmark resets it
-    history_limit: int = 100_000  # events kept for resumed watches; older ones get 410 Gone
+    # Events kept for resumed watches; older ones get 410 Gone and kopf re-lists. Each event
+    # holds a full object version (several KiB with kopf's annotations), hence a bound.
+    history_limit: int = 10_000
     watch_timeout: float | None = None  # server-side cap of a watch without timeoutSeconds
     server_address: str = "127.0.0.1:0"
 
@@ -1273,6 +1276,15 @@ def write_kubeconfig(path: Path, url: str, *, user: str = "admin",
     return path
 
 
+def fetch_records(url: str, *, clear: bool = False) -> list[RequestRecord]:
+    """The request log of an emulator at `url` (any mode, e.g. `python -m tests.kubeapi`)."""
+    request = urllib.request.Request(f"{url}/_emulator/requests",  # noqa: S310  (our own URL)
+                                     method="DELETE" if clear else "GET")
+    with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+        items = json.loads(response.read())["items"]
+    return [RequestRecord(**item) for item in items]
+
+
 def main(argv: Iterable[str] | None = None) -> None:
     """`python -m tests.kubeapi --port N [--kubeconfig PATH]`: serve until SIGTERM/SIGINT."""
     parser = argparse.ArgumentParser(prog="python -m tests.kubeapi", description=__doc__.split(
@@ -1306,6 +1318,7 @@ __all__ = [
     "EmulatorThread",
     "KubeAPIEmulator",
     "RequestRecord",
+    "fetch_records",
     "kubeconfig",
     "main",
     "serve",
