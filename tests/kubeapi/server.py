@@ -50,7 +50,9 @@ server in a kubeconfig, so no TLS is needed):
 
 Inspecting traffic: `emulator.records` (in-process) or `GET /_emulator/requests` (any mode) lists
 every request as `RequestRecord` — verb, group, resource, subresource, namespace, name, user (the
-bearer token, so each client can have its own identity), user agent and status code.
+bearer token, so each kopf operator can have its own identity; kubectl sends no token over plain
+HTTP, so its requests show as `system:anonymous` with a `kubectl/…` user agent), user agent and
+status code.
 """
 
 from __future__ import annotations
@@ -1254,7 +1256,10 @@ class EmulatorThread:
 
 
 def kubeconfig(url: str, *, user: str = "admin", namespace: str = "default") -> dict[str, Any]:
-    """A kubeconfig for the emulator; the token is the user name the request log shows."""
+    """A kubeconfig for the emulator; the token is the user name the request log shows.
+
+    kopf sends the token over plain HTTP; kubectl does not (its requests are anonymous).
+    """
     return {
         "apiVersion": "v1",
         "kind": "Config",
