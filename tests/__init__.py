@@ -1,1 +1,1 @@
-"""Test suite: unit (fakes), integration (real servers and simulated VMs), e2e (kopf + API emulator)."""
+"""Test suite: unit (fakes), integration (real servers, simulated VMs), e2e (kopf + emulator)."""

@@ -1,0 +1,153 @@
+"""`pgrecovery recover -f recovery.yaml`: the whole recovery without Kubernetes.
+
+Why this module exists: when the Kubernetes cluster is down too, a platform operator runs the
+same engine from a laptop or jump host. The recovery file is a PgRecovery manifest (the same one
+GitOps would apply); secrets come from a directory laid out like mounted Secrets
+(`--secrets-dir DIR/<secret>/<key>`) or from `PGRECOVERY_SECRET_<SECRET>_<KEY>` variables,
+never from the command line. Progress is printed live; the status is written to a JSON file after
+each change, and `--resume` continues from it after an interruption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from pgrecovery.adapters.local_secrets import LocalSecrets
+from pgrecovery.engine.local import LocalRun, run_local
+from pgrecovery.engine.plan import load_plan_factory
+from pgrecovery.engine.status import ConditionType, RecoveryStatus
+from pgrecovery.engine.steps import StepEvent, StepEventKind
+from pgrecovery.errors import ConfigurationError, InvalidSpec
+
+DEFAULT_PLAN_FACTORY = "pgrecovery.engine.plans:build_plan"
+
+
+def load_recovery_file(path: Path) -> tuple[str, dict[str, Any]]:
+    """(name, raw spec) from a PgRecovery manifest; clear errors for the usual mistakes."""
+    try:
+        documents = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise InvalidSpec(f"{path} is not valid YAML: {exc}") from None
+    recoveries = [d for d in documents if isinstance(d, dict) and d.get("kind") == "PgRecovery"]
+    if len(recoveries) != 1:
+        raise InvalidSpec(f"{path} must contain exactly one PgRecovery (found {len(recoveries)})")
+    document = recoveries[0]
+    name = str((document.get("metadata") or {}).get("name") or path.stem)
+    spec = document.get("spec")
+    if not isinstance(spec, dict):
+        raise InvalidSpec("the PgRecovery has no spec", field="spec")
+    return name, spec
+
+
+class TerminalReporter:
+    """Prints step transitions as lines and progress as one updating line (on a TTY)."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.tty = out.isatty()
+        self._last_progress = ""
+
+    def __call__(self, event: StepEvent | None, status: RecoveryStatus) -> None:
+        if event is not None:
+            mark = {
+                StepEventKind.STARTED: "→",
+                StepEventKind.FINISHED: "✓",
+                StepEventKind.SKIPPED: "·",
+                StepEventKind.FAILED: "✗",
+            }[event.kind]
+            detail = f": {event.message}" if event.message else ""
+            self._clear()
+            print(f"[{event.phase.value:<10}] {mark} {event.step}{detail}", file=self.out)
+            return
+        progress = status.progress
+        if progress.percent is not None and progress.detail:
+            line = f"[{status.phase.value:<10}]   {progress.percent:3d}% {progress.detail}"
+            if line != self._last_progress:
+                self._last_progress = line
+                if self.tty:
+                    self.out.write("\r\x1b[2K" + line[:160])
+                    self.out.flush()
+                else:
+                    print(line, file=self.out)
+
+    def _clear(self) -> None:
+        if self.tty and self._last_progress:
+            self.out.write("\r\x1b[2K")
+        self._last_progress = ""
+
+
+async def _recover(args: argparse.Namespace) -> int:
+    name, spec = load_recovery_file(Path(args.file))
+    if args.confirm is not None:
+        spec = {**spec, "confirm": args.confirm}
+    status_file = Path(args.status_file or f"{name}.status.json")
+    work_dir = Path(args.work_dir or f"{name}.work")
+    secrets_dir = Path(args.secrets_dir) if args.secrets_dir else None
+    if secrets_dir is not None and not secrets_dir.is_dir():
+        raise ConfigurationError(f"--secrets-dir {secrets_dir} is not a directory")
+    work_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before any work
+    run = LocalRun(
+        name=name,
+        spec=spec,
+        status_file=status_file,
+        work_dir=work_dir,
+        secrets=LocalSecrets(secrets_dir),
+        plan_factory=load_plan_factory(args.plan_factory),
+    )
+    out = sys.stdout
+    reporter = TerminalReporter(out)
+    cancel = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        # First Ctrl-C: stop at the next safe point and keep the status for --resume.
+        loop.add_signal_handler(sig, cancel.set)
+    try:
+        final = await run_local(run, resume=args.resume, on_event=reporter, cancel_event=cancel)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+    reporter._clear()
+    print(f"status written to {status_file}", file=out)
+    if final.is_true(ConditionType.SUCCEEDED):
+        durations = ", ".join(f"{k} {v:.1f}s" for k, v in final.phase_durations.items())
+        print(f"recovery complete: {final.message} ({durations})", file=out)
+        return 0
+    blocked = final.condition(ConditionType.BLOCKED)
+    if blocked is not None and blocked.status == "True":
+        print(f"stopped: {blocked.message}", file=out)
+        return 0 if blocked.reason == "DryRunComplete" else 3
+    print(f"recovery FAILED ({final.failure_reason}): {final.message}", file=out)
+    return 1
+
+
+def register_recover(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = groups.add_parser(
+        "recover",
+        help="run a recovery locally, without Kubernetes (resumable)",
+        description="Run the five phases of a PgRecovery manifest locally, without Kubernetes. "
+        "Secrets come from --secrets-dir (<secret>/<key> files) or "
+        "PGRECOVERY_SECRET_<SECRET>_<KEY> variables, never from the command line.",
+    )
+    p.add_argument("-f", "--file", required=True, help="PgRecovery manifest (YAML)")
+    p.add_argument("--resume", action="store_true", help="continue from the status file")
+    p.add_argument("--status-file", help="status JSON (default: <name>.status.json)")
+    p.add_argument("--work-dir", help="downloaded parts go here (default: <name>.work)")
+    p.add_argument("--secrets-dir", help="directory with <secret-name>/<key> files")
+    p.add_argument(
+        "--confirm",
+        metavar="DEPLOYMENT",
+        help="set spec.confirm (lets destructive phases run when it equals target.deployment)",
+    )
+    p.add_argument("--plan-factory", default=DEFAULT_PLAN_FACTORY, help=argparse.SUPPRESS)
+    p.set_defaults(func=_recover)
