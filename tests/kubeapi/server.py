@@ -1023,6 +1023,15 @@ class KubeAPIEmulator(kmock.KubernetesScaffold):
 
     def _patch(self, rtype: ResourceType, api: _ApiPath, body: Any, content_type: str, *,
                dry_run: bool) -> dict[str, Any]:
+        accepted = [patches.JSON, patches.MERGE] + ([] if rtype.custom else [patches.STRATEGIC])
+        if content_type not in accepted:
+            # Checked first, as a real server does: `kubectl apply --server-side` must learn
+            # that it is unsupported here, not that the object does not exist yet.
+            unsupported = "server-side apply is not emulated; " if content_type == \
+                patches.APPLY else ""
+            raise ApiError(415, "UnsupportedMediaType",
+                           f"{unsupported}the body of the request was in an unknown format - "
+                           f"accepted media types include: {', '.join(accepted)}")
         current = self._get_stored(rtype, api)
         name = str(api.name)
         try:
@@ -1034,17 +1043,12 @@ class KubeAPIEmulator(kmock.KubernetesScaffold):
                 candidate = patches.merge_patch(current, body)
             elif content_type == patches.JSON:
                 candidate = patches.json_patch(current, body)
-            elif content_type == patches.STRATEGIC and not rtype.custom:
+            else:
                 if not isinstance(body, dict):
                     raise _bad_request("a strategic merge patch must be a JSON object")
                 rv = (body.get("metadata") or {}).get("resourceVersion")
                 self._check_rv_precondition(rtype, current, rv)
                 candidate = patches.strategic_merge_patch(current, body)
-            else:
-                raise ApiError(415, "UnsupportedMediaType",
-                               f"the body of the request was in an unknown format - accepted "
-                               f"media types include: {patches.JSON}, {patches.MERGE}"
-                               + ("" if rtype.custom else f", {patches.STRATEGIC}"))
         except patches.PatchError as e:
             raise ApiError(422, "Invalid", str(e), {"name": name, "group": rtype.group,
                                                     "kind": rtype.plural}) from e
