@@ -789,11 +789,11 @@ class KubeAPIEmulator(kmock.KubernetesScaffold):
         assert request._raw_request is not None  # only None in kmock's own artificial setups
         response = aiohttp.web.StreamResponse(status=200,
                                               headers={"Content-Type": "application/json"})
-        await response.prepare(request._raw_request)
-        if record is not None:
-            record.status = 200
         deadline = time.monotonic() + timeout if timeout is not None else None
         try:
+            await response.prepare(request._raw_request)
+            if record is not None:
+                record.status = 200
             for line in backlog:
                 await response.write(line)
             last_write = time.monotonic()
@@ -966,8 +966,9 @@ class KubeAPIEmulator(kmock.KubernetesScaffold):
                     meta["name"] = candidate
                     break
         name = meta["name"]
-        pattern = _DNS_LABEL if rtype.key == resources.NAMESPACES_KEY else _DNS_SUBDOMAIN
-        if len(name) > 253 or not pattern.match(name):
+        is_label = rtype.key == resources.NAMESPACES_KEY  # namespace names are DNS labels
+        if len(name) > (63 if is_label else 253) or not (_DNS_LABEL if is_label
+                                                          else _DNS_SUBDOMAIN).match(name):
             raise _invalid(rtype, name, f'metadata.name: Invalid value: "{name}": a lowercase '
                            "RFC 1123 subdomain must consist of lower case alphanumeric "
                            "characters, '-' or '.', and must start and end with an "
