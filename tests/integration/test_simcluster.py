@@ -31,6 +31,7 @@ from tests.simcluster import (
     ClusterInUse,
     SimCluster,
     SimClusterError,
+    SimVM,
     backup,
     clean_stale,
     cluster_show,
@@ -45,7 +46,7 @@ from tests.simcluster import (
     write_sample_data,
 )
 from tests.simcluster.fixtures import skip_unless_simcluster_possible
-from tests.simcluster.render import JOB_DIR, PGDATA, RESTORE_DIR, STARTUP_LOCK_DIR
+from tests.simcluster.render import JOB_DIR, MONIT, PGDATA, RESTORE_DIR, STARTUP_LOCK_DIR
 
 pytestmark = [pytest.mark.integration, pytest.mark.vms]
 
@@ -373,6 +374,114 @@ def test_store_free_space_can_be_limited(healthy_sim_cluster: SimCluster) -> Non
         vm.reset_store_size()
     total = int(vm.run("df --output=size -B1 /var/vcap/store | tail -1").stdout)
     assert total == healthy_sim_cluster.config.store_size_bytes
+
+
+# ---------------------------------------------------------------------------- the runbook
+def _sudo(cluster: SimCluster, vm: str, script: str) -> str:
+    """Run `script` as root through `ssh` + `sudo -n bash -s` (as an operator would)."""
+    proc = subprocess.run(
+        cluster.ssh_argv(vm, "sudo -n bash -euo pipefail -s"),
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, f"{vm}: {proc.stderr}"
+    return proc.stdout
+
+
+def _wait_monit(vm: SimVM, service: str, status: str) -> None:
+    deadline = time.monotonic() + 60
+    while (current := vm.monit_status().get(service)) != status:
+        assert time.monotonic() < deadline, f"{vm.name} {service}: {current}"
+        time.sleep(0.2)
+
+
+def test_manual_runbook_restores_a_backup_over_ssh(
+    healthy_sim_cluster: SimCluster, tmp_path: Path
+) -> None:
+    """The runbook, step by step, over SSH: the simulator supports the operator's main path."""
+    cluster = healthy_sim_cluster
+    primary = cluster.primary()
+    standbys = [vm for vm in cluster.vms if vm is not primary]
+    write_sample_data(primary, rows=500, databases=("rbshop", "rbcrm"))
+    before = table_checksums(primary, ["rbshop", "rbcrm"])
+    files = backup.write_backup_files(
+        primary,
+        backup_id=f"{backup.new_guid()}-1700000000000",
+        encryption_key="runbook-key",
+        directory=tmp_path,
+        part_size=30_000,
+    )
+    # Disaster: one database gone, the other damaged.
+    primary.psql("DROP DATABASE rbshop WITH (FORCE)")
+    primary.psql("DELETE FROM public.orders", database="rbcrm")
+    primary.psql("DROP DATABASE rbcrm WITH (FORCE)")
+
+    key_file = tmp_path / "key"
+    key_file.write_text("runbook-key")
+    dump = tmp_path / "restore.dump"
+    dump.write_bytes(_runbook_decrypt(list(files.files), key_file))
+    sftp = [
+        "sftp",
+        "-i",
+        str(cluster.client_key_path),
+        "-o",
+        f"UserKnownHostsFile={cluster.known_hosts_path}",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-b",
+        "-",
+        f"{cluster.ssh_user}@{primary.address}",
+    ]
+    subprocess.run(
+        sftp, input=f"put {dump} {RESTORE_DIR}/restore.dump\n", text=True, check=True, timeout=60
+    )
+
+    vars_sh = f"source {JOB_DIR}/helpers/vars.sh"
+    for vm in standbys:
+        _sudo(cluster, vm.name, f"{MONIT} stop postgresql-ha")
+    for vm in standbys:
+        _wait_monit(vm, "repmgr", "Not monitored")
+        _wait_monit(vm, "postgresql-ha", "Not monitored")
+    _sudo(cluster, primary.name, f"{MONIT} stop repmgr")
+    _wait_monit(primary, "repmgr", "Not monitored")
+    _sudo(
+        cluster,
+        primary.name,
+        f"""{vars_sh}
+        chpst -u postgres:vcap psql -X postgres -c "SELECT pg_drop_replication_slot(slot_name)
+            FROM pg_replication_slots WHERE active <> 't'"
+        chpst -u postgres:vcap psql -X postgres -c "SELECT pg_terminate_backend(pid)
+            FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
+        rm -f {STARTUP_LOCK_DIR}/*
+        chpst -u postgres:vcap psql -X --quiet postgres < {RESTORE_DIR}/restore.dump
+        chpst -u postgres:vcap psql -X repmgr_cluster -c "DO \\$\\$ DECLARE r record; BEGIN
+            FOR r IN (SELECT tablename FROM pg_tables WHERE schemaname = 'repmgr') LOOP
+            EXECUTE 'TRUNCATE repmgr.' || quote_ident(r.tablename) || ' CASCADE';
+            END LOOP; END \\$\\$;"
+        chpst -u postgres:vcap bash -c 'source {JOB_DIR}/helpers/vars.sh;
+            source {JOB_DIR}/helpers/repmgr_utils.sh; register_master_node;'
+        {MONIT} start repmgr
+        """,  # noqa: S608 - fixed runbook text with constant paths
+    )
+    for vm in standbys:
+        _sudo(
+            cluster,
+            vm.name,
+            f"""rm -r {PGDATA}/*
+            {JOB_DIR}/bin/pre-start
+            {MONIT} start postgresql-ha
+            {MONIT} start repmgr
+            """,
+        )
+    cluster.wait_healthy(timeout=90)
+    _sudo(cluster, primary.name, f"rm -f {RESTORE_DIR}/restore.dump")
+    wait_for_replay(cluster)
+    for vm in cluster.vms:
+        assert table_checksums(vm, ["rbshop", "rbcrm"]) == before, vm.name
+    primary.psql("DROP DATABASE rbshop WITH (FORCE); DROP DATABASE rbcrm WITH (FORCE)")
 
 
 # ---------------------------------------------------------------------------- teardown

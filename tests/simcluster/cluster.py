@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import NamedTuple
 
 from . import host
 from .config import PG_BINDIR, ClusterConfig
@@ -150,6 +151,12 @@ def missing_prerequisites() -> list[str]:
     except OSError:
         problems.append("no /proc/filesystems")
     return problems
+
+
+class StoreUsage(NamedTuple):
+    total: int
+    used: int
+    free: int
 
 
 @dataclass
@@ -474,9 +481,10 @@ class SimVM:
     def restore_network(self) -> None:
         host.set_link_up(self.host_if, True)
 
-    def store_usage(self) -> shutil._ntuple_diskusage:
-        """(total, used, free) bytes of /var/vcap/store."""
-        return shutil.disk_usage(self.store_dir)
+    def store_usage(self) -> StoreUsage:
+        """Bytes of /var/vcap/store: total, used, free."""
+        total, used, free = shutil.disk_usage(self.store_dir)
+        return StoreUsage(total, used, free)
 
     def limit_store_free_space(self, free_bytes: int) -> None:
         """Shrink /var/vcap/store so that about `free_bytes` remain free (page granularity)."""
@@ -487,6 +495,18 @@ class SimVM:
 
     def reset_store_size(self) -> None:
         host.remount_tmpfs_size(self.store_dir, self.cluster.config.store_size_bytes)
+
+    def undo_faults(self) -> None:
+        """Network plugged in, store at full size, powered on, sshd and monit jobs started.
+        Leaves data and stale startup locks alone: tests that make those clean up."""
+        self.restore_network()
+        self._unplugged_by_power_cut = False
+        self.reset_store_size()
+        if not self.running:
+            self.boot()
+            return  # the agent runs pre-start and starts the jobs
+        self.start_sshd()
+        self.monit("start", "all")
 
     # ------------------------------------------------------------------ diagnostics
     def console_tail(self, lines: int = 40) -> str:
@@ -730,19 +750,17 @@ class SimCluster:
         stores) and wait until healthy; rebuild the cluster if it does not recover in time."""
         try:
             for vm in self.vms:
-                vm.restore_network()
-                vm._unplugged_by_power_cut = False
-                vm.reset_store_size()
-                if not vm.running:
-                    vm.boot()
-                vm.start_sshd()
+                vm.undo_faults()
             self.wait_healthy(timeout=timeout)
         except (SimClusterError, VMCommandError, host.HostCommandError):
             self.rebuild()
 
     def rebuild(self, *, timeout: float = 120.0) -> None:
-        """A brand-new cluster in place of this one (new data, keys and passwords)."""
-        self.down()
+        """A brand-new cluster in place of this one (new data, keys and passwords); keeps
+        ownership of the name throughout."""
+        for vm in self.vms:
+            vm.power_cut()
+        teardown(self.config, force=True)
         self.up(timeout=timeout)
 
     def _create(self) -> None:
