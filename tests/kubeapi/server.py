@@ -83,7 +83,7 @@ import aiohttp.web
 import attrs
 import kmock
 import yaml
-from kmock._internal import enums, parsing, references, rendering
+from kmock._internal.rendering import StreamingError  # kmock-internal: pinned kmock==0.8
 from typing_extensions import override
 
 from tests.kubeapi import patches, protobuf, resources, selectors, tables
@@ -227,6 +227,13 @@ def _verb(method: str, api: _ApiPath | None, params: Mapping[str, str]) -> str:
     }.get(method, method.lower())
 
 
+# Our verbs as kmock's actions, so kmock's DSL filters (`emulator[kmock.action.WATCH]`) work.
+_KMOCK_ACTIONS = {
+    "list": kmock.action.LIST, "watch": kmock.action.WATCH, "get": kmock.action.FETCH,
+    "create": kmock.action.CREATE, "patch": kmock.action.UPDATE, "delete": kmock.action.DELETE,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class _Event:
     rv: int
@@ -257,7 +264,7 @@ class _Watcher:
         )
 
 
-def _header(request: rendering.Request, name: str) -> str:
+def _header(request: kmock.Request, name: str) -> str:
     raw = request._raw_request
     if raw is not None:
         return str(raw.headers.get(name, ""))
@@ -358,7 +365,7 @@ class KubeAPIEmulator(kmock.KubernetesScaffold):
             self._requests.append(request)
             try:
                 return await self._handle(request)
-            except rendering.StreamingError as e:
+            except StreamingError as e:
                 if e.__cause__ is not None:
                     raise e.__cause__ from None
                 raise
@@ -368,7 +375,7 @@ class KubeAPIEmulator(kmock.KubernetesScaffold):
             self._errors[-1].append(e)
             return await self._render_error(e)
 
-    async def _parse_request(self, raw_request: aiohttp.web.BaseRequest) -> rendering.Request:
+    async def _parse_request(self, raw_request: aiohttp.web.BaseRequest) -> kmock.Request:
         body = await raw_request.read()
         text = body.decode("utf-8", errors="replace")
         try:
@@ -377,23 +384,21 @@ class KubeAPIEmulator(kmock.KubernetesScaffold):
             data = None
         api = _parse_path(raw_request.path)
         query = dict(raw_request.query)
-        method = enums.method(raw_request.method)
-        parsed = parsing.ParsedPath(
-            group=api.group if api else None, version=api.version if api else None,
-            plural=api.plural if api else None, namespace=api.namespace if api else None,
-            name=api.name if api else None, subresource=api.subresource if api else None)
-        return rendering.Request(
+        action = _KMOCK_ACTIONS.get(_verb(raw_request.method, api, query)) \
+            if api is not None and api.plural is not None else None
+        return kmock.Request(
             id=len(self._requests), raw_request=raw_request, url=raw_request.url,
             method=raw_request.method, params=query, headers=dict(raw_request.headers),
             cookies=dict(raw_request.cookies), data=data, body=body, text=text,
-            action=parsing.guess_k8s(parsed, method, query),
-            resource=None if api is None else references.resource(
+            action=action,
+            resource=None if api is None else kmock.resource(
                 group=api.group, version=api.version, plural=api.plural),
-            namespace=parsed.namespace, name=parsed.name, subresource=parsed.subresource,
+            namespace=api.namespace if api else None, name=api.name if api else None,
+            subresource=api.subresource if api else None,
         )
 
     @override
-    async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+    async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         path = request.url.path
         api = _parse_path(path)
         record: RequestRecord | None = None
@@ -430,7 +435,7 @@ class KubeAPIEmulator(kmock.KubernetesScaffold):
             record.status = response.status
         return response
 
-    async def _serve(self, request: rendering.Request, api: _ApiPath | None,
+    async def _serve(self, request: kmock.Request, api: _ApiPath | None,
                      record: RequestRecord | None) -> aiohttp.web.StreamResponse:
         path = request.url.path.rstrip("/") or "/"
         method = str(request.method.value)
@@ -740,7 +745,7 @@ class KubeAPIEmulator(kmock.KubernetesScaffold):
             "metadata": metadata, "items": rendered,
         })
 
-    async def _serve_watch(self, request: rendering.Request, rtype: ResourceType,
+    async def _serve_watch(self, request: kmock.Request, rtype: ResourceType,
                            api: _ApiPath, record: RequestRecord | None,
                            ) -> aiohttp.web.StreamResponse:
         params = request.params
