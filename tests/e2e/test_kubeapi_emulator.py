@@ -448,6 +448,28 @@ def test_status_changes_chain_phase_handlers(kube_api: KubeAPI, kubectl: Kubectl
     assert not [r for r in kube_api.records(user=operator.user) if r.status >= 500]
 
 
+@pytest.mark.parametrize("kube_api_options", [{"watch_timeout": 0.5}])
+def test_kopf_resumes_watches_the_server_ends(kube_api: KubeAPI, kubectl: Kubectl,
+                                              toy_namespace: str,
+                                              kopf_operator_subprocess: Any) -> None:
+    # A real server ends every watch after a while; kopf must resume from the last version
+    # it saw without losing the changes in between.
+    operator = kopf_operator_subprocess(MODULE, namespace=toy_namespace, watching=["toys"])
+    for index in range(3):
+        assert kubectl.apply(yaml.safe_dump(toy(f"chain-{index}", toy_namespace, mode="chain"))
+                             ).returncode == 0
+        time.sleep(0.4)
+    for index in range(3):
+        done = kubectl.wait("--for=condition=Done", f"toy/chain-{index}", "--timeout=30s")
+        assert done.returncode == 0, (done.stderr, operator.log_text()[-3000:])
+    watches = kube_api.records(user=operator.user, verb="watch", resource="toys")
+    assert len(watches) >= 4  # the server ended them; kopf came back each time
+    versions = [int(w.params["resourceVersion"]) for w in watches]
+    assert versions == sorted(versions)
+    assert versions[-1] > versions[0]  # resumed from what it had seen, not re-listed
+    assert log_problems(operator.log_text()) == []
+
+
 def test_temporary_errors_poll_until_done_inprocess(kube_api: KubeAPI, kubectl: Kubectl,
                                                    toy_namespace: str,
                                                    kopf_operator_inprocess: Any) -> None:

@@ -3,8 +3,10 @@
 Register in the top-level conftest with `pytest_plugins = ["tests.kubeapi.fixtures"]`.
 
 - `kube_api` → `KubeAPI`: a fresh emulator per test (a background thread, plain HTTP on
-  127.0.0.1) and a kubeconfig for it. Teardown fails the test if the emulator itself crashed
-  on a request (a 500 is an emulator bug, never an expected answer).
+  127.0.0.1) and a kubeconfig for it; `kube_api_options` (overridable, e.g. by parametrize)
+  are its keyword arguments (`bookmark_interval`, `history_limit`, `watch_timeout`).
+  Teardown fails the test if the emulator itself crashed on a request (a 500 is an emulator
+  bug, never an expected answer).
 - `kubectl` → `Kubectl`: the real `/usr/bin/kubectl` with that kubeconfig and a private
   discovery cache; returns `CompletedProcess` and never raises on a non-zero exit.
 - `kopf_operator_subprocess` → factory `(module, *, namespace, env=None, args=(),
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kopf.testing import KopfRunner
@@ -34,9 +37,16 @@ from tests.kubeapi.server import EmulatorThread
 
 
 @pytest.fixture
-def kube_api(tmp_path: Path) -> Iterator[KubeAPI]:
+def kube_api_options() -> dict[str, Any]:
+    """Keyword arguments of the emulator; override per test with
+    `@pytest.mark.parametrize("kube_api_options", [{"watch_timeout": 1.0}])`."""
+    return {}
+
+
+@pytest.fixture
+def kube_api(tmp_path: Path, kube_api_options: dict[str, Any]) -> Iterator[KubeAPI]:
     directory = tmp_path / "kubeapi"
-    with EmulatorThread() as server:
+    with EmulatorThread(**kube_api_options) as server:
         api = KubeAPI(server=server, kubeconfig=Path(), directory=directory)
         api.kubeconfig = api.user_kubeconfig("admin")
         yield api
@@ -106,4 +116,10 @@ def kopf_operator_inprocess(
         operator.stop()
 
 
-__all__ = ["kopf_operator_inprocess", "kopf_operator_subprocess", "kube_api", "kubectl"]
+__all__ = [
+    "kopf_operator_inprocess",
+    "kopf_operator_subprocess",
+    "kube_api",
+    "kube_api_options",
+    "kubectl",
+]

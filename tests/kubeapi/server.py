@@ -177,6 +177,7 @@ class RequestRecord:
     namespace: str | None
     name: str | None
     path: str
+    params: dict[str, str]  # the query: resourceVersion, labelSelector, fieldSelector, …
     user: str
     user_agent: str
     status: int = 0  # 0 while a watch stream is open and before the response
@@ -413,6 +414,7 @@ class KubeAPIEmulator(kmock.KubernetesScaffold):
                 namespace=api.namespace if api else None,
                 name=api.name if api else None,
                 path=path,
+                params=dict(request.params),
                 user=auth.removeprefix("Bearer ").strip() or "system:anonymous",
                 user_agent=_header(request, "User-Agent"),
             )
