@@ -470,6 +470,26 @@ def test_kopf_resumes_watches_the_server_ends(kube_api: KubeAPI, kubectl: Kubect
     assert log_problems(operator.log_text()) == []
 
 
+@pytest.mark.parametrize("kube_api_options", [{"watch_timeout": 0.5, "history_limit": 3}])
+def test_kopf_relists_when_its_version_is_compacted(kube_api: KubeAPI, kubectl: Kubectl,
+                                                   toy_namespace: str,
+                                                   kopf_operator_subprocess: Any) -> None:
+    # The 410 Gone path: while kopf reconnects, other writes push its last version out of the
+    # (tiny) history; kopf must list again and still see every toy.
+    operator = kopf_operator_subprocess(MODULE, namespace=toy_namespace, watching=["toys"])
+    for index in range(5):
+        kube_api.create({"apiVersion": "v1", "kind": "ConfigMap",
+                         "metadata": {"name": f"noise-{index}", "namespace": toy_namespace}})
+    wait_for(lambda: len(kube_api.records(user=operator.user, verb="list",
+                                          resource="toys")) >= 2,
+             timeout=10, message="kopf to list toys again after 410")
+    assert kubectl.apply(yaml.safe_dump(toy("chain", toy_namespace, mode="chain"))
+                         ).returncode == 0
+    done = kubectl.wait("--for=condition=Done", "toy/chain", "--timeout=30s")
+    assert done.returncode == 0, (done.stderr, operator.log_text()[-3000:])
+    assert log_problems(operator.log_text()) == []
+
+
 def test_temporary_errors_poll_until_done_inprocess(kube_api: KubeAPI, kubectl: Kubectl,
                                                    toy_namespace: str,
                                                    kopf_operator_inprocess: Any) -> None:
