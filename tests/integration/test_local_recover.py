@@ -115,7 +115,7 @@ def test_local_recover_killed_mid_phase_resumes_and_completes(
     proc.wait(timeout=30)
     assert killed_in == "Staging", f"did not reach Staging: {_status(status_file)}"
     resumed = subprocess.run(
-        argv + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=900, check=False
+        [*argv, "--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=900, check=False
     )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     status = _status(status_file)

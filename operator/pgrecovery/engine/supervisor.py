@@ -74,6 +74,10 @@ class MemoryReporter:
     async def event(self, event: StepEvent) -> None:
         self._events.append(event)
 
+    def replace(self, status: RecoveryStatus) -> None:
+        """Set the status directly (a change decided outside the running steps)."""
+        self._status = status
+
     def drain(self) -> list[StepEvent]:
         events, self._events = self._events, []
         return events
@@ -299,6 +303,15 @@ class Supervisor:
             return Outcome(OutcomeKind.FAILED, failed, events=events)
         outcome.events = events + outcome.events
         return outcome
+
+    def amend(self, key: str, change: StatusChange) -> bool:
+        """Apply a change made outside the running phase (e.g. a spec edit noted by another
+        handler) to the running phase's status too, so its next report does not undo it."""
+        run = self._runs.get(key)
+        if run is None:
+            return False
+        run.reporter.replace(change(run.reporter.status))
+        return True
 
     async def cancel(self, key: str, timeout: float) -> RecoveryStatus | None:
         """Ask the running phase to stop at its next safe point; wait up to `timeout`."""

@@ -153,15 +153,22 @@ for _phase in WORKING_PHASES:
 
 
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec", id="spec-changed")
-async def spec_changed(body: Any, meta: Any, patch: Any, **_: Any) -> None:
+async def spec_changed(body: Any, meta: Any, patch: Any, memo: Any, **_: Any) -> None:
     """After start only `confirm` is honoured; other edits are ignored, visibly."""
+    raw_spec, generation = dict(body.get("spec") or {}), meta.get("generation")
     status = RecoveryStatus.from_dict(body.get("status"))
-    new = spec_change(dict(body.get("spec") or {}), status, meta.get("generation"))
-    if new != status:
-        _write_status(patch, new)
-        ignored = new.condition(ConditionType.SPEC_CHANGE_IGNORED)
-        if ignored is not None and ignored.status == "True":
-            kopf.event(body, type="Warning", reason="SpecChangeIgnored", message=ignored.message)
+    new = spec_change(raw_spec, status, generation)
+    if new == status:
+        return
+    # A running phase reports its in-memory status on every poll; amend it as well, or the
+    # next poll would overwrite this change.
+    _runtime(memo).supervisor.amend(
+        meta["uid"], lambda current: spec_change(raw_spec, current, generation)
+    )
+    _write_status(patch, new)
+    ignored = new.condition(ConditionType.SPEC_CHANGE_IGNORED)
+    if ignored is not None and ignored.status == "True":
+        kopf.event(body, type="Warning", reason="SpecChangeIgnored", message=ignored.message)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, id="cancel")

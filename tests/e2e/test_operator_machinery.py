@@ -1,0 +1,269 @@
+"""The operator's machinery end to end: a real `kopf run -m pgrecovery.main` against the API
+emulator, driven by the real kubectl, with the test-only plan (tests/e2e/plan_for_tests.py).
+
+Proves (Foundation issue): Pending → each phase → Rejoined with status, conditions and one Event
+per phase; a status change from one phase fires the next phase's handler; SIGKILL mid-phase and
+restart resumes that phase; a fatal error lands as Failed with its reason; an invalid spec never
+reaches the first phase; deletion of a running recovery stops it and releases the finalizer;
+`kubectl get pgr` shows the printer columns; `kubectl wait --for=condition=…` works for success
+and failure; confirm gating, dry run, and frozen spec.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.kubeapi.harness import KopfProcess, KubeAPI, Kubectl, wait_for
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD = ROOT / "crds" / "pgrecovery.yaml"
+NAMESPACE = "pgrecovery"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def manifest(name: str, *, deployment: str = "a9s-pg", **spec_changes: Any) -> str:
+    doc = yaml.safe_load((ROOT / "manifests/samples/pgrecovery-s3.yaml").read_text())
+    doc = copy.deepcopy(doc)
+    doc["metadata"] = {"name": name, "namespace": NAMESPACE}
+    doc["spec"]["target"]["deployment"] = deployment
+    doc["spec"]["confirm"] = deployment
+    doc["spec"].update(spec_changes)
+    return yaml.safe_dump(doc)
+
+
+class World:
+    def __init__(self, api: KubeAPI, kubectl: Kubectl, operator: KopfProcess, work: Path):
+        self.api, self.kubectl, self.operator, self.work = api, kubectl, operator, work
+
+    def status(self, name: str) -> dict[str, Any]:
+        obj = self.kubectl.json("pgr", name, "-n", NAMESPACE)
+        return obj.get("status") or {}  # type: ignore[no-any-return]
+
+    def conditions(self, name: str) -> dict[str, dict[str, Any]]:
+        return {c["type"]: c for c in self.status(name).get("conditions", [])}
+
+    def applies(self, name: str) -> list[str]:
+        path = self.work / NAMESPACE / name / "applies.log"
+        return path.read_text().split() if path.exists() else []
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        items = self.kubectl.json("events", "-n", NAMESPACE)["items"]
+        return [e for e in items if e["involvedObject"]["name"] == name]
+
+    def wait_condition(self, name: str, condition: str, timeout: int = 90) -> None:
+        result = self.kubectl.wait(
+            f"pgr/{name}", "-n", NAMESPACE, f"--for=condition={condition}", f"--timeout={timeout}s"
+        )
+        assert result.returncode == 0, (
+            f"{condition} not reached: {result.stderr}\nstatus: {self.status(name)}\n"
+            f"operator log tail:\n{self.operator.log_text()[-3000:]}"
+        )
+
+
+@pytest.fixture
+def world(
+    kube_api: KubeAPI,
+    kubectl: Kubectl,
+    kopf_operator_subprocess: Callable[..., KopfProcess],
+    tmp_path: Path,
+) -> World:
+    kube_api.create_namespace(NAMESPACE)
+    kube_api.install_crd(CRD)
+    work = tmp_path / "work"
+    operator = kopf_operator_subprocess(
+        "pgrecovery.main",
+        namespace=NAMESPACE,
+        env={
+            "PGRECOVERY_PLAN_FACTORY": "tests.e2e.plan_for_tests:build_plan",
+            "PGRECOVERY_WORK_DIR": str(work),
+            "PGRECOVERY_METRICS_PORT": str(_free_port()),
+            "PGRECOVERY_POLL_INTERVAL": "0.5",
+            "PGRECOVERY_GATE_RECHECK": "0.5",
+            "PGRECOVERY_TEST_STEP_SECONDS": "0.2",
+            "PGRECOVERY_TEST_SLOW_SECONDS": "6",
+        },
+        watching=("pgrecoveries",),
+    )
+    return World(kube_api, kubectl, operator, work)
+
+
+def test_recovery_walks_every_phase_to_rejoined(world: World) -> None:
+    assert world.kubectl.apply(manifest("walk")).returncode == 0
+    world.wait_condition("walk", "Succeeded")
+    status = world.status("walk")
+    assert status["phase"] == "Rejoined"
+    assert status["observedGeneration"] == 1
+    assert [s["state"] for s in status["steps"]] == ["Succeeded"] * 10
+    assert [s["phase"] for s in status["steps"][::2]] == [
+        "Fetching",
+        "Decrypting",
+        "Staging",
+        "Restoring",
+        "Rejoined",
+    ]
+    conditions = world.conditions("walk")
+    assert conditions["Succeeded"]["status"] == "True"
+    assert conditions["Failed"]["status"] == "False"
+    assert conditions["Progressing"]["status"] == "False"
+    assert set(status["phaseDurations"]) == {
+        "Fetching",
+        "Decrypting",
+        "Staging",
+        "Restoring",
+        "Rejoined",
+    }
+    reasons = [e["reason"] for e in world.events("walk")]
+    for phase in ("Fetching", "Decrypting", "Staging", "Restoring", "Rejoined"):
+        assert reasons.count(f"Phase{phase}") == 1, reasons
+    assert reasons.count("StepStarted") == 10
+    assert reasons.count("StepFinished") == 10
+    assert reasons.count("Succeeded") == 1
+    # the printer columns, through kubectl's Table request
+    table = world.kubectl.get("pgr", "-n", NAMESPACE)
+    assert table.returncode == 0, table.stderr
+    header = table.stdout.splitlines()[0].split()
+    assert header == ["NAME", "PHASE", "BACKUP", "PROGRESS", "PRIMARY", "AGE"]
+    assert "Rejoined" in table.stdout.splitlines()[1]
+    # re-applying the same manifest after success runs nothing again
+    before = world.applies("walk")
+    assert world.kubectl.apply(manifest("walk")).returncode == 0
+    wait_for(lambda: True, timeout=2)
+    assert world.applies("walk") == before
+
+
+def test_sigkill_mid_phase_resumes_that_phase(world: World) -> None:
+    assert world.kubectl.apply(manifest("crash", deployment="slow-decrypt")).returncode == 0
+    wait_for(
+        lambda: "decrypting-2" in world.applies("crash") or None,
+        timeout=60,
+        message="the slow Decrypting step to start",
+    )
+    world.operator.kill()
+    assert world.status("crash")["phase"] == "Decrypting"
+    world.operator.start()
+    world.wait_condition("crash", "Succeeded", timeout=120)
+    applies = world.applies("crash")
+    assert applies.count("decrypting-2") == 2  # interrupted, then redone after the restart
+    assert applies.count("fetching-1") == 1  # finished work is not repeated
+    assert applies.count("decrypting-1") == 1
+    assert world.status("crash")["phase"] == "Rejoined"
+
+
+def test_fatal_error_lands_as_failed_with_reason(world: World) -> None:
+    assert world.kubectl.apply(manifest("fatal", deployment="fail-in-staging")).returncode == 0
+    world.wait_condition("fatal", "Failed")
+    status = world.status("fatal")
+    assert status["phase"] == "Failed"
+    assert status["failureReason"] == "Injected"
+    assert "injected failure" in status["message"]
+    assert status["facts"]["failedInPhase"] == "Staging"
+    steps = {s["name"]: s["state"] for s in status["steps"]}
+    assert steps["staging-1"] == "Failed"
+    assert not any(name.startswith("restoring") for name in steps)
+    assert any(
+        e["reason"] == "StepFailed" and e["type"] == "Warning" for e in world.events("fatal")
+    )
+    # a failed recovery never runs again
+    assert world.kubectl.apply(manifest("fatal", deployment="fail-in-staging")).returncode == 0
+    assert world.applies("fatal").count("staging-1") == 1
+
+
+def test_invalid_spec_never_reaches_the_first_phase(world: World) -> None:
+    doc = yaml.safe_load(manifest("invalid"))
+    doc["spec"]["target"]["nodes"][0]["address"] = "10.0.0.1; rm -rf /"
+    # The emulator does not validate against the CRD schema (a real API server would reject
+    # this at apply time); the operator's typed model is the second wall.
+    assert world.kubectl.apply(yaml.safe_dump(doc)).returncode == 0
+    world.wait_condition("invalid", "Failed")
+    status = world.status("invalid")
+    assert status["failureReason"] == "InvalidSpec"
+    assert "spec.target.nodes.0.address" in status["message"]
+    assert status.get("steps", []) == []
+    assert world.applies("invalid") == []
+
+
+def test_destructive_phases_wait_for_confirm(world: World) -> None:
+    assert world.kubectl.apply(manifest("confirm", confirm="")).returncode == 0
+    wait_for(
+        lambda: world.conditions("confirm").get("Blocked", {}).get("status") == "True" or None,
+        timeout=60,
+        message="Blocked condition",
+    )
+    blocked = world.conditions("confirm")["Blocked"]
+    assert blocked["reason"] == "AwaitingConfirmation"
+    assert "spec.confirm" in blocked["message"]
+    assert not [s for s in world.applies("confirm") if s.startswith("staging")]
+    patch = json.dumps({"spec": {"confirm": "a9s-pg"}})
+    result = world.kubectl("patch", "pgr", "confirm", "-n", NAMESPACE, "--type=merge", "-p", patch)
+    assert result.returncode == 0, result.stderr
+    world.wait_condition("confirm", "Succeeded")
+    assert world.conditions("confirm").get("SpecChangeIgnored", {}).get("status") != "True"
+
+
+def test_dry_run_stops_before_staging_with_a_report(world: World) -> None:
+    assert world.kubectl.apply(manifest("dry", dryRun=True)).returncode == 0
+    wait_for(
+        lambda: (
+            world.conditions("dry").get("Blocked", {}).get("reason") == "DryRunComplete" or None
+        ),
+        timeout=60,
+        message="DryRunComplete",
+    )
+    status = world.status("dry")
+    assert status["phase"] == "Decrypting"
+    assert "dry run complete" in status["message"]
+    assert not [s for s in world.applies("dry") if s.startswith("staging")]
+
+
+def test_spec_edit_after_start_is_ignored_visibly(world: World) -> None:
+    assert world.kubectl.apply(manifest("frozen", deployment="slow-decrypt")).returncode == 0
+    wait_for(lambda: "decrypting-2" in world.applies("frozen") or None, timeout=60)
+    patch = json.dumps({"spec": {"target": {"postgresMajorVersion": 14}}})
+    assert (
+        world.kubectl(
+            "patch", "pgr", "frozen", "-n", NAMESPACE, "--type=merge", "-p", patch
+        ).returncode
+        == 0
+    )
+    wait_for(
+        lambda: (
+            world.conditions("frozen").get("SpecChangeIgnored", {}).get("status") == "True" or None
+        ),
+        timeout=30,
+        message="SpecChangeIgnored",
+    )
+    world.wait_condition("frozen", "Succeeded", timeout=120)
+    assert world.status("frozen")["acceptedSpec"]["target"]["postgresMajorVersion"] == 15
+
+
+def test_deleting_a_running_recovery_stops_it_and_releases_the_finalizer(world: World) -> None:
+    assert world.kubectl.apply(manifest("doomed", deployment="slow-decrypt")).returncode == 0
+    wait_for(lambda: "decrypting-2" in world.applies("doomed") or None, timeout=60)
+    obj = world.kubectl.json("pgr", "doomed", "-n", NAMESPACE)
+    assert "pgrecovery.dev/finalizer" in obj["metadata"]["finalizers"]
+    result = world.kubectl("delete", "pgr", "doomed", "-n", NAMESPACE, "--timeout=60s")
+    assert result.returncode == 0, result.stderr
+    gone = world.kubectl.get("pgr", "doomed", "-n", NAMESPACE)
+    assert gone.returncode != 0
+    assert "NotFound" in gone.stderr
+    deleted = [e for e in world.events("doomed") if e["reason"] == "Deleted"]
+    assert len(deleted) == 1
+    assert "deleted during Decrypting" in deleted[0]["message"]
+    assert "work stopped at a safe point" in deleted[0]["message"]
+    applies = world.applies("doomed")
+    assert "staging-1" not in applies
