@@ -33,7 +33,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     )
     # Each running recovery holds SSH connections and a download pipeline; bound how many
     # objects are worked on at once so a burst of GitOps commits cannot exhaust the pod.
-    settings.batching.worker_limit = ours.worker_limit
+    settings.queueing.worker_limit = ours.worker_limit
     # Step events are posted explicitly (one per step start/finish/failure); kopf's own log
     # lines ("handler failed temporarily" on every poll) must not become Events.
     settings.posting.loggers = False
@@ -45,6 +45,11 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # After patching status.phase, kopf waits for its own change to come back through the
     # watch before handling the object again, so the next phase never acts on a stale body.
     settings.persistence.consistency_timeout = 5.0
+
+    # SDK debug logs carry request headers and signed URLs; even with `kopf run --verbose`
+    # they stay at WARNING so nothing credential-like reaches the operator's log.
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "azure", "asyncssh", "kubernetes"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
     runtime = build_runtime(ours)
     memo["runtime"] = runtime
