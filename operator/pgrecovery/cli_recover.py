@@ -151,3 +151,29 @@ def register_recover(groups: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     p.add_argument("--plan-factory", default=DEFAULT_PLAN_FACTORY, help=argparse.SUPPRESS)
     p.set_defaults(func=_recover)
+
+
+def _demo(_args: argparse.Namespace) -> int:
+    """Run tests/demo.py from the source checkout this package was installed from."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "tests" / "demo.py").is_file():
+        raise ConfigurationError(
+            "the demo drives the simulated cluster in tests/, so it needs the source checkout "
+            "(install with `pip install -e .` from the repository)"
+        )
+    sys.path.insert(0, str(root))
+    import importlib  # noqa: PLC0415 - only the demo needs it
+
+    demo = importlib.import_module("tests.demo")
+    return int(demo.run_demo())
+
+
+def register_demo(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = groups.add_parser(
+        "demo",
+        help="a whole recovery on the simulated cluster (needs root and a source checkout)",
+        description="Brings up the simulated 3-VM a9s-pg cluster and an S3 server, backs up "
+        "sample data the runbook's way, damages it, applies a PgRecovery to the operator "
+        "through the Kubernetes API emulator, follows it live, verifies, and cleans up.",
+    )
+    p.set_defaults(func=_demo)

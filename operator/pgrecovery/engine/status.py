@@ -258,8 +258,14 @@ def succeed(status: RecoveryStatus, message: str, now: datetime) -> RecoveryStat
     durations = dict(status.phase_durations)
     if status.phase_started_at is not None:
         durations[status.phase.value] = (now - status.phase_started_at).total_seconds()
+    progress = status.progress.model_copy(update={"percent": 100, "last_progress_at": now})
     status = status.model_copy(
-        update={"message": _clip(message), "completed_at": now, "phase_durations": durations}
+        update={
+            "message": _clip(message),
+            "completed_at": now,
+            "phase_durations": durations,
+            "progress": progress,
+        }
     )
     status = set_condition(status, ConditionType.SUCCEEDED, True, "Rejoined", message, now)
     status = set_condition(status, ConditionType.FAILED, False, "Rejoined", "", now)

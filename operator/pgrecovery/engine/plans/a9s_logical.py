@@ -580,11 +580,14 @@ async def build_a9s_logical_plan(inputs: PlanInputs) -> Plan:
     ]
     for node in nodes:
 
+        async def is_primary(ctx: StepContext, node: Node = node) -> bool:
+            # The plan is built before the primary is known to it; on the primary there is
+            # nothing to re-clone, so the step holds from the start (recorded as skipped).
+            return ctx.status.primary == node.name
+
         async def reclone(ctx: StepContext, node: Node = node) -> None:
             ops = await r.ops(ctx)
             view = r.view(ctx)
-            if node == view.primary:
-                return
             await ctx.update(
                 lambda s: st.update_node(
                     s, NodeState(name=node.name, role="standby", state="recloning")
@@ -601,7 +604,7 @@ async def build_a9s_logical_plan(inputs: PlanInputs) -> Plan:
         steps[Phase.REJOINED].append(
             FunctionStep(
                 f"ensure-standby-recloned-{node.name.replace('/', '-')}",
-                _never,
+                is_primary,
                 reclone,
                 verify_after=False,
             )

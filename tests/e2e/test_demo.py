@@ -1,0 +1,32 @@
+"""The README's demo command runs green: `pgrecovery demo` end to end, as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.vms]
+
+
+def test_pgrecovery_demo_runs_green() -> None:
+    from tests.simcluster.fixtures import skip_unless_simcluster_possible  # noqa: PLC0415
+
+    skip_unless_simcluster_possible()
+    result = subprocess.run(
+        [sys.executable, "-m", "pgrecovery.cli", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    assert "DEMO OK" in output
+    for node in ("pg/0", "pg/1", "pg/2"):
+        assert f"{node}: data equal to the backup" in output
+    assert "cluster healthy: True" in output
+    for phase in ("Fetching", "Decrypting", "Staging", "Restoring", "Rejoined"):
+        assert f"== phase {phase}" in output or phase == "Fetching"
+        assert f"   {phase}" in output
