@@ -22,6 +22,7 @@ from tests.kubeapi.harness import KopfProcess, KubeAPI, Kubectl, wait_for
 from tests.objectstores.servers import AzuriteServer, S3Server
 from tests.scenario import KEY_KEY, KEY_SECRET, Scenario
 from tests.simcluster.cluster import SimCluster
+from tests.simcluster.data import table_checksums
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.vms]
 
@@ -168,3 +169,65 @@ def test_wrong_key_fails_in_fetching_and_touches_nothing(
         assert monit.get("repmgr") == "OK", (vm.name, monit)
     assert healthy_sim_cluster.health().ok
     _assert_no_secret_leaked(operator, scenario, "wrong-key")
+
+
+def test_operator_killed_in_decrypting_and_rejoined_resumes_and_completes(
+    operator: Operator, healthy_sim_cluster: SimCluster, moto_s3: S3Server
+) -> None:
+    scenario = Scenario.prepare(healthy_sim_cluster, moto_s3, rows=20000, part_size=256 * 1024)
+    name = "killed-twice"
+    operator.apply(*scenario.kube_secrets(NAMESPACE), scenario.manifest(name, NAMESPACE))
+    kills: list[str] = []
+
+    def kill_when(predicate: Callable[[dict[str, Any]], bool], label: str) -> None:
+        def seen() -> bool | None:
+            return predicate(operator.status(name)) or None
+
+        wait_for(seen, timeout=300, interval=0.1, message=label)
+        operator.process.kill()
+        kills.append(f"{label}: {operator.status(name).get('phase')}")
+        operator.process.start()
+
+    kill_when(lambda s: s.get("phase") == "Decrypting", "in Decrypting")
+    kill_when(
+        lambda s: any(
+            st["name"].startswith("ensure-standby-recloned") and st["state"] == "Running"
+            for st in s.get("steps", [])
+        ),
+        "during a standby re-clone",
+    )
+    operator.wait(name, "Succeeded")
+    assert len(kills) == 2, kills
+    assert scenario.restored_everywhere() == {vm.name: True for vm in healthy_sim_cluster.vms}
+    assert healthy_sim_cluster.health().ok
+
+
+def test_dry_run_checks_everything_and_changes_nothing(
+    operator: Operator, healthy_sim_cluster: SimCluster, moto_s3: S3Server
+) -> None:
+    scenario = Scenario.prepare(healthy_sim_cluster, moto_s3, rows=200)
+    damaged = {vm.name: table_checksums(vm) for vm in healthy_sim_cluster.vms}
+    operator.apply(
+        *scenario.kube_secrets(NAMESPACE), scenario.manifest("dry", NAMESPACE, dry_run=True)
+    )
+    wait_for(
+        lambda: (
+            {c["type"]: c for c in operator.status("dry").get("conditions", [])}.get(
+                "Blocked", {}
+            ).get("reason")
+            == "DryRunComplete"
+            or None
+        ),
+        timeout=180,
+        message="DryRunComplete",
+    )
+    status = operator.status("dry")
+    assert status["phase"] == "Decrypting"
+    assert "dry run complete" in status["message"]
+    # the report: the backup, the primary, the free space, the verified staged dump
+    assert status["backup"]["plainSha256"] == scenario.backup.plain_sha256
+    assert status["primary"] == healthy_sim_cluster.primary().name
+    assert int(status["facts"]["freeBytesOnPrimary"]) > 0
+    assert {vm.name: table_checksums(vm) for vm in healthy_sim_cluster.vms} == damaged
+    for vm in healthy_sim_cluster.vms:
+        assert vm.monit_status().get("postgresql-ha") == "OK"
