@@ -29,10 +29,7 @@ from tests.kubeapi.server import EmulatorThread, fetch_records, write_kubeconfig
 from tests.kubeapi.toy_operator import FINALIZER
 
 pytestmark = pytest.mark.e2e
-# The fixtures (kube_api, kubectl, kopf_operator_*) come from the top-level conftest when it
-# registers or imports them; otherwise (this module run on its own) from here. Listing the
-# module again after a conftest imported it would fail pytest's assertion-rewrite check.
-pytest_plugins = [] if "tests.kubeapi.fixtures" in sys.modules else ["tests.kubeapi.fixtures"]
+# The fixtures (kube_api, kubectl, kopf_operator_*) come from the top-level conftest.
 
 TOYS = "/apis/toy.pgrecovery.dev/v1"
 MODULE = "tests.kubeapi.toy_operator"

@@ -31,7 +31,6 @@ from pgrecovery.errors import (
 )
 from tests.simcluster import SimCluster, table_checksums, wait_for_replay, write_sample_data
 from tests.simcluster.config import PG_BINDIR
-from tests.simcluster.fixtures import healthy_sim_cluster, sim_cluster  # noqa: F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.vms]
 
@@ -52,7 +51,7 @@ def _auth(cluster: SimCluster, known_hosts: str | None = None) -> SshAuth:
 
 
 @pytest.fixture
-async def pool(healthy_sim_cluster: SimCluster) -> AsyncIterator[SshPool]:  # noqa: F811
+async def pool(healthy_sim_cluster: SimCluster) -> AsyncIterator[SshPool]:
     async with SshPool(_auth(healthy_sim_cluster), connect_timeout=3) as p:
         yield p
 
@@ -68,7 +67,7 @@ def _all_monit_running(cluster: SimCluster) -> None:
 
 
 async def test_probe_finds_primary_and_is_read_only(
-    healthy_sim_cluster: SimCluster, pool: SshPool  # noqa: F811
+    healthy_sim_cluster: SimCluster, pool: SshPool
 ) -> None:
     events: list[ProgressEvent] = []
     ops = A9sOperations(pool, _nodes(healthy_sim_cluster), progress=events.append)
@@ -82,7 +81,7 @@ async def test_probe_finds_primary_and_is_read_only(
     _all_monit_running(healthy_sim_cluster)
 
 
-async def test_host_key_mismatch_fails_the_probe(healthy_sim_cluster: SimCluster) -> None:  # noqa: F811
+async def test_host_key_mismatch_fails_the_probe(healthy_sim_cluster: SimCluster) -> None:
     lines = healthy_sim_cluster.known_hosts.splitlines()
     other = healthy_sim_cluster.vm(2).host_key_public
     lines[1] = f"{healthy_sim_cluster.vm(1).address} {other}"  # pg/1 "recreated"
@@ -93,7 +92,7 @@ async def test_host_key_mismatch_fails_the_probe(healthy_sim_cluster: SimCluster
 
 
 async def test_unreachable_node_fails_the_probe(
-    healthy_sim_cluster: SimCluster, pool: SshPool  # noqa: F811
+    healthy_sim_cluster: SimCluster, pool: SshPool
 ) -> None:
     vm = healthy_sim_cluster.vm(2)
     vm.cut_network()
@@ -106,7 +105,7 @@ async def test_unreachable_node_fails_the_probe(
 
 
 async def test_two_primaries_fail_the_probe(
-    healthy_sim_cluster: SimCluster, pool: SshPool  # noqa: F811
+    healthy_sim_cluster: SimCluster, pool: SshPool
 ) -> None:
     vm = healthy_sim_cluster.vm(2)
     vm.run(["chpst", "-u", "postgres:vcap", f"{PG_BINDIR}/pg_ctl", "promote", "-w",
@@ -120,7 +119,7 @@ async def test_two_primaries_fail_the_probe(
 
 
 async def test_no_primary_fails_the_probe(
-    healthy_sim_cluster: SimCluster, pool: SshPool  # noqa: F811
+    healthy_sim_cluster: SimCluster, pool: SshPool
 ) -> None:
     primary = healthy_sim_cluster.primary()
     # PostgreSQL is down on the primary while the VM answers; monit must not restart it
@@ -138,7 +137,7 @@ async def test_no_primary_fails_the_probe(
 
 
 async def test_disk_too_small_fails_the_space_check(
-    healthy_sim_cluster: SimCluster, pool: SshPool  # noqa: F811
+    healthy_sim_cluster: SimCluster, pool: SshPool
 ) -> None:
     ops = A9sOperations(pool, _nodes(healthy_sim_cluster))
     view = await ops.probe_nodes()
@@ -179,7 +178,7 @@ async def _twice(step: str, run: object) -> StepResult:
 
 
 async def test_full_runbook_restores_the_backup_on_all_nodes(
-    healthy_sim_cluster: SimCluster, pool: SshPool, tmp_path: Path  # noqa: F811
+    healthy_sim_cluster: SimCluster, pool: SshPool, tmp_path: Path
 ) -> None:
     cluster = healthy_sim_cluster
     primary_vm = cluster.primary()
