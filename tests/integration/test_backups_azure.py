@@ -26,14 +26,13 @@ from pgrecovery.backups.sink import write_stream_to_file
 from pgrecovery.backups.sources import StorePartsSource
 from pgrecovery.backups.stores import open_azure_store
 from pgrecovery.errors import BackupCorrupt, BackupNotFound, StoreAccessDenied, WrongKey
-from tests.objectstores import fixtures
 from tests.objectstores.a9sbackup import MadeBackup, make_backup, manual_decrypt, upload_azure
 from tests.objectstores.dumpgen import write_dump
 from tests.objectstores.servers import AzuriteServer
 
 pytestmark = pytest.mark.integration
 
-azurite = fixtures.azurite  # session-scoped server (tests/objectstores/fixtures.py)
+# The servers are session fixtures from tests/objectstores/fixtures.py (via conftest).
 
 GUID = "b6f4c071-ef44-4af2-9608-531b4ce4823f"
 OLD = f"{GUID}-1548967947154"

@@ -35,16 +35,13 @@ from pgrecovery.errors import (
     StoreAccessDenied,
     WrongKey,
 )
-from tests.objectstores import fixtures
 from tests.objectstores.a9sbackup import MadeBackup, make_backup, manual_decrypt, upload_s3
 from tests.objectstores.dumpgen import write_dump
 from tests.objectstores.servers import S3Server
 
 pytestmark = pytest.mark.integration
 
-# The servers, session-scoped (see tests/objectstores/fixtures.py).
-moto_s3 = fixtures.moto_s3
-seaweedfs_s3 = fixtures.seaweedfs_s3
+# The servers are session fixtures from tests/objectstores/fixtures.py (via conftest).
 
 GUID = "de2fe9e4-6535-423d-8709-dca87df7985c"
 OLD = f"{GUID}-1700000000000"
