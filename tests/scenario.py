@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import secrets as pysecrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,13 +57,18 @@ class Scenario:
         rows: int = 500,
         part_size: int | None = None,
         encryption_key: str | None = None,
+        dumpall_args: tuple[str, ...] = DUMPALL_ARGS,
+        before_backup: Callable[[SimCluster], None] | None = None,
+        after_backup: Callable[[SimCluster], None] | None = None,
     ) -> Scenario:
         primary = cluster.primary()
         write_sample_data(primary, rows=rows)
         wait_for_replay(cluster)
         expected = table_checksums(primary)
         key = encryption_key or "pgr-" + pysecrets.token_urlsafe(24)
-        kwargs: dict[str, Any] = {"dumpall_args": DUMPALL_ARGS, "encryption_key": key}
+        kwargs: dict[str, Any] = {"dumpall_args": dumpall_args, "encryption_key": key}
+        if before_backup is not None:
+            before_backup(cluster)
         if isinstance(store, S3Server):
             if part_size is not None:
                 kwargs["part_size"] = part_size
@@ -84,6 +90,8 @@ class Scenario:
                 create_container=False,
                 **kwargs,
             )
+        if after_backup is not None:
+            after_backup(cluster)
         scenario = cls(cluster, backup, expected, store, encryption_key=key)
         scenario.damage()
         return scenario

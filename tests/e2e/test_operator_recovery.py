@@ -126,7 +126,7 @@ def test_kubectl_apply_restores_the_cluster(
     assert conditions["Succeeded"]["status"] == "True"
     assert conditions["Stalled"]["status"] == "False"
     assert scenario.restored_everywhere() == {vm.name: True for vm in healthy_sim_cluster.vms}
-    assert healthy_sim_cluster.health().ok
+    assert healthy_sim_cluster.wait_healthy(timeout=30).ok  # agent heartbeat: 3 s
 
     reasons = [e["reason"] for e in operator.events(name)]
     for phase in ("Decrypting", "Staging", "Restoring", "Rejoined"):
@@ -199,7 +199,7 @@ def test_operator_killed_in_decrypting_and_rejoined_resumes_and_completes(
     operator.wait(name, "Succeeded")
     assert len(kills) == 2, kills
     assert scenario.restored_everywhere() == {vm.name: True for vm in healthy_sim_cluster.vms}
-    assert healthy_sim_cluster.health().ok
+    assert healthy_sim_cluster.wait_healthy(timeout=30).ok
 
 
 def test_dry_run_checks_everything_and_changes_nothing(

@@ -104,12 +104,20 @@ async def test_unreachable_node_fails_the_probe(
     _all_monit_running(healthy_sim_cluster)
 
 
-async def test_two_primaries_fail_the_probe(
-    healthy_sim_cluster: SimCluster, pool: SshPool
-) -> None:
+async def test_two_primaries_fail_the_probe(healthy_sim_cluster: SimCluster, pool: SshPool) -> None:
     vm = healthy_sim_cluster.vm(2)
-    vm.run(["chpst", "-u", "postgres:vcap", f"{PG_BINDIR}/pg_ctl", "promote", "-w",
-            "-D", "/var/vcap/store/postgresql15"])
+    vm.run(
+        [
+            "chpst",
+            "-u",
+            "postgres:vcap",
+            f"{PG_BINDIR}/pg_ctl",
+            "promote",
+            "-w",
+            "-D",
+            "/var/vcap/store/postgresql15",
+        ]
+    )
     try:
         with pytest.raises(PrimaryAmbiguous, match="found 2"):
             await A9sOperations(pool, _nodes(healthy_sim_cluster)).probe_nodes()
@@ -118,15 +126,24 @@ async def test_two_primaries_fail_the_probe(
         healthy_sim_cluster.rebuild()
 
 
-async def test_no_primary_fails_the_probe(
-    healthy_sim_cluster: SimCluster, pool: SshPool
-) -> None:
+async def test_no_primary_fails_the_probe(healthy_sim_cluster: SimCluster, pool: SshPool) -> None:
     primary = healthy_sim_cluster.primary()
     # PostgreSQL is down on the primary while the VM answers; monit must not restart it
     # during the probe, so it is unmonitored first (as a person debugging would).
     primary.monit("unmonitor", "postgresql-ha", check=True)
-    primary.run(["chpst", "-u", "postgres:vcap", f"{PG_BINDIR}/pg_ctl", "stop", "-m", "fast",
-                 "-D", "/var/vcap/store/postgresql15"])
+    primary.run(
+        [
+            "chpst",
+            "-u",
+            "postgres:vcap",
+            f"{PG_BINDIR}/pg_ctl",
+            "stop",
+            "-m",
+            "fast",
+            "-D",
+            "/var/vcap/store/postgresql15",
+        ]
+    )
     try:
         with pytest.raises(PrimaryAmbiguous, match="found 0"):
             await A9sOperations(pool, _nodes(healthy_sim_cluster)).probe_nodes()
@@ -160,9 +177,17 @@ def _host_can_connect(cluster: SimCluster, address: str) -> tuple[bool, str]:
     """A TCP login from the host (10.x.0.1, not a cluster node), as an application would."""
     env = {**os.environ, "PGPASSWORD": cluster.passwords["a9s_admin"], "PGCONNECT_TIMEOUT": "3"}
     proc = subprocess.run(
-        [f"{PG_BINDIR}/psql", "-X", "-tAc", "select 1",
-         f"host={address} user=a9s_admin dbname=postgres sslmode=disable"],
-        capture_output=True, text=True, env=env, check=False,
+        [
+            f"{PG_BINDIR}/psql",
+            "-X",
+            "-tAc",
+            "select 1",
+            f"host={address} user=a9s_admin dbname=postgres sslmode=disable",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     )
     return proc.returncode == 0, proc.stderr
 
@@ -188,8 +213,10 @@ async def test_full_runbook_restores_the_backup_on_all_nodes(
     dump = tmp_path / "backup.dump"
     with dump.open("wb") as fh:
         # --clean: the backup replaces databases that exist (the same-deployment case).
-        proc = primary_vm.popen(["chpst", "-u", "postgres:vcap", f"{PG_BINDIR}/pg_dumpall",
-                                 "--clean", "--if-exists"], stdout=fh)
+        proc = primary_vm.popen(
+            ["chpst", "-u", "postgres:vcap", f"{PG_BINDIR}/pg_dumpall", "--clean", "--if-exists"],
+            stdout=fh,
+        )
         assert proc.wait(timeout=120) == 0
     # The accident: data changed after the backup.
     write_sample_data(primary_vm, rows=40, seed=7, databases=("shop",))
@@ -203,8 +230,9 @@ async def test_full_runbook_restores_the_backup_on_all_nodes(
     view: ClusterView = await ops.probe_nodes()
     await ops.check_free_space(view.primary, estimate_needed_bytes(plain_size=dump.stat().st_size))
     await _twice("ensure_restore_dir", lambda: ops.ensure_restore_dir(view.primary))
-    staged = await ops.upload_dump(view.primary, FileSource(dump), BACKUP_ID,
-                                   total_bytes=dump.stat().st_size)
+    staged = await ops.upload_dump(
+        view.primary, FileSource(dump), BACKUP_ID, total_bytes=dump.stat().st_size
+    )
     assert staged.size == dump.stat().st_size
     again = await ops.upload_dump(view.primary, FileSource(dump), BACKUP_ID)
     assert again.sha256 == staged.sha256
@@ -251,7 +279,7 @@ async def test_full_runbook_restores_the_backup_on_all_nodes(
     await _twice("unblock", lambda: ops.ensure_connections_unblocked(view))
 
     # The outcome, checked with the simulator's own tools (not ours).
-    assert cluster.health().ok
+    assert cluster.wait_healthy(timeout=30).ok  # the agent reports every 3 s
     wait_for_replay(cluster)
     for vm in cluster.vms:
         got = table_checksums(vm)

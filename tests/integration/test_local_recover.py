@@ -77,7 +77,7 @@ def test_local_recover_restores_the_backup_on_every_node(
     assert status["backup"]["id"] == scenario.backup.backup_id  # type: ignore[index]
     assert status["backup"]["plainSha256"] == scenario.backup.plain_sha256  # type: ignore[index]
     assert scenario.restored_everywhere() == {vm.name: True for vm in healthy_sim_cluster.vms}
-    assert healthy_sim_cluster.health().ok
+    assert healthy_sim_cluster.wait_healthy(timeout=30).ok  # agent heartbeat: 3 s
     # no secret in what the user saw or what was written down
     for secret in scenario.secret_strings():
         assert secret not in result.stdout + result.stderr
@@ -121,4 +121,95 @@ def test_local_recover_killed_mid_phase_resumes_and_completes(
     status = _status(status_file)
     assert status["phase"] == "Rejoined"
     assert scenario.restored_everywhere() == {vm.name: True for vm in healthy_sim_cluster.vms}
-    assert healthy_sim_cluster.health().ok
+    assert healthy_sim_cluster.wait_healthy(timeout=30).ok  # agent heartbeat: 3 s
+
+
+def _run_recover(
+    tmp_path: Path, scenario: Scenario, name: str, *, new_site: bool = False
+) -> tuple[subprocess.CompletedProcess[str], dict[str, object]]:
+    manifest = tmp_path / f"{name}.yaml"
+    manifest.write_text(yaml.safe_dump(scenario.manifest(name, new_site=new_site)))
+    secrets = scenario.write_secrets_dir(tmp_path / "secrets")
+    status_file = tmp_path / f"{name}.status.json"
+    result = subprocess.run(
+        _cli(
+            "recover",
+            "-f",
+            str(manifest),
+            "--secrets-dir",
+            str(secrets),
+            "--status-file",
+            str(status_file),
+            "--work-dir",
+            str(tmp_path / "work"),
+        ),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    return result, _status(status_file)
+
+
+def test_new_site_recovery_applies_the_site_roles(
+    healthy_sim_cluster: SimCluster, moto_s3: S3Server, tmp_path: Path
+) -> None:
+    """The backup carries another site's repmgr password; with newSite the site's own
+    create_or_update_roles_and_databases.sql wins, so repmgr (and the re-clones) work."""
+    cluster = healthy_sim_cluster
+    site_password = cluster.repmgr_password
+
+    def old_site_password(c: SimCluster) -> None:
+        c.primary().psql("ALTER ROLE repmgr PASSWORD 'the-old-site-password'")
+
+    def back_to_site_password(c: SimCluster) -> None:
+        c.primary().psql(f"ALTER ROLE repmgr PASSWORD '{site_password}'")
+
+    scenario = Scenario.prepare(
+        cluster,
+        moto_s3,
+        rows=200,
+        before_backup=old_site_password,
+        after_backup=back_to_site_password,
+    )
+    result, status = _run_recover(tmp_path, scenario, "new-site", new_site=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps = {s["name"]: s["state"] for s in status["steps"]}  # type: ignore[union-attr]
+    assert steps["apply-site-roles"] == "Succeeded"
+    assert scenario.restored_everywhere() == {vm.name: True for vm in cluster.vms}
+    # the site's password (not the dump's) lets repmgr log in over the network
+    login = cluster.primary().run(
+        [
+            "bash",
+            "-c",
+            f"PGPASSWORD={site_password} psql -h {cluster.primary().address} "
+            "-U repmgr -d repmgr_cluster -tAc 'select 1'",
+        ],
+        check=False,
+    )
+    assert login.returncode == 0, login
+    assert cluster.wait_healthy(timeout=30).ok  # the agent reports every 3 s
+
+
+def test_restore_error_fails_restoring_with_the_error_text_and_state(
+    healthy_sim_cluster: SimCluster, moto_s3: S3Server, tmp_path: Path
+) -> None:
+    """A dump without --clean cannot replace existing data: psql prints duplicate-key errors
+    (and exits 0); pgrecovery must fail Restoring with that text, never report success."""
+    scenario = Scenario.prepare(healthy_sim_cluster, moto_s3, rows=100, dumpall_args=())
+    result, status = _run_recover(tmp_path, scenario, "no-clean")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "recovery FAILED (RestoreFailed)" in result.stdout
+    assert status["phase"] == "Failed"
+    assert status["failureReason"] == "RestoreFailed"
+    assert "duplicate key value" in str(status["message"]) or "already exists" in str(
+        status["message"]
+    )
+    assert status["facts"]["failedInPhase"] == "Restoring"  # type: ignore[index]
+    steps = {s["name"]: s["state"] for s in status["steps"]}  # type: ignore[union-attr]
+    # the cluster's state is in status: what ran (standbys stopped, connections blocked)
+    assert steps["ensure-standbys-stopped"] == "Succeeded"
+    assert steps["ensure-connections-blocked"] == "Succeeded"
+    assert steps["restore-dump"] == "Failed"
+    assert not any(name.startswith("ensure-standby-recloned") for name in steps)

@@ -123,7 +123,7 @@ def test_cluster_comes_up_healthy(sim_cluster: SimCluster) -> None:
     # Streaming through replication slots, one per standby.
     assert data.replication_slots(primary) == {"repmgr_slot_2": True, "repmgr_slot_3": True}
     assert [vm.agent_state() for vm in sim_cluster.vms] == ["running"] * 3
-    assert sim_cluster.health().ok
+    assert sim_cluster.wait_healthy(timeout=30).ok
 
 
 def test_replication_carries_writes(healthy_sim_cluster: SimCluster) -> None:
