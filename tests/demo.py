@@ -29,7 +29,7 @@ from tests.kubeapi.harness import KopfProcess, KubeAPI, Kubectl
 from tests.kubeapi.server import EmulatorThread
 from tests.objectstores.servers import start_moto
 from tests.scenario import Scenario
-from tests.simcluster.cluster import SimCluster, missing_prerequisites
+from tests.simcluster.cluster import SimCluster, SimClusterError, missing_prerequisites
 from tests.simcluster.config import ClusterConfig
 from tests.simcluster.data import table_checksums
 
@@ -160,7 +160,11 @@ def run_demo(out: TextIO = sys.stdout) -> int:
             )
         for node, ok in checks.items():
             _say(out, f"   {node}: {'data equal to the backup' if ok else 'DIFFERENT'}")
-        health = cluster.health()
+        try:
+            # The stand-in BOSH agent reports every 3 s: give it one heartbeat to catch up.
+            health = cluster.wait_healthy(timeout=30)
+        except SimClusterError:
+            health = cluster.health()
         _say(
             out,
             f"   cluster healthy: {health.ok} (primary {health.primary}"

@@ -198,7 +198,12 @@ def test_restore_error_fails_restoring_with_the_error_text_and_state(
     """A dump without --clean cannot replace existing data: psql prints duplicate-key errors
     (and exits 0); pgrecovery must fail Restoring with that text, never report success."""
     scenario = Scenario.prepare(healthy_sim_cluster, moto_s3, rows=100, dumpall_args=())
-    result, status = _run_recover(tmp_path, scenario, "no-clean")
+    try:
+        result, status = _run_recover(tmp_path, scenario, "no-clean")
+    finally:
+        # The failed recovery leaves standbys stopped and connections blocked, as it must;
+        # put the shared cluster back for the tests after this one.
+        healthy_sim_cluster.heal(timeout=30)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "recovery FAILED (RestoreFailed)" in result.stdout
     assert status["phase"] == "Failed"

@@ -100,7 +100,9 @@ def _ssh(
 
 
 # ---------------------------------------------------------------------------- healthy cluster
-def test_cluster_comes_up_healthy(sim_cluster: SimCluster) -> None:
+def test_cluster_comes_up_healthy(healthy_sim_cluster: SimCluster) -> None:
+    # healthy_: other tests share the session cluster and may leave it mid-recovery
+    sim_cluster = healthy_sim_cluster
     primary = sim_cluster.primary()
     assert primary.name == "pg/0"
     rc, text = cluster_show(primary)
