@@ -13,6 +13,7 @@ is appended to `applies.log` so tests can see exactly what ran, and how often.
 Behaviour is chosen by `spec.target.deployment` (a test knob only here):
 - `fail-in-staging`: the first Staging step raises a fatal error.
 - `slow-decrypt`: the second Decrypting step takes PGRECOVERY_TEST_SLOW_SECONDS (default 8 s).
+- `slow-staging`: the second Staging step takes that long (a destructive phase in progress).
 Step duration otherwise: PGRECOVERY_TEST_STEP_SECONDS (default 0.3 s).
 """
 
@@ -67,7 +68,9 @@ async def build_plan(inputs: PlanInputs) -> Plan:
         first = f"{phase.value.lower()}-1"
         second = f"{phase.value.lower()}-2"
         fail_first = deployment == "fail-in-staging" and phase is Phase.STAGING
-        slow_second = deployment == "slow-decrypt" and phase is Phase.DECRYPTING
+        slow_second = (deployment == "slow-decrypt" and phase is Phase.DECRYPTING) or (
+            deployment == "slow-staging" and phase is Phase.STAGING
+        )
         steps[phase] = [
             MarkerStep(first, work_dir, step_seconds, fail=fail_first),
             MarkerStep(second, work_dir, slow_seconds if slow_second else step_seconds),

@@ -267,3 +267,25 @@ def test_deleting_a_running_recovery_stops_it_and_releases_the_finalizer(world: 
     assert "work stopped at a safe point" in deleted[0]["message"]
     applies = world.applies("doomed")
     assert "staging-1" not in applies
+
+
+def test_two_recoveries_of_one_deployment_never_overlap_destructively(world: World) -> None:
+    assert world.kubectl.apply(manifest("first", deployment="slow-staging")).returncode == 0
+    wait_for(lambda: "staging-2" in world.applies("first") or None, timeout=60)
+    assert world.kubectl.apply(manifest("second", deployment="slow-staging")).returncode == 0
+    wait_for(
+        lambda: world.conditions("second").get("Blocked", {}).get("status") == "True" or None,
+        timeout=60,
+        message="the second recovery to wait",
+    )
+    blocked = world.conditions("second")["Blocked"]
+    assert blocked["reason"] == "DeploymentBusy"
+    assert f"{NAMESPACE}/first" in blocked["message"]
+    assert not [s for s in world.applies("second") if s.startswith("staging")]
+    world.wait_condition("first", "Succeeded")
+    world.wait_condition("second", "Succeeded", timeout=120)
+    first_done = world.status("first")["completedAt"]
+    second_staging = next(
+        s for s in world.status("second")["steps"] if s["name"] == "staging-1"
+    )
+    assert second_staging["startedAt"] >= first_done

@@ -21,7 +21,8 @@ import kopf
 
 from pgrecovery import metrics
 from pgrecovery.engine.lifecycle import accept_or_reject, spec_change
-from pgrecovery.engine.phases import WORKING_PHASES, Phase
+from pgrecovery.engine.locks import RecoveryRef, deployment_gate
+from pgrecovery.engine.phases import WORKING_PHASES, Phase, is_destructive
 from pgrecovery.engine.status import ConditionType, RecoveryStatus
 from pgrecovery.engine.steps import StepEvent, StepEventKind
 from pgrecovery.engine.supervisor import Outcome, OutcomeKind
@@ -115,15 +116,49 @@ async def accept(body: Any, meta: Any, patch: Any, **_: Any) -> None:
         )
 
 
+# The id is also the keyword under which kopf passes the index to handlers.
+@kopf.index(GROUP, VERSION, PLURAL, id="by_deployment")
+def by_deployment(body: Any, meta: Any, **_: Any) -> dict[str, RecoveryRef]:
+    """Every PgRecovery by target deployment, for the one-destructive-recovery-at-a-time gate."""
+    status = RecoveryStatus.from_dict(body.get("status"))
+    deployment = ((body.get("spec") or {}).get("target") or {}).get("deployment") or ""
+    ref = RecoveryRef(
+        uid=meta["uid"],
+        name=f"{meta['namespace']}/{meta['name']}",
+        deployment=deployment,
+        phase=status.phase,
+        finished=status.finished,
+        started_destructive=any(is_destructive(step.phase) for step in status.steps),
+    )
+    return {deployment: ref}
+
+
 def _make_phase_handler(phase: Phase) -> Any:
-    async def handle_phase(body: Any, meta: Any, patch: Any, memo: Any, **_: Any) -> None:
+    async def handle_phase(
+        body: Any, meta: Any, patch: Any, memo: Any, by_deployment: Any, **_: Any
+    ) -> None:
         status = RecoveryStatus.from_dict(body.get("status"))
         if status.finished or status.phase is not phase:
             return
         runtime = _runtime(memo)
-        outcome = await runtime.supervisor.poll(
-            meta["uid"], phase, status, lambda: runtime.inputs(body, status)
+        me = RecoveryRef(
+            uid=meta["uid"],
+            name=f"{meta['namespace']}/{meta['name']}",
+            deployment=((body.get("spec") or {}).get("target") or {}).get("deployment") or "",
+            phase=phase,
+            finished=False,
+            started_destructive=False,
         )
+
+        async def deployment_free() -> tuple[str, str] | None:
+            others = list(by_deployment.get(me.deployment, []))
+            return deployment_gate(me, others, runtime.claims)
+
+        outcome = await runtime.supervisor.poll(
+            meta["uid"], phase, status, lambda: runtime.inputs(body, status), deployment_free
+        )
+        if outcome.kind in (OutcomeKind.SUCCEEDED, OutcomeKind.FAILED, OutcomeKind.CANCELLED):
+            runtime.claims.release(meta["uid"])
         _write_status(patch, outcome.status)
         for event in outcome.events:
             _post_step_event(body, event)
@@ -177,6 +212,7 @@ async def cancel(body: Any, meta: Any, memo: Any, **_: Any) -> None:
     runtime = _runtime(memo)
     status = RecoveryStatus.from_dict(body.get("status"))
     stopped = await runtime.supervisor.cancel(meta["uid"], runtime.settings.cancel_grace)
+    runtime.claims.release(meta["uid"])
     final = stopped or status
     done = [s.name for s in final.steps if s.state.value == "Succeeded"]
     message = (

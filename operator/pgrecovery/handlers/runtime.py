@@ -8,11 +8,12 @@ startup, and closed at cleanup. This is wiring, not logic.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pgrecovery.adapters.kube import KubeSecrets
 from pgrecovery.engine.lifecycle import effective_spec
+from pgrecovery.engine.locks import DeploymentClaims
 from pgrecovery.engine.plan import PlanInputs, SecretSource, load_plan_factory
 from pgrecovery.engine.status import RecoveryStatus
 from pgrecovery.engine.supervisor import RetryPolicy, Supervisor
@@ -24,6 +25,7 @@ class Runtime:
     settings: OperatorSettings
     supervisor: Supervisor
     secrets_for: Callable[[str], SecretSource]
+    claims: DeploymentClaims = field(default_factory=DeploymentClaims)
 
     def inputs(self, body: Any, status: RecoveryStatus) -> PlanInputs:
         meta = body["metadata"]
