@@ -102,7 +102,7 @@ def gate(spec: RecoverySpec, phase: Phase) -> tuple[OutcomeKind, str, str] | Non
             OutcomeKind.DRY_RUN_DONE,
             "DryRunComplete",
             "dry run complete: every check and read passed; stopped before Staging "
-            "(nothing on the cluster was changed)",
+            "(no service was stopped and no database changed)",
         )
     if not spec.confirmed:
         return (
@@ -187,6 +187,12 @@ def apply_gate(
     if verdict is None:
         return None
     kind, reason, message = verdict
+    if kind is OutcomeKind.DRY_RUN_DONE and "stagedDump" in status.facts:
+        # Decrypting staged the verified dump on the primary; say so, it takes disk space.
+        message += (
+            f"; the verified dump is staged at {status.facts['stagedDump']} on "
+            f"{status.primary or 'the primary'}: delete it, or run the recovery to use it"
+        )
     if kind is OutcomeKind.DRY_RUN_DONE:
         blocked = st.block(status, reason, message, now)
         blocked = st.set_condition(blocked, ConditionType.STALLED, False, "DryRun", "", now)
