@@ -261,6 +261,12 @@ def test_deleting_a_running_recovery_stops_it_and_releases_the_finalizer(world: 
     gone = world.kubectl.get("pgr", "doomed", "-n", NAMESPACE)
     assert gone.returncode != 0
     assert "NotFound" in gone.stderr
+    # kopf posts Events from a background queue: the Deleted one may land just after.
+    wait_for(
+        lambda: any(e["reason"] == "Deleted" for e in world.events("doomed")) or None,
+        timeout=30,
+        message="the Deleted event",
+    )
     deleted = [e for e in world.events("doomed") if e["reason"] == "Deleted"]
     assert len(deleted) == 1
     assert "deleted during Decrypting" in deleted[0]["message"]

@@ -83,8 +83,16 @@ def _recover_and_delete(api: KubeAPI, kubectl: Kubectl, operator: KopfProcess) -
     )
     deleted = kubectl("delete", "pgr", "doomed", "-n", NAMESPACE, "--timeout=60s")
     assert deleted.returncode == 0, deleted.stderr
-    events = kubectl.json("events", "-n", NAMESPACE)["items"]
-    assert any(e["reason"] == "Deleted" for e in events)
+    # kopf posts Events from a background queue: the Deleted one may land just after the
+    # object is gone.
+    wait_for(
+        lambda: any(
+            e["reason"] == "Deleted" for e in kubectl.json("events", "-n", NAMESPACE)["items"]
+        )
+        or None,
+        timeout=30,
+        message="the Deleted event",
+    )
     operator.stop()
 
 
