@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import base64
 import secrets as pysecrets
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from tests.objectstores.servers import AzuriteServer, S3Server
 from tests.simcluster.backup import A9sBackup, make_azure_backup, make_s3_backup
@@ -226,3 +229,20 @@ class Scenario:
         key_lines = self.cluster.client_key_path.read_text().splitlines()
         found += [line for line in key_lines if line and not line.startswith("-----")][:3]
         return found
+
+
+def local_recover_argv(
+    scenario: Scenario, directory: Path, name: str, *, new_site: bool = False
+) -> tuple[list[str], Path]:
+    """Write the manifest and the secrets directory for `pgrecovery recover` into `directory`;
+    return its command line (secrets never on it) and the status file it will write."""
+    manifest = directory / f"{name}.yaml"
+    manifest.write_text(yaml.safe_dump(scenario.manifest(name, new_site=new_site)))
+    secrets = scenario.write_secrets_dir(directory / "secrets")
+    status_file = directory / f"{name}.status.json"
+    argv = [
+        sys.executable, "-m", "pgrecovery.cli", "recover", "-f", str(manifest),
+        "--secrets-dir", str(secrets), "--status-file", str(status_file),
+        "--work-dir", str(directory / "work"),
+    ]
+    return argv, status_file

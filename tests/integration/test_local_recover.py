@@ -12,31 +12,18 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.objectstores.servers import S3Server
-from tests.scenario import Scenario
+from tests.scenario import Scenario, local_recover_argv
 from tests.simcluster.cluster import SimCluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.vms]
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pgrecovery.cli", *args]
-
-
-def _prepare(tmp_path: Path, scenario: Scenario, name: str) -> tuple[Path, Path, Path]:
-    manifest = tmp_path / f"{name}.yaml"
-    manifest.write_text(yaml.safe_dump(scenario.manifest(name)))
-    secrets = scenario.write_secrets_dir(tmp_path / "secrets")
-    return manifest, secrets, tmp_path / f"{name}.status.json"
 
 
 def _status(path: Path) -> dict[str, object]:
@@ -46,29 +33,21 @@ def _status(path: Path) -> dict[str, object]:
         return {}
 
 
+def _run(
+    tmp_path: Path, scenario: Scenario, name: str, *, new_site: bool = False
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    argv, status_file = local_recover_argv(scenario, tmp_path, name, new_site=new_site)
+    result = subprocess.run(
+        argv, cwd=tmp_path, capture_output=True, text=True, timeout=900, check=False
+    )
+    return result, status_file
+
+
 def test_local_recover_restores_the_backup_on_every_node(
     healthy_sim_cluster: SimCluster, moto_s3: S3Server, tmp_path: Path
 ) -> None:
     scenario = Scenario.prepare(healthy_sim_cluster, moto_s3, part_size=64 * 1024)
-    manifest, secrets, status_file = _prepare(tmp_path, scenario, "local-full")
-    result = subprocess.run(
-        _cli(
-            "recover",
-            "-f",
-            str(manifest),
-            "--secrets-dir",
-            str(secrets),
-            "--status-file",
-            str(status_file),
-            "--work-dir",
-            str(tmp_path / "work"),
-        ),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+    result, status_file = _run(tmp_path, scenario, "local-full")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "recovery complete" in result.stdout
     status = _status(status_file)
@@ -88,18 +67,7 @@ def test_local_recover_killed_mid_phase_resumes_and_completes(
     healthy_sim_cluster: SimCluster, moto_s3: S3Server, tmp_path: Path
 ) -> None:
     scenario = Scenario.prepare(healthy_sim_cluster, moto_s3, rows=800, part_size=64 * 1024)
-    manifest, secrets, status_file = _prepare(tmp_path, scenario, "local-resume")
-    argv = _cli(
-        "recover",
-        "-f",
-        str(manifest),
-        "--secrets-dir",
-        str(secrets),
-        "--status-file",
-        str(status_file),
-        "--work-dir",
-        str(tmp_path / "work"),
-    )
+    argv, status_file = local_recover_argv(scenario, tmp_path, "local-resume")
     proc = subprocess.Popen(
         argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
@@ -127,28 +95,7 @@ def test_local_recover_killed_mid_phase_resumes_and_completes(
 def _run_recover(
     tmp_path: Path, scenario: Scenario, name: str, *, new_site: bool = False
 ) -> tuple[subprocess.CompletedProcess[str], dict[str, object]]:
-    manifest = tmp_path / f"{name}.yaml"
-    manifest.write_text(yaml.safe_dump(scenario.manifest(name, new_site=new_site)))
-    secrets = scenario.write_secrets_dir(tmp_path / "secrets")
-    status_file = tmp_path / f"{name}.status.json"
-    result = subprocess.run(
-        _cli(
-            "recover",
-            "-f",
-            str(manifest),
-            "--secrets-dir",
-            str(secrets),
-            "--status-file",
-            str(status_file),
-            "--work-dir",
-            str(tmp_path / "work"),
-        ),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+    result, status_file = _run(tmp_path, scenario, name, new_site=new_site)
     return result, _status(status_file)
 
 

@@ -12,15 +12,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.objectstores.servers import S3Server
-from tests.scenario import Scenario
+from tests.scenario import Scenario, local_recover_argv
 from tests.simcluster.cluster import SimCluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.vms, pytest.mark.slow]
@@ -48,24 +46,7 @@ def test_killed_recovery_resumes_and_completes(
     kill_at: str, healthy_sim_cluster: SimCluster, moto_s3: S3Server, tmp_path: Path
 ) -> None:
     scenario = Scenario.prepare(healthy_sim_cluster, moto_s3, rows=3000, part_size=64 * 1024)
-    manifest = tmp_path / "r.yaml"
-    manifest.write_text(yaml.safe_dump(scenario.manifest("matrix")))
-    secrets = scenario.write_secrets_dir(tmp_path / "secrets")
-    status_file = tmp_path / "r.status.json"
-    argv = [
-        sys.executable,
-        "-m",
-        "pgrecovery.cli",
-        "recover",
-        "-f",
-        str(manifest),
-        "--secrets-dir",
-        str(secrets),
-        "--status-file",
-        str(status_file),
-        "--work-dir",
-        str(tmp_path / "work"),
-    ]
+    argv, status_file = local_recover_argv(scenario, tmp_path, "matrix")
     proc = subprocess.Popen(
         argv,
         cwd=tmp_path,
