@@ -84,7 +84,7 @@ def _record_complete(directory: Path, part: BackupPart) -> None:
     tmp.replace(sidecar)
 
 
-class _PartWriter:
+class PartWriter:
     """One part being downloaded: an open `.partial` file and the ranges still missing."""
 
     def __init__(self, directory: Path, part: BackupPart, ranges: int) -> None:
@@ -159,7 +159,7 @@ async def download_backup(
             progress(Progress(bytes_done, total, parts_done, parts_total))
 
     report()
-    writers: dict[str, _PartWriter] = {}
+    writers: dict[str, PartWriter] = {}
 
     def ranges() -> Iterator[tuple[BackupPart, int, int]]:
         for part in todo:
@@ -184,7 +184,7 @@ async def download_backup(
             if writer is None:
                 # Opened on the loop thread (two quick syscalls) so that no other worker can
                 # see the part without its writer and open the file a second time.
-                writer = _PartWriter(directory, part, max(1, -(-part.size // range_size)))
+                writer = PartWriter(directory, part, max(1, -(-part.size // range_size)))
                 writers[part.name] = writer
             if end > start:
                 data = await fetch(part, start, end)
