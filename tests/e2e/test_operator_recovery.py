@@ -191,7 +191,7 @@ def test_operator_killed_in_decrypting_and_rejoined_resumes_and_completes(
     kill_when(lambda s: s.get("phase") == "Decrypting", "in Decrypting")
     kill_when(
         lambda s: any(
-            st["name"].startswith("ensure-standby-recloned") and st["state"] == "Running"
+            st["name"].startswith("ensure-standbys-recloned") and st["state"] == "Running"
             for st in s.get("steps", [])
         ),
         "during a standby re-clone",

@@ -164,4 +164,4 @@ def test_restore_error_fails_restoring_with_the_error_text_and_state(
     assert steps["ensure-standbys-stopped"] == "Succeeded"
     assert steps["ensure-connections-blocked"] == "Succeeded"
     assert steps["restore-dump"] == "Failed"
-    assert not any(name.startswith("ensure-standby-recloned") for name in steps)
+    assert not any(name.startswith("ensure-standbys-recloned") for name in steps)

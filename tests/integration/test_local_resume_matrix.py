@@ -29,7 +29,7 @@ KILL_AT = [
     "ensure-repmgr-stopped-on-primary",  # Staging, standbys already stopped
     "restore-dump",  # Restoring, psql running as a detached job on the VM
     "ensure-primary-registered",  # Rejoined, right after the repmgr truncate
-    "ensure-standby-recloned-pg-2",  # Rejoined, during the last re-clone
+    "ensure-standbys-recloned",  # Rejoined, while the standbys re-clone
 ]
 
 

@@ -186,12 +186,19 @@ class PointInTime(_Model):
         return value
 
 
+class Parallelism(_Model):
+    # 0 = decided from the primary's CPU count when the restore starts (cluster/parallel_restore).
+    restore_connections: Annotated[int, Field(ge=0, le=32)] = 0
+    standby_reclones: Annotated[int, Field(ge=1, le=16)] = 2
+
+
 class RecoverySpec(_Model):
     source: Source
     target: Target
     point_in_time: PointInTime | None = None
     confirm: Annotated[str, Field(max_length=63)] = ""
     dry_run: bool = False
+    parallelism: Parallelism = Parallelism()
 
     @model_validator(mode="after")
     def _pitr_only_with_wale(self) -> RecoverySpec:

@@ -11,9 +11,11 @@ Decisions recorded here:
   that appears during a long recovery never changes what is restored.
 - The primary is found once (in Fetching) and pinned in `status.primary`; later phases rebuild
   the cluster view from it, because in Staging the standbys are stopped and cannot be probed.
-- The decrypted dump never touches the operator's disk: parts are downloaded (resumable), then
-  decrypted and decompressed in a stream straight into the primary's staging directory, where
-  its SHA-256 is checked against the stream's.
+- Fetching only checks (backup, key, nodes, disk space); the bytes move in Decrypting as one
+  pipeline: parts stream from the store (kept on the work volume as they pass, for resumes),
+  are decrypted and decompressed, and go straight into the primary's staging directory, where
+  the SHA-256 is checked against the stream's. The stages overlap, so the phase takes about as
+  long as the slowest of them, not their sum. The plain dump never touches the operator's disk.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 
 from pgrecovery import metrics
 from pgrecovery.adapters.objectstore import ObjectStore
-from pgrecovery.adapters.ssh import SshAuth, SshPool
+from pgrecovery.adapters.ssh import SshAuth, SshPool, UploadResult
 from pgrecovery.backups.config import (
     AzureCredentials,
     AzureLocation,
@@ -38,17 +40,16 @@ from pgrecovery.backups.config import (
     S3Credentials,
     S3Location,
 )
-from pgrecovery.backups.download import download_backup, part_is_complete
 from pgrecovery.backups.listing import Backup, list_backups, select_backup
-from pgrecovery.backups.pipeline import check_key, decrypt_stream
-from pgrecovery.backups.progress import Progress as BackupProgress
-from pgrecovery.backups.sources import LocalPartsSource, StorePartsSource
+from pgrecovery.backups.pipeline import check_key
+from pgrecovery.backups.sources import StorePartsSource
 from pgrecovery.backups.stores import open_azure_store, open_s3_store
 from pgrecovery.cluster.a9s import A9sOperations, StepResult, estimate_needed_bytes
 from pgrecovery.cluster.nodes import A9sLayout, ClusterView, Node, ProgressEvent, run_id_for
 from pgrecovery.engine import status as st
 from pgrecovery.engine.phases import Phase
 from pgrecovery.engine.plan import Plan, PlanInputs
+from pgrecovery.engine.plans.dump_stream import ReplayableDump, StageCounters, Tap
 from pgrecovery.engine.spec import RecoverySpec
 from pgrecovery.engine.status import BackupInfo, NodeState
 from pgrecovery.engine.steps import FunctionStep, Step, StepContext
@@ -287,33 +288,6 @@ class A9sLogicalRecovery:
     def parts_dir(self) -> Path:
         return self.work_dir / "parts"
 
-    async def parts_downloaded(self, ctx: StepContext) -> bool:
-        if ctx.status.backup.id is None:
-            return False
-        backup = await self.backup(ctx)
-        return all(part_is_complete(self.parts_dir(), part) for part in backup.parts)
-
-    async def download_parts(self, ctx: StepContext) -> None:
-        backup = await self.backup(ctx)
-        self.parts_dir().mkdir(parents=True, exist_ok=True)
-        holder = _ProgressHolder(total=backup.total_size)
-        last = [0]
-
-        def on_progress(p: BackupProgress) -> None:
-            metrics.record_bytes("fetched", max(0, p.bytes_done - last[0]))
-            last[0] = p.bytes_done
-            holder.set(
-                p.bytes_done,
-                p.bytes_total,
-                f"downloaded parts {p.parts_done}/{p.parts_total}, "
-                f"{_human(p.bytes_done)} of {_human(p.bytes_total)}",
-            )
-
-        async with _pumping(ctx, holder):
-            await download_backup(
-                await self.store(), backup, self.parts_dir(), progress=on_progress
-            )
-
     # ------------------------------------------------------------------ Decrypting
 
     async def ensure_restore_dir(self, ctx: StepContext) -> None:
@@ -330,34 +304,65 @@ class A9sLogicalRecovery:
         return staged is not None and staged.sha256 == ctx.status.backup.plain_sha256
 
     async def stage_dump(self, ctx: StepContext) -> None:
+        """Fetch, decrypt, decompress and upload as one pipeline (overlapped, bounded memory).
+
+        Parts are kept on the work volume as they stream by, so a retry after a dropped store
+        or SSH connection fetches only what is missing, and the upload resumes at the byte the
+        VM already has (the stream is replayable: decrypting again is local and fast).
+        """
         ops = await self.ops(ctx)
         backup = await self.backup(ctx)
         view = self.view(ctx)
-        source = LocalPartsSource.for_backup(backup, self.parts_dir())
         holder = _ProgressHolder(total=backup.total_size)
-        last_in, last_out = [0], [0]
+        last = {"fetched": 0, "decrypted": 0}
 
-        def on_decrypt(p: BackupProgress) -> None:
-            metrics.record_bytes("decrypted", max(0, p.output_bytes - last_out[0]))
-            last_in[0], last_out[0] = p.bytes_done, p.output_bytes
+        def on_progress(c: StageCounters) -> None:
+            metrics.record_bytes("fetched", max(0, c.fetched - last["fetched"]))
+            metrics.record_bytes("decrypted", max(0, c.plain - last["decrypted"]))
+            last["fetched"], last["decrypted"] = c.fetched, c.plain
             holder.set(
-                p.bytes_done,
-                p.bytes_total,
-                f"decrypted {_human(p.bytes_done)} of {_human(p.bytes_total)} "
-                f"(dump so far {_human(p.output_bytes)}) → {view.primary.name}",
+                c.decrypted,
+                c.cipher_total,
+                f"fetched {_human(c.fetched + c.reused)} of {_human(c.cipher_total)}"
+                + (f" ({_human(c.reused)} kept from an earlier pass)" if c.reused else "")
+                + f", decrypted {_human(c.decrypted)}, dump {_human(c.plain)}"
+                f" → {view.primary.name} {_human(c.sent)} sent",
             )
 
-        stream = decrypt_stream(
-            source, await self.encryption_key(), digest=self.digest, progress=on_decrypt
+        dump = ReplayableDump(
+            store=await self.store(),
+            backup=backup,
+            parts_dir=self.parts_dir(),
+            key=await self.encryption_key(),
+            digest=self.digest,
+            make_taps=self.dump_taps,
+            on_progress=on_progress,
         )
         async with _pumping(ctx, holder):
-            result = await ops.upload_dump(view.primary, stream, backup.backup_id)
-        metrics.record_bytes("uploaded", result.size)
+            result = await ops.upload_dump(view.primary, dump, backup.backup_id)
+        metrics.record_bytes("uploaded", result.size - result.resumed_from)
+        counters = dump.counters
         info = ctx.status.backup.model_copy(
             update={"plain_size_bytes": result.size, "plain_sha256": result.sha256}
         )
         await ctx.update(lambda s: st.set_backup(s, info))
-        await ctx.fact(stagedDump=result.path)
+        await ctx.fact(
+            stagedDump=result.path,
+            stagedBytes=(
+                f"fetched {counters.fetched}, kept {counters.reused}, "
+                f"decrypted {counters.decrypted}, plain {counters.plain}, "
+                f"sent {result.size - result.resumed_from}"
+                + (f" (resumed at {result.resumed_from})" if result.resumed_from else "")
+            ),
+        )
+        await self.after_staged(ctx, result)
+
+    def dump_taps(self) -> list[Tap]:
+        """Observers of the whole plain dump while it streams (none needed by default)."""
+        return []
+
+    async def after_staged(self, ctx: StepContext, result: UploadResult) -> None:
+        """Hook after the dump is verified on the primary."""
 
     # ------------------------------------------------------------------ Staging / Rejoined
 
@@ -419,6 +424,46 @@ class A9sLogicalRecovery:
     async def apply_roles_sql(self, ctx: StepContext) -> None:
         ops = await self.ops(ctx)
         await self.note(ctx, await ops.apply_roles_sql(self.view(ctx), self.run_id(ctx)))
+
+    async def reclone_standbys(self, ctx: StepContext) -> None:
+        """Wipe and re-clone every standby, `spec.parallelism.standbyReclones` at a time.
+
+        Each clone is idempotent on its own (a standby already re-cloned in this run and
+        streaming is left alone), so a resumed step redoes only the unfinished ones. All clones
+        run to their end even when one fails, so status shows every standby's real state; the
+        first failure is raised afterwards.
+        """
+        ops = await self.ops(ctx)
+        view = self.view(ctx)
+        run_id = self.run_id(ctx)
+        bound = asyncio.Semaphore(self.spec.parallelism.standby_reclones)
+
+        async def set_state(node: Node, state: str) -> None:
+            await ctx.update(
+                lambda s: st.update_node(s, NodeState(name=node.name, role="standby", state=state))
+            )
+
+        async def one(node: Node) -> StepResult:
+            async with bound:
+                ctx.raise_if_cancelled()
+                await set_state(node, "recloning")
+                try:
+                    result = await ops.ensure_standby_recloned(view, node, run_id)
+                except BaseException:
+                    await set_state(node, "reclone-failed")
+                    raise
+                await set_state(node, "streaming")
+                await self.note(ctx, result)
+                return result
+
+        outcomes = await asyncio.gather(
+            *(one(node) for node in view.standbys), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        done = [o.message for o in outcomes if isinstance(o, StepResult)]
+        await ctx.update(lambda s: st.set_message(s, "; ".join(done) or "no standbys"))
 
     async def verify_cluster(self, ctx: StepContext) -> None:
         ops = await self.ops(ctx)
@@ -526,7 +571,6 @@ async def build_a9s_logical_plan(inputs: PlanInputs) -> Plan:
             ),
             FunctionStep("probe-cluster", _never, r.probe_cluster, verify_after=False),
             FunctionStep("check-free-space", _never, r.check_free_space, verify_after=False),
-            FunctionStep("download-parts", r.parts_downloaded, r.download_parts),
         ],
         Phase.DECRYPTING: [
             FunctionStep("ensure-restore-dir", _never, r.ensure_restore_dir, verify_after=False),
@@ -578,37 +622,9 @@ async def build_a9s_logical_plan(inputs: PlanInputs) -> Plan:
         ),
         run_id_step("ensure-clone-marker", lambda o, v, run: o.ensure_clone_marker(v, run)),
     ]
-    for node in nodes:
-
-        async def is_primary(ctx: StepContext, node: Node = node) -> bool:
-            # The plan is built before the primary is known to it; on the primary there is
-            # nothing to re-clone, so the step holds from the start (recorded as skipped).
-            return ctx.status.primary == node.name
-
-        async def reclone(ctx: StepContext, node: Node = node) -> None:
-            ops = await r.ops(ctx)
-            view = r.view(ctx)
-            await ctx.update(
-                lambda s: st.update_node(
-                    s, NodeState(name=node.name, role="standby", state="recloning")
-                )
-            )
-            result = await ops.ensure_standby_recloned(view, node, r.run_id(ctx))
-            await ctx.update(
-                lambda s: st.update_node(
-                    s, NodeState(name=node.name, role="standby", state="streaming")
-                )
-            )
-            await r.note(ctx, result)
-
-        steps[Phase.REJOINED].append(
-            FunctionStep(
-                f"ensure-standby-recloned-{node.name.replace('/', '-')}",
-                is_primary,
-                reclone,
-                verify_after=False,
-            )
-        )
+    steps[Phase.REJOINED].append(
+        FunctionStep("ensure-standbys-recloned", _never, r.reclone_standbys, verify_after=False)
+    )
     steps[Phase.REJOINED] += [
         FunctionStep("verify-cluster", _never, r.verify_cluster, verify_after=False),
         FunctionStep(
