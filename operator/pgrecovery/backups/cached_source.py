@@ -93,14 +93,17 @@ class CachedStoreSource(CiphertextSource):
                     with (self.directory / part.name).open("rb") as f:
                         out += f.read(take)
                 else:
-                    out += await retry_async(
-                        lambda key=part.key, take=take: self.store.read_range(key, 0, take),
-                        self._retry,
-                        what=f"read {part.key} bytes 0-{take - 1}",
-                    )
+                    out += await self._read_from_store(part.key, take)
             if len(out) >= n:
                 break
         return out
+
+    async def _read_from_store(self, key: str, take: int) -> bytes:
+        return await retry_async(
+            lambda: self.store.read_range(key, 0, take),
+            self._retry,
+            what=f"read {key} bytes 0-{take - 1}",
+        )
 
     async def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
