@@ -8,7 +8,11 @@ threads (`asyncio.to_thread`; clients are thread-safe) and its exceptions are co
 - 401/403, `AuthenticationFailed`, `AuthorizationFailure` → `StoreAccessDenied`
 - `ContainerNotFound`, `BlobNotFound`, 404 → `BackupNotFound`
 
-The SDK's own retries are off (`retry_total=0`): `adapters/retry.py` decides.
+The SDK's own retries are off (`retry_total=0`): `adapters/retry.py` decides. (One exception
+the SDK keeps: a body cut mid-download is re-requested inside `readall()` a few times; bounded,
+and the bytes are still checked by length here and by gzip's CRC later.) Timeouts match the S3
+adapter: 10 s to connect, 60 s without a byte before a read counts as failed, so a store that
+accepts and never answers costs one minute per attempt, not azure-core's default.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ from pgrecovery.adapters.objectstore import ObjectInfo
 from pgrecovery.errors import BackupNotFound, RecoveryError, StoreAccessDenied, StoreUnavailable
 
 T = TypeVar("T")
+
+CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 60.0
 
 _DENIED_CODES = {
     "AuthenticationFailed",
@@ -70,10 +77,21 @@ class AzureBlobStore:
         self._account = account
 
     @classmethod
-    def from_connection_string(cls, connection_string: str, container: str) -> AzureBlobStore:
+    def from_connection_string(
+        cls,
+        connection_string: str,
+        container: str,
+        *,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        read_timeout: float = READ_TIMEOUT,
+    ) -> AzureBlobStore:
         try:
             client = ContainerClient.from_connection_string(
-                connection_string, container_name=container, retry_total=0
+                connection_string,
+                container_name=container,
+                retry_total=0,
+                connection_timeout=connect_timeout,
+                read_timeout=read_timeout,
             )
         except (ValueError, AzureError) as exc:
             # The message of a bad connection string may quote it: do not pass it on.
@@ -91,6 +109,8 @@ class AzureBlobStore:
         account_name: str | None = None,
         account_key: str | None = None,
         sas_token: str | None = None,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        read_timeout: float = READ_TIMEOUT,
     ) -> AzureBlobStore:
         credential: Any
         if account_key is not None:
@@ -100,7 +120,12 @@ class AzureBlobStore:
             credential = sas_token
         try:
             client = ContainerClient(
-                account_url, container_name=container, credential=credential, retry_total=0
+                account_url,
+                container_name=container,
+                credential=credential,
+                retry_total=0,
+                connection_timeout=connect_timeout,
+                read_timeout=read_timeout,
             )
         except (ValueError, AzureError) as exc:
             raise StoreAccessDenied(

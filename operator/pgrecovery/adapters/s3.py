@@ -8,7 +8,7 @@ clients are thread-safe) and converts every botocore exception at the boundary:
 - `AccessDenied`, unknown key id, bad signature, expired token, no credentials → `StoreAccessDenied`
 - `NoSuchBucket`, `NoSuchKey`, 404 → `BackupNotFound`
 
-botocore's own retries are off (`max_attempts=1`): `adapters/retry.py` is the single retry
+botocore's own retries are off (`total_max_attempts=1`): `adapters/retry.py` is the single retry
 policy, so waits are logged and bounded in one place.
 """
 
@@ -124,7 +124,11 @@ class S3ObjectStore:
                 region_name=region,
             )
             config = Config(
-                retries={"max_attempts": 1, "mode": "standard"},
+                # `total_max_attempts` counts the first request; botocore's `max_attempts`
+                # counts *retries*, so `max_attempts: 1` (as written here before) still let
+                # botocore retry once on its own, with its own backoff (seen through the fault
+                # proxy in tests/integration/test_faults_objectstore.py).
+                retries={"total_max_attempts": 1, "mode": "standard"},
                 max_pool_connections=max_connections,
                 connect_timeout=connect_timeout,
                 read_timeout=read_timeout,
@@ -145,6 +149,9 @@ class S3ObjectStore:
         return f"s3://{self.bucket}{where}"
 
     async def _call(self, what: str, fn: Callable[[], T]) -> T:
+        if self._endpoint:
+            # A custom endpoint is the first thing to check when the store fails: name it.
+            what = f"{what} (endpoint {self._endpoint})"
         try:
             return await asyncio.to_thread(fn)
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
