@@ -1,0 +1,410 @@
+"""Benchmark: time to `Rejoined` — the runbook done literally by a script vs `pgrecovery recover`.
+
+Why this script exists: the product promises a recovery at least 2x faster than the manual
+runbook (../shared/seeds/a9s-pg-manual-logical-backup-recovery.txt). This brings up the
+simulated a9s-pg cluster (3 VMs), writes a data set of the given size (three databases, tables
+of different sizes, primary keys, secondary indexes, foreign keys), takes a real a9s backup
+(pg_dumpall --clean --if-exists | gzip | openssl enc | split) into SeaweedFS, then alternates:
+
+- manual: download every part (10 parallel transfers, like `aws s3 cp --recursive`);
+  `cat $(ls -1v …) | openssl enc -d | gunzip -c > dump`; `scp` it to the primary; over `ssh`:
+  stop the standbys, stop repmgr on the primary, drop inactive slots, terminate backends, clear
+  startup locks, `psql --quiet postgres < dump`, truncate the repmgr tables, register the
+  primary, start repmgr, then re-clone the standbys one after the other (`rm -r`, `pre-start`,
+  `monit start`) and wait until each streams; remove the dump.
+- pgrecovery: `pgrecovery recover -f <manifest>` with a fresh work directory (nothing cached).
+
+Before every run the data is damaged (a table dropped, rows changed), so both methods really
+restore. After every run the cluster must be healthy and every table on every node must equal
+the backup's content (row count and an md5 over the rows in primary-key order) — a fast wrong
+answer fails the benchmark. Prints each run's time, per-step times, medians and the ratio.
+
+    python bench/e2e.py                      # 1 GiB of data, 3 runs each
+    python bench/e2e.py --size-mb 200 --runs 1
+
+Needs root (simulated VMs). Uses its own cluster name and subnet (pge2e, 10.77.3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.objectstores.servers import S3Server, start_seaweedfs  # noqa: E402
+from tests.scenario import Scenario, local_recover_argv  # noqa: E402
+from tests.simcluster import ClusterConfig, SimCluster, missing_prerequisites  # noqa: E402
+from tests.simcluster.backup import A9sBackup, make_s3_backup  # noqa: E402
+from tests.simcluster.cluster import SimVM  # noqa: E402
+
+DATABASES = {"bench_a": 0.5, "bench_b": 0.3, "bench_c": 0.2}
+ROW_BYTES = 96  # plain dump bytes per row of the generated tables, measured
+VARS = "/var/vcap/jobs/postgresql-ha/helpers/vars.sh"
+UTILS = "/var/vcap/jobs/postgresql-ha/helpers/repmgr_utils.sh"
+MONIT = "/var/vcap/bosh/bin/monit"
+RESTORE_DIR = "/var/vcap/store/postgresql-restore"
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def write_data(primary: SimVM, size_mb: int) -> None:
+    total_rows = size_mb * 1_000_000 // ROW_BYTES
+    for db, share in DATABASES.items():
+        rows = max(1000, int(total_rows * share))
+        customers, orders, events = rows // 10, rows // 2, rows - rows // 10 - rows // 2
+        primary.psql(f"DROP DATABASE IF EXISTS {db} WITH (FORCE); CREATE DATABASE {db};")
+        primary.psql(
+            f"""
+            CREATE TABLE customers (id bigint PRIMARY KEY, name text NOT NULL, email text,
+                                    created timestamptz NOT NULL);
+            CREATE TABLE orders (id bigint PRIMARY KEY,
+                                 customer_id bigint NOT NULL REFERENCES customers(id),
+                                 amount numeric(12,2) NOT NULL, note text);
+            CREATE TABLE events (id bigint PRIMARY KEY, kind text NOT NULL, payload text);
+            CREATE TABLE settings (id int PRIMARY KEY, value text);
+            INSERT INTO customers SELECT g, 'customer ' || g || ' ' || md5(g::text),
+                   'c' || g || '@example.com', '2024-01-01'::timestamptz + g * interval '1 s'
+              FROM generate_series(1, {customers}) g;
+            INSERT INTO orders SELECT g, 1 + (g * 7919) % {customers}, (g % 100000) / 100.0,
+                   md5(g::text) || md5((g + 1)::text)
+              FROM generate_series(1, {orders}) g;
+            INSERT INTO events SELECT g, 'kind-' || (g % 17),
+                   md5(g::text) || md5((g * 3)::text) || md5((g * 7)::text)
+              FROM generate_series(1, {events}) g;
+            INSERT INTO settings SELECT g, 'value ' || g FROM generate_series(1, 50) g;
+            CREATE INDEX orders_customer ON orders (customer_id);
+            CREATE INDEX events_kind ON events (kind);
+            CREATE INDEX customers_email ON customers (email);
+            """,  # noqa: S608 - numbers only
+            database=db,
+            timeout=3600,
+        )
+
+
+def checksums(vm: SimVM) -> dict[str, tuple[int, str]]:
+    """`{db.table: (rows, md5 of md5(row) in primary-key order)}` for the bench tables."""
+    out: dict[str, tuple[int, str]] = {}
+    for db in DATABASES:
+        exists = vm.psql(f"SELECT 1 FROM pg_database WHERE datname = '{db}'")  # noqa: S608
+        if not exists:
+            out[db] = (-1, "database missing")
+            continue
+        text = vm.psql(
+            "SELECT 'customers', count(*), md5(string_agg(md5(t::text), '' ORDER BY id)) "
+            "FROM customers t UNION ALL "
+            "SELECT 'orders', count(*), md5(string_agg(md5(t::text), '' ORDER BY id)) "
+            "FROM orders t UNION ALL "
+            "SELECT 'settings', count(*), md5(string_agg(md5(t::text), '' ORDER BY id)) "
+            "FROM settings t UNION ALL "
+            "SELECT 'events', count(*), md5(string_agg(md5(t::text), '' ORDER BY id)) "
+            "FROM events t",
+            database=db,
+            separator="\t",
+            timeout=1800,
+            check=False,
+        )
+        for line in text.splitlines():
+            name, rows, digest = line.split("\t")
+            out[f"{db}.{name}"] = (int(rows), digest)
+        if len(text.splitlines()) < 4:
+            out[f"{db}.?"] = (-1, "a table is missing")
+    return out
+
+
+def damage(cluster: SimCluster) -> None:
+    primary = cluster.primary()
+    primary.psql("DROP TABLE IF EXISTS events", database="bench_c")
+    primary.psql("UPDATE customers SET name = 'damaged' WHERE id <= 1000", database="bench_a")
+
+
+# ---------------------------------------------------------------------------- the runbook
+
+
+class Runbook:
+    """The manual runbook, one command at a time, over ssh/scp as a person would type it."""
+
+    def __init__(self, cluster: SimCluster, store: S3Server, backup: A9sBackup, work: Path):
+        self.cluster, self.store, self.backup, self.work = cluster, store, backup, work
+        self.steps: dict[str, float] = {}
+
+    def ssh(self, vm: SimVM, command: str, *, stdin: Path | None = None) -> str:
+        with stdin.open("rb") if stdin else open(os.devnull, "rb") as inp:
+            proc = subprocess.run(
+                self.cluster.ssh_argv(vm, command),
+                stdin=inp,
+                capture_output=True,
+                timeout=7200,
+                check=False,
+            )
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"{vm.name}: {command!r} exited {proc.returncode}: "
+                f"{proc.stderr.decode(errors='replace')[-800:]}"
+            )
+        return proc.stdout.decode(errors="replace")
+
+    def timed(self, name: str, action: Callable[[], object]) -> None:
+        started = time.monotonic()
+        action()
+        self.steps[name] = self.steps.get(name, 0.0) + time.monotonic() - started
+
+    def wait(self, vm: SimVM, condition: str, what: str, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            proc = subprocess.run(
+                self.cluster.ssh_argv(vm, f"sudo bash -c {sh_quote(condition)}"),
+                capture_output=True,
+                check=False,
+                timeout=60,
+            )
+            if proc.returncode == 0:
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"{vm.name}: {what} not reached in {timeout:.0f}s")
+
+    def run(self) -> float:
+        started = time.monotonic()
+        primary = self.cluster.primary()
+        standbys = [vm for vm in self.cluster.vms if vm is not primary]
+        parts = self.work / "parts"
+        parts.mkdir(parents=True)
+        dump = self.work / f"{self.backup.backup_id}.dump"
+        key_file = self.work / "key"
+        key_file.write_text(self.backup.encryption_key)
+        key_file.chmod(0o600)
+
+        def download() -> None:
+            client = self.store.client()
+            with concurrent.futures.ThreadPoolExecutor(10) as pool:
+                futures = [
+                    pool.submit(client.download_file, self.backup.bucket, p.key,
+                                str(parts / Path(p.key).name))
+                    for p in self.backup.parts
+                ]
+                for future in futures:
+                    future.result()
+
+        def decrypt() -> None:
+            # The runbook pastes `-pass pass:KEY`; `file:` is the same work without the leak.
+            subprocess.run(
+                f"cat $(ls -1v {self.backup.backup_id}-*) | openssl enc -aes256 -md md5 -d "
+                f"-pass file:{key_file} | gunzip -c > {dump}",
+                shell=True,
+                cwd=parts,
+                check=True,
+            )
+
+        def copy() -> None:
+            self.ssh(primary, f"sudo mkdir -p {RESTORE_DIR} && sudo chown root:vcap {RESTORE_DIR}"
+                              f" && sudo chmod g+w {RESTORE_DIR}")
+            # `bosh scp` lands in the user's home first; then a root move into the store.
+            scp = self.cluster.ssh_argv(primary)
+            scp[0] = "scp"
+            target = scp.pop()
+            subprocess.run([*scp, str(dump), f"{target}:{dump.name}"], check=True, timeout=7200)
+            self.ssh(primary, f"sudo mv ~/{dump.name} {RESTORE_DIR}/{dump.name}")
+
+        def stop_standbys() -> None:
+            for vm in standbys:
+                self.ssh(vm, f"sudo {MONIT} stop postgresql-ha")
+                self.wait(vm, "! pgrep -x postgres >/dev/null", "postgres stopped")
+
+        def prepare_primary() -> None:
+            self.ssh(primary, f"sudo {MONIT} stop repmgr")
+            self.wait(primary, "! pgrep -x repmgrd >/dev/null", "repmgrd stopped")
+            sql = ("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                   "WHERE active <> 't'; SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                   "WHERE pid <> pg_backend_pid() AND backend_type = 'client backend';")
+            self.ssh(primary, f"sudo bash -c {sh_quote(psql_command('postgres', sql))}")
+            self.ssh(primary, "sudo bash -c 'rm -f /tmp/postgresql-startup-locks/*'")
+
+        def restore() -> None:
+            self.ssh(primary, "sudo bash -c " + sh_quote(
+                f"source {VARS}; chpst -u postgres:vcap psql --quiet postgres "
+                f"< {RESTORE_DIR}/{dump.name} >/dev/null 2>&1"
+            ))
+
+        def rejoin_primary() -> None:
+            truncate = ("DO $$ DECLARE r record; BEGIN FOR r IN (SELECT tablename FROM pg_tables "
+                        "WHERE schemaname = 'repmgr') LOOP EXECUTE 'TRUNCATE repmgr.' || "
+                        "quote_ident(r.tablename) || ' CASCADE'; END LOOP; END $$;")
+            self.ssh(primary, f"sudo bash -c {sh_quote(psql_command('repmgr_cluster', truncate))}")
+            self.ssh(primary, "sudo chpst -u postgres:vcap bash -c " + sh_quote(
+                f"source {VARS}; source {UTILS}; register_master_node;"))
+            self.ssh(primary, f"sudo {MONIT} start repmgr")
+
+        def reclone(vm: SimVM) -> Callable[[], None]:
+            def run() -> None:
+                self.ssh(vm, "sudo bash -c 'rm -r /var/vcap/store/postgresql15/*'")
+                self.ssh(vm, "sudo /var/vcap/jobs/postgresql-ha/bin/pre-start")
+                self.ssh(vm, f"sudo {MONIT} start postgresql-ha && sudo {MONIT} start repmgr")
+                streaming = (  # an IP address from our own cluster config
+                    "SELECT 1 FROM pg_stat_replication WHERE state = 'streaming' "  # noqa: S608
+                    f"AND client_addr = '{vm.address}'"
+                )
+                self.wait(primary, f"{psql_command('postgres', streaming)} | grep -q 1",
+                          f"{vm.name} streaming")
+            return run
+
+        self.timed("download", download)
+        self.timed("decrypt", decrypt)
+        self.timed("copy to primary", copy)
+        self.timed("stop standbys", stop_standbys)
+        self.timed("prepare primary", prepare_primary)
+        self.timed("psql < dump", restore)
+        self.timed("repmgr reset", rejoin_primary)
+        for vm in standbys:
+            self.timed("re-clone standbys", reclone(vm))
+        self.timed("cleanup", lambda: self.ssh(primary, f"sudo rm -f {RESTORE_DIR}/{dump.name}"))
+        return time.monotonic() - started
+
+
+def sh_quote(text: str) -> str:
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
+def psql_command(db: str, sql: str) -> str:
+    return f"source {VARS}; chpst -u postgres:vcap psql -tAq {db} -c {sh_quote(sql)}"
+
+
+# ---------------------------------------------------------------------------- pgrecovery
+
+
+def run_pgrecovery(scenario: Scenario, work: Path) -> tuple[float, dict[str, float]]:
+    argv, status_file = local_recover_argv(scenario, work, "bench")
+    started = time.monotonic()
+    proc = subprocess.run(argv, cwd=work, capture_output=True, text=True, check=False)
+    elapsed = time.monotonic() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"pgrecovery recover failed: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    status = json.loads(status_file.read_text())["status"]
+    phases: dict[str, float] = {}
+    for step in status.get("steps", []):
+        if step.get("startedAt") and step.get("finishedAt"):
+            seconds = _seconds(step["finishedAt"]) - _seconds(step["startedAt"])
+            phases[step["name"]] = seconds
+    return elapsed, phases
+
+
+def _seconds(stamp: str) -> float:
+    from datetime import datetime  # noqa: PLC0415
+
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=int, default=1024, help="plain dump size, about")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--name", default="pge2e")
+    parser.add_argument("--subnet", default="10.77.3")
+    parser.add_argument("--part-mb", type=int, default=256, help="backup part size")
+    parser.add_argument("--workdir", default=None)
+    args = parser.parse_args()
+    problems = missing_prerequisites()
+    if problems:
+        print("cannot run: " + "; ".join(problems), file=sys.stderr)
+        return 2
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="pgr-e2e-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    store_gib = max(2, (args.size_mb * 4) // 1024 + 1)
+    config = ClusterConfig(
+        name=args.name, vms=3, subnet=args.subnet, store_size_bytes=store_gib * 1024**3
+    )
+    cluster = SimCluster(config)
+    (root / "seaweedfs").mkdir(exist_ok=True)
+    store = start_seaweedfs(root / "seaweedfs")
+    failures: list[str] = []
+    try:
+        print(f"# load before: {os.getloadavg()}; bringing up {config.name} ...", flush=True)
+        cluster.up(timeout=300)
+        t = time.monotonic()
+        write_data(cluster.primary(), args.size_mb)
+        print(f"# data written in {time.monotonic() - t:.0f}s", flush=True)
+        cluster.wait_healthy(timeout=600)
+        expected = checksums(cluster.primary())
+        key = "pgr-" + secrets.token_urlsafe(24)
+        t = time.monotonic()
+        backup = make_s3_backup(
+            cluster.primary(),
+            endpoint_url=store.endpoint_url,
+            bucket=store.new_bucket(),
+            access_key_id=store.access_key,
+            secret_access_key=store.secret_key,
+            region=store.region or "us-east-1",
+            encryption_key=key,
+            part_size=args.part_mb << 20,
+            dumpall_args=("--clean", "--if-exists"),
+            workdir=root / "backup",
+        )
+        print(
+            f"# backup {backup.backup_id}: plain {backup.plain_size / 1e6:.0f} MB, "
+            f"ciphertext {backup.ciphertext_size / 1e6:.0f} MB in {len(backup.parts)} parts, "
+            f"made in {time.monotonic() - t:.0f}s",
+            flush=True,
+        )
+        scenario = Scenario(cluster, backup, {}, store, encryption_key=key)
+        times: dict[str, list[float]] = {"manual": [], "pgrecovery": []}
+        for run in range(1, args.runs + 1):
+            for method in ("manual", "pgrecovery"):
+                damage(cluster)
+                cluster.wait_healthy(timeout=120)
+                work = root / f"{method}-{run}"
+                shutil.rmtree(work, ignore_errors=True)
+                work.mkdir(parents=True)
+                if method == "manual":
+                    book = Runbook(cluster, store, backup, work)
+                    elapsed = book.run()
+                    detail = book.steps
+                else:
+                    elapsed, detail = run_pgrecovery(scenario, work)
+                health = cluster.wait_healthy(timeout=180)
+                wrong = {
+                    vm.name: [k for k, v in checksums(vm).items() if expected.get(k) != v]
+                    for vm in cluster.vms
+                }
+                wrong = {k: v for k, v in wrong.items() if v}
+                ok = health.ok and not wrong
+                if not ok:
+                    failures.append(f"{method} run {run}: wrong tables {wrong}")
+                times[method].append(elapsed)
+                top = sorted(detail.items(), key=lambda kv: -kv[1])[:6]
+                print(
+                    f"{method:10} run {run}: {elapsed:7.1f}s  equal={ok}  "
+                    + ", ".join(f"{k} {v:.1f}s" for k, v in top),
+                    flush=True,
+                )
+                shutil.rmtree(work, ignore_errors=True)
+        manual, ours = statistics.median(times["manual"]), statistics.median(times["pgrecovery"])
+        print(f"\nmedian manual runbook : {manual:7.1f}s  (runs {times['manual']})")
+        print(f"median pgrecovery     : {ours:7.1f}s  (runs {times['pgrecovery']})")
+        print(f"speed-up              : {manual / ours:.2f}x  (target >= 2x)")
+        print(f"# load after: {os.getloadavg()}")
+    finally:
+        cluster.down()
+        store.stop()
+    if failures:
+        print("FAILED equality checks:\n" + "\n".join(failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
