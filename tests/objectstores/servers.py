@@ -40,9 +40,9 @@ class ServerUnavailable(RuntimeError):
     """The server binary is missing or did not come up; the message says how to fix it."""
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
@@ -116,13 +116,15 @@ class S3Server:
             self._stop = None
 
 
-def start_moto() -> S3Server:
+def start_moto(host: str = "127.0.0.1") -> S3Server:
+    """moto's S3 server on `host` (default loopback; the WAL-E world passes a simulated
+    cluster's bridge address so that PostgreSQL's archive_command inside the VMs reaches it)."""
     from moto.server import ThreadedMotoServer  # noqa: PLC0415 - heavy, only when used
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    port = free_port(host)
+    server = ThreadedMotoServer(ip_address=host, port=port, verbose=False)
     server.start()
-    s3 = S3Server("moto", f"http://127.0.0.1:{port}", "testing", "testing", _stop=server.stop)
+    s3 = S3Server("moto", f"http://{host}:{port}", "testing", "testing", _stop=server.stop)
     _wait_for(lambda: s3.client().list_buckets(), "moto server", None, None)
     return s3
 
