@@ -26,6 +26,7 @@ PGPASSFILE = f"{JOB_DIR}/config/pgpass"
 REPMGR_CONFIG = f"{JOB_DIR}/config/repmgr.conf"
 MONIT = "/var/vcap/bosh/bin/monit"
 VARS_SH = f"{JOB_DIR}/helpers/vars.sh"
+WAL_ARCHIVE_CONF = "wal-archive.conf"
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,9 @@ min_wal_size = 32MB
 shared_preload_libraries = 'repmgr'
 password_encryption = scram-sha-256
 log_line_prefix = '%m [%p] %q%u@%d '
+# WAL archiving (archive_mode, archive_command) for tests that need a WAL-E archive; the file
+# exists only once tests/wale switches archiving on, so by default nothing is archived.
+include_if_exists '{JOB_DIR}/config/{WAL_ARCHIVE_CONF}'
 """
 
     pg_hba = f"""\
