@@ -3,10 +3,14 @@
 - `tests.objectstores.fixtures`: moto / SeaweedFS S3 servers and Azurite, started per session.
 - `tests.simcluster.fixtures`: the simulated 3-VM a9s-pg cluster (root, namespaces).
 - `tests.kubeapi.fixtures`: the Kubernetes API emulator, kubectl, kopf operator runners.
+- `tests.wale.fixtures`: WAL-E archives of the simulated cluster (S3 on its bridge, archiving on).
+- `tests.dingo.fixtures`: the simulated Dingo cell (etcd, docker stand-in, instances).
 """
 
 pytest_plugins = [
     "tests.objectstores.fixtures",
     "tests.simcluster.fixtures",
     "tests.kubeapi.fixtures",
+    "tests.wale.fixtures",
+    "tests.dingo.fixtures",
 ]
