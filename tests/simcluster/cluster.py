@@ -32,7 +32,16 @@ from typing import NamedTuple
 from . import host
 from .config import PG_BINDIR, ClusterConfig
 from .data import cluster_show, parse_cluster_show, parse_monit_summary, streaming_standbys
-from .render import MONIT, PGDATA, REPMGR_CONFIG, REPMGR_USER, VARS_SH, Ids, render_vm
+from .render import (
+    MONIT,
+    PGDATA,
+    REPMGR_CONFIG,
+    REPMGR_USER,
+    VARS_SH,
+    Ids,
+    VMFile,
+    render_vm,
+)
 
 VM_PATH = "/var/vcap/bosh/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 VM_ENV = ("PATH=" + VM_PATH, "HOME=/root", "LANG=C.UTF-8", "USER=root", "LOGNAME=root")
@@ -790,7 +799,7 @@ class SimCluster:
             (vm.dir / "authorized_keys").write_text(
                 self.client_key_path.with_suffix(".pub").read_text()
             )
-            for f in render_vm(cfg, vm.index, ids, self.passwords):
+            for f in self.vm_files(vm, ids):
                 path = vm.dir / f.path
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(f.content)
@@ -804,6 +813,11 @@ class SimCluster:
                 address_cidr=f"{vm.address}/24",
             )
         self.known_hosts_path.write_text(self.known_hosts)
+
+    def vm_files(self, vm: SimVM, ids: Ids) -> list[VMFile]:
+        """The files of `vm` before its first boot. A subclass with other VM roles (the Dingo
+        cell of tests/dingo) overrides this; the a9s-pg cluster uses the job's files."""
+        return render_vm(self.config, vm.index, ids, self.passwords)
 
     def _save_state(self) -> None:
         state = {
