@@ -445,7 +445,7 @@ class DumpIndexer:
 
     # ------------------------------------------------------------------ lexer
 
-    def _skip_quoted(self, line: bytes, i: int) -> int:
+    def _skip_quoted(self, line: bytes, i: int) -> int:  # noqa: PLR0911 - one per quote kind
         """Inside a quote or comment: where it closes on this line, or -1 (still open)."""
         n = len(line)
         if self._comment_depth:
@@ -623,13 +623,12 @@ def _plan_sections(db: _Db, content_end: int) -> None:
                     + [at for _kind, at in db.between if at >= post_start])
     serial: list[Range] = []
     cursor = post_start
-    for e in [*idx.post_parallel, None]:
-        stop = content_end if e is None else e.start
+    for stop, resume in [*((e.start, e.end) for e in idx.post_parallel),
+                         (content_end, content_end)]:
         i = bisect.bisect_left(starts, cursor)
         if stop > cursor and i < len(starts) and starts[i] < stop:
             serial.append((cursor, stop))
-        if e is not None:
-            cursor = e.end
+        cursor = resume
     idx.post_serial = serial
     idx.post_kinds = kinds
 
