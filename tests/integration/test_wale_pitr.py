@@ -1,0 +1,256 @@
+"""Point-in-time recovery from a WAL-E archive onto the simulated a9s-pg cluster, for real.
+
+The archive is written by the cluster itself (H4's world: PostgreSQL's archive_command in the
+VMs pushes lzop'd WAL to S3, base backups from pg_basebackup in WAL-E's layout). The real CLI
+(`pgrecovery recover`, local mode) restores it through SSH onto the primary, replays to the
+target and rejoins the standbys. Checked on every node afterwards.
+
+Bad archives (corrupt lzop block, missing segment, foreign sysid) and a target beyond the
+archive must fail in Fetching with the cluster untouched: monit all running, data unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.simcluster.cluster import SimCluster
+from tests.simcluster.data import wait_for_replay
+from tests.wale.simarchive import WaleArchive
+
+pytestmark = [pytest.mark.integration, pytest.mark.vms]
+
+S3_SECRET = "wale-store"
+SSH_SECRET = "a9s-pg-ssh"
+
+
+def _manifest(archive: WaleArchive, name: str, target: datetime | None,
+              best_effort: bool = False) -> dict[str, Any]:
+    cluster = archive.cluster
+    spec: dict[str, Any] = {
+        "source": {
+            "type": "walE",
+            "backupGuid": archive.service_guid,
+            "s3": {
+                "bucket": archive.target.bucket,
+                "region": archive.target.region,
+                "endpoint": archive.target.endpoint_url,
+                "credentialsSecretRef": {"name": S3_SECRET},
+            },
+        },
+        "target": {
+            "type": "a9sPg",
+            "deployment": "a9s-pg",
+            "nodes": cluster.nodes_spec(),
+            "ssh": {
+                "user": cluster.ssh_user,
+                "privateKeySecretRef": {"name": SSH_SECRET, "key": "id_ed25519"},
+                "knownHostsSecretRef": {"name": SSH_SECRET, "key": "known_hosts"},
+            },
+            "postgresMajorVersion": 15,
+        },
+        "confirm": "a9s-pg",
+    }
+    if target is not None:
+        spec["pointInTime"] = {"targetTime": target.isoformat(), "bestEffort": best_effort}
+    return {"apiVersion": "pgrecovery.dev/v1alpha1", "kind": "PgRecovery",
+            "metadata": {"name": name, "namespace": "pgrecovery"}, "spec": spec}
+
+
+def _recover(tmp_path: Path, archive: WaleArchive, name: str, target: datetime | None,
+             best_effort: bool = False) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    manifest = tmp_path / f"{name}.yaml"
+    manifest.write_text(yaml.safe_dump(_manifest(archive, name, target, best_effort)))
+    secrets = tmp_path / "secrets"
+    values = {
+        S3_SECRET: {"AWS_ACCESS_KEY_ID": archive.target.access_key.encode(),
+                    "AWS_SECRET_ACCESS_KEY": archive.target.secret_key.encode()},
+        SSH_SECRET: {"id_ed25519": archive.cluster.client_key_path.read_bytes(),
+                     "known_hosts": archive.cluster.known_hosts.encode()},
+    }
+    for secret, keys in values.items():
+        (secrets / secret).mkdir(parents=True, exist_ok=True, mode=0o700)
+        for key, value in keys.items():
+            (secrets / secret / key).write_bytes(value)
+            (secrets / secret / key).chmod(0o600)
+    status_file = tmp_path / f"{name}.status.json"
+    argv = [sys.executable, "-m", "pgrecovery.cli", "recover", "-f", str(manifest),
+            "--secrets-dir", str(secrets), "--status-file", str(status_file),
+            "--work-dir", str(tmp_path / "work")]
+    result = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=1200,
+                            check=False)
+    status = json.loads(status_file.read_text())["status"] if status_file.exists() else {}
+    return result, status
+
+
+def _vm_time(archive: WaleArchive) -> datetime:
+    text = archive.primary.psql("SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', "
+                                "'YYYY-MM-DD\"T\"HH24:MI:SS.US')")
+    return datetime.fromisoformat(text.strip()).replace(tzinfo=UTC)
+
+
+def _write_a_then_b(archive: WaleArchive) -> tuple[datetime, datetime]:
+    """Row A committed, a pause, row B committed, WAL switched and archived.
+    Returns (a time between A and B, B's commit time or later)."""
+    time.sleep(1.5)  # the base backup's STOP TIME (whole seconds) + 1 s must lie before A
+    primary = archive.primary
+    primary.psql("CREATE TABLE IF NOT EXISTS public.pitr_marks (mark text PRIMARY KEY)")
+    primary.psql("INSERT INTO public.pitr_marks VALUES ('A')")
+    time.sleep(1.0)
+    between = _vm_time(archive)
+    time.sleep(1.0)
+    primary.psql("INSERT INTO public.pitr_marks VALUES ('B')")
+    after_b = _vm_time(archive)
+    archive.switch_wal()
+    wait_for_replay(archive.cluster, timeout=60)
+    return between, after_b
+
+
+def _marks(cluster: SimCluster) -> dict[str, list[str]]:
+    wait_for_replay(cluster, timeout=60)
+    out: dict[str, list[str]] = {}
+    for vm in cluster.vms:
+        rows = vm.psql("SELECT coalesce(string_agg(mark, ',' ORDER BY mark), '') "
+                       "FROM public.pitr_marks")
+        out[vm.name] = [m for m in rows.strip().split(",") if m]
+    return out
+
+
+def _monit_all_running(cluster: SimCluster) -> dict[str, str]:
+    return {vm.name: vm.run("/var/vcap/bosh/bin/monit summary") for vm in cluster.vms}
+
+
+def _succeeded(result: subprocess.CompletedProcess[str], status: dict[str, Any]) -> None:
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert status["phase"] == "Rejoined", status.get("message")
+
+
+@pytest.mark.slow
+def test_pitr_target_between_two_commits_keeps_a_and_drops_b_on_every_node(
+    wale_archive: WaleArchive, tmp_path: Path
+) -> None:
+    between, _after_b = _write_a_then_b(wale_archive)
+    result, status = _recover(tmp_path, wale_archive, "pitr-between", between)
+    _succeeded(result, status)
+    assert _marks(wale_archive.cluster) == {vm.name: ["A"] for vm in wale_archive.cluster.vms}
+    facts = status["facts"]
+    assert facts["baseBackup"] == wale_archive.base_backup.name
+    assert wale_archive.base_backup.name in facts["recoveryWindow"]
+    reached = datetime.fromisoformat(facts["reachedTime"])
+    assert reached <= between
+    assert facts["recoveryTarget"] == between.isoformat()
+    assert wale_archive.cluster.wait_healthy(timeout=60).ok
+
+
+@pytest.mark.slow
+def test_pitr_target_beyond_archive_with_best_effort_recovers_everything(
+    wale_archive: WaleArchive, tmp_path: Path
+) -> None:
+    _between, after_b = _write_a_then_b(wale_archive)
+    target = after_b + timedelta(hours=1)
+    result, status = _recover(tmp_path, wale_archive, "pitr-beyond", target, best_effort=True)
+    _succeeded(result, status)
+    assert _marks(wale_archive.cluster) == {vm.name: ["A", "B"]
+                                            for vm in wale_archive.cluster.vms}
+    facts = status["facts"]
+    assert facts["recoveryTarget"] == "end of archive"
+    reached = datetime.fromisoformat(facts["reachedTime"])
+    assert after_b - timedelta(seconds=5) <= reached <= datetime.now(UTC)
+    assert "beyond the archive" in status["message"]
+    assert facts["reachedTime"] in status["message"]
+
+
+def _assert_untouched(archive: WaleArchive, status: dict[str, Any], before: dict[str, list[str]],
+                      reason: str, *needles: str) -> None:
+    assert status["phase"] == "Failed"
+    assert status["failureReason"] == reason, status.get("message")
+    for needle in needles:
+        assert needle in status["message"], status["message"]
+    done = [s["name"] for s in status.get("steps", []) if s.get("state") == "Succeeded"]
+    assert not any(s.startswith("ensure-") for s in done), done
+    summaries = _monit_all_running(archive.cluster)
+    for vm_name, text in summaries.items():
+        assert "Not monitored" not in text, (vm_name, text)
+        assert "stop pending" not in text, (vm_name, text)
+    assert _marks(archive.cluster) == before
+    assert archive.cluster.wait_healthy(timeout=60).ok
+
+
+@pytest.mark.slow
+def test_pitr_target_beyond_archive_without_best_effort_fails_in_fetching_with_the_window(
+    wale_archive: WaleArchive, tmp_path: Path
+) -> None:
+    _between, after_b = _write_a_then_b(wale_archive)
+    before = _marks(wale_archive.cluster)
+    result, status = _recover(tmp_path, wale_archive, "pitr-strict",
+                              after_b + timedelta(hours=1))
+    assert result.returncode != 0
+    _assert_untouched(wale_archive, status, before, "TargetOutsideWindow",
+                      "recoverable window", wale_archive.base_backup.name)
+
+
+def _segment_after_backup(archive: WaleArchive) -> str:
+    """A WAL segment archived after the base backup ended (needed for any later target)."""
+    keys = archive.target.list_keys("wal_005/")
+    names = sorted(k.rsplit("/", 1)[-1][:-4] for k in keys
+                   if len(k.rsplit("/", 1)[-1]) == 28 and k.endswith(".lzo"))
+    later = [n for n in names if n > archive.base_backup.stop_segment]
+    assert later, names
+    return later[0]
+
+
+def _corrupt_block(archive: WaleArchive) -> str:
+    key = archive.target.prefix + "wal_005/" + _segment_after_backup(archive) + ".lzo"
+    client = archive.target.client()
+    data = bytearray(client.get_object(Bucket=archive.target.bucket, Key=key)["Body"].read())
+    middle = len(data) // 2
+    data[middle] ^= 0xFF
+    client.put_object(Bucket=archive.target.bucket, Key=key, Body=bytes(data))
+    return key
+
+
+def _delete_segment(archive: WaleArchive) -> str:
+    name = _segment_after_backup(archive)
+    archive.target.client().delete_object(
+        Bucket=archive.target.bucket, Key=archive.target.prefix + "wal_005/" + name + ".lzo")
+    return name
+
+
+def _foreign_sysid(archive: WaleArchive) -> str:
+    key = archive.target.prefix + "sysids/sysid"
+    original = int(read_sysid(archive))
+    archive.target.client().put_object(Bucket=archive.target.bucket, Key=key,
+                                       Body=f"{original + 1}\n".encode())
+    return str(original + 1)
+
+
+def read_sysid(archive: WaleArchive) -> str:
+    obj = archive.target.client().get_object(Bucket=archive.target.bucket,
+                                             Key=archive.target.prefix + "sysids/sysid")
+    return str(obj["Body"].read().decode().strip())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [(_corrupt_block, "BackupCorrupt"), (_delete_segment, "BackupIncomplete"),
+     (_foreign_sysid, "SystemIdMismatch")],
+    ids=["corrupt-lzop-block", "missing-wal-segment", "wrong-sysid"],
+)
+def test_bad_archive_fails_in_fetching_with_the_cluster_untouched(
+    wale_archive: WaleArchive, tmp_path: Path, damage: Any, reason: str
+) -> None:
+    between, _after_b = _write_a_then_b(wale_archive)
+    before = _marks(wale_archive.cluster)
+    named = damage(wale_archive)
+    result, status = _recover(tmp_path, wale_archive, "pitr-bad", between)
+    assert result.returncode != 0
+    _assert_untouched(wale_archive, status, before, reason, named)
