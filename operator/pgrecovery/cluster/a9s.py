@@ -51,6 +51,7 @@ from pgrecovery.cluster.nodes import (
 )
 from pgrecovery.cluster.restore_errors import ConnectMap, RestoreReport, classify_output
 from pgrecovery.errors import (
+    BackupError,
     ClusterError,
     FatalError,
     InsufficientSpace,
@@ -334,7 +335,14 @@ if [ -f "$1" ] && [ -f "$1.sha256" ]; then stat -c %s -- "$1"; cat -- "$1.sha256
                 last[0] = now
                 self._report(step, "uploading", primary, done, total_bytes)
 
-        result = await self.shell.upload(primary.endpoint, stream, path, progress=on_bytes)
+        try:
+            result = await self.shell.upload(primary.endpoint, stream, path, progress=on_bytes)
+        except BackupError as exc:
+            # The backup itself is bad (corrupt, cut short): the partial file can never be
+            # completed by this backup, so it must not stay behind unannounced on the primary.
+            await self._script(primary, 'rm -f -- "$1"', path + ".part")
+            raise type(exc)(f"{exc}; the partial {path}.part on {primary.name} was removed") \
+                from None
         await self._script(
             primary,
             'printf "%s\\n" "$2" > "$1.sha256.tmp" && mv -f "$1.sha256.tmp" "$1.sha256"',
