@@ -44,6 +44,9 @@ CONTAINER_PATTERN = r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$"
 PREFIX_PATTERN = r"^[A-Za-z0-9_./-]{0,512}$"
 REGION_PATTERN = r"^[a-z0-9-]{1,32}$"
 URL_PATTERN = r"^https?://[A-Za-z0-9.:\[\]_-]+(/[A-Za-z0-9._~/-]*)?$"
+# Dingo: docker's container-name rule, and an etcd client URL without a path.
+CONTAINER_NAME_PATTERN = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$"
+ETCD_ENDPOINT_PATTERN = r"^https?://[A-Za-z0-9.-]+:[0-9]{1,5}$"
 
 
 class _Model(BaseModel):
@@ -155,6 +158,20 @@ class SshSpec(_Model):
     known_hosts_secret_ref: SecretKeyRef
 
 
+class DingoEtcd(_Model):
+    # Absent: the container's own ETCD_HOST_PORT (from `docker inspect`, as the runbook does).
+    endpoint: Annotated[str, Field(pattern=ETCD_ENDPOINT_PATTERN)] | None = None
+
+
+class DingoTarget(_Model):
+    """The new service instance the deleted one is restored into (target.type dingo)."""
+
+    instance_id: Annotated[str, Field(pattern=GUID_PATTERN)]
+    # Absent: the container whose PATRONI_SCOPE is instance_id, searched on every node (cell).
+    container: Annotated[str, Field(pattern=CONTAINER_NAME_PATTERN)] | None = None
+    etcd: DingoEtcd = DingoEtcd()
+
+
 class Target(_Model):
     type: TargetType
     deployment: Annotated[str, Field(pattern=DEPLOYMENT_PATTERN)]
@@ -162,6 +179,13 @@ class Target(_Model):
     ssh: SshSpec
     postgres_major_version: Annotated[int, Field(ge=10, le=17)] = 15
     new_site: bool = False
+    dingo: DingoTarget | None = None
+
+    @model_validator(mode="after")
+    def _dingo_fields(self) -> Target:
+        if (self.type is TargetType.DINGO) != (self.dingo is not None):
+            raise ValueError("target.dingo is required with type dingo and only valid with it")
+        return self
 
     @model_validator(mode="after")
     def _unique_nodes(self) -> Target:
@@ -204,6 +228,22 @@ class RecoverySpec(_Model):
     def _pitr_only_with_wale(self) -> RecoverySpec:
         if self.point_in_time is not None and self.source.type is not SourceType.WAL_E:
             raise ValueError("pointInTime is only valid with source.type walE")
+        return self
+
+    @model_validator(mode="after")
+    def _dingo_from_wale(self) -> RecoverySpec:
+        dingo = self.target.dingo
+        if dingo is None:
+            return self
+        if self.source.type is not SourceType.WAL_E:
+            raise ValueError("target.type dingo restores a WAL-E archive: source.type walE")
+        if self.point_in_time is not None:
+            raise ValueError("target.type dingo restores the whole archive; no pointInTime")
+        if dingo.instance_id == self.source.backup_guid:
+            raise ValueError(
+                "target.dingo.instanceId must be the new instance, not the deleted one "
+                "(source.backupGuid)"
+            )
         return self
 
     @property
