@@ -1,0 +1,402 @@
+"""Faults outside the operator during a real local recovery on the simulated cluster.
+
+Each test runs a whole `pgrecovery recover` (the real CLI as a subprocess, or — where the
+engine's retry budget must be shortened — the same `run_local` in process) against the
+simulated 3-VM a9s-pg cluster and a real S3 server (moto) behind the fault proxy, and injects
+one fault from outside: object-store errors, an unresolvable or closed endpoint, the SSH
+connection to the primary killed mid-upload, a power cut of a standby while it is re-cloned,
+a power cut of the primary while psql restores. What must hold: a fault that can pass is
+retried to success (data equal on every node, dump checksum verified); one that cannot ends
+`Failed` with an actionable reason, the steps that ran and the node states in status — never
+success — and a cluster that Fetching/Decrypting never touched is left exactly as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pgrecovery.adapters.local_secrets import LocalSecrets
+from pgrecovery.adapters.retry import RetryPolicy as StoreRetryPolicy
+from pgrecovery.cli_recover import DEFAULT_PLAN_FACTORY
+from pgrecovery.engine.local import LocalRun, run_local
+from pgrecovery.engine.plan import load_plan_factory
+from pgrecovery.engine.supervisor import RetryPolicy as PhaseRetryPolicy
+from tests.faults.proxy import FaultProxy, close, closed_port, fault_proxy, reset_after, s3_error
+from tests.objectstores.servers import S3Server
+from tests.scenario import Scenario, local_recover_argv
+from tests.simcluster.cluster import SimCluster, SimVM
+from tests.simcluster.data import TableDigest, table_checksums
+
+pytestmark = [pytest.mark.integration, pytest.mark.vms]
+
+RUN_TIMEOUT = 600
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _status(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())["status"]  # type: ignore[no-any-return]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return {}
+
+
+def _steps(status: dict[str, Any]) -> dict[str, str]:
+    return {s["name"]: s["state"] for s in status.get("steps", [])}
+
+
+def _argv(
+    scenario: Scenario, directory: Path, name: str, *, endpoint: str | None = None
+) -> tuple[list[str], Path]:
+    """`pgrecovery recover` for `scenario`, reading the store at `endpoint` (the proxy)."""
+    argv, status_file = local_recover_argv(scenario, directory, name)
+    if endpoint is not None:
+        manifest_path = directory / f"{name}.yaml"
+        manifest = yaml.safe_load(manifest_path.read_text())
+        manifest["spec"]["source"]["s3"]["endpoint"] = endpoint
+        manifest_path.write_text(yaml.safe_dump(manifest))
+    return argv, status_file
+
+
+def _start(argv: list[str], cwd: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        argv,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _wait_step(
+    proc: subprocess.Popen[str], status_file: Path, step: str, *, timeout: float = 300
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if step in _steps(_status(status_file)):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} never started: {_status(status_file)}")
+
+
+def _finish(proc: subprocess.Popen[str], *, timeout: float = RUN_TIMEOUT) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"recovery did not end within {timeout}s:\n{out[-3000:]}") from None
+    return out
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    """What a recovery that failed before Staging must not have changed."""
+
+    monit: dict[str, dict[str, str]]
+    data: dict[str, dict[str, TableDigest]]
+    hba: dict[str, str]
+
+    @classmethod
+    def take(cls, cluster: SimCluster) -> ClusterSnapshot:
+        def hba(vm: SimVM) -> str:
+            path = vm.psql("SHOW hba_file").strip()
+            return vm.run(["sha256sum", "--", path]).stdout.split()[0]
+
+        return cls(
+            monit={vm.name: vm.monit_status() for vm in cluster.vms},
+            data={vm.name: table_checksums(vm) for vm in cluster.vms},
+            hba={vm.name: hba(vm) for vm in cluster.vms},
+        )
+
+
+def _assert_all_running(snapshot: ClusterSnapshot) -> None:
+    for vm, services in snapshot.monit.items():
+        assert services, f"{vm}: no monit services"
+        running = all(state.lower() in ("ok", "running") for state in services.values())
+        assert running, (vm, services)
+
+
+@pytest.fixture
+def s3_proxy(moto_s3: S3Server) -> Iterator[FaultProxy]:
+    with fault_proxy(moto_s3.endpoint_url) as proxy:
+        yield proxy
+
+
+# ---------------------------------------------------------------- object store, transient
+
+
+def test_transient_store_faults_during_recovery_are_retried_to_success(
+    healthy_sim_cluster: SimCluster, moto_s3: S3Server, s3_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    cluster = healthy_sim_cluster
+    scenario = Scenario.prepare(cluster, moto_s3, rows=1500, part_size=16 * 1024)
+    faults = [
+        s3_error("SlowDown", 503, times=2, ranged=False),  # the listing
+        s3_error("SlowDown", 503, times=3, ranged=True, skip=1),
+        s3_error("InternalError", 500, times=2, ranged=True, skip=3),
+        reset_after(20_000, times=2, ranged=True, skip=4),
+        close(times=1, ranged=True, skip=6),
+    ]
+    s3_proxy.add(*faults)
+    argv, status_file = _argv(scenario, tmp_path, "store-transient", endpoint=s3_proxy.url)
+    out = _finish(_start(argv, tmp_path))
+    status = _status(status_file)
+    assert status.get("phase") == "Rejoined", out[-3000:]
+    assert "recovery complete" in out
+    assert all(f.applied == f.times for f in faults), [(f.kind, f.applied) for f in faults]
+    # Retried inside the download (per range), not by failing the phase.
+    assert not any(k.startswith("retries") for k in status.get("facts", {}))
+    assert status["backup"]["plainSha256"] == scenario.backup.plain_sha256
+    assert scenario.restored_everywhere() == {vm.name: True for vm in cluster.vms}
+    assert cluster.wait_healthy(timeout=30).ok
+
+
+# ---------------------------------------------------------------- object store, persistent
+
+
+@pytest.fixture
+def quick_store_retries(monkeypatch: pytest.MonkeyPatch) -> StoreRetryPolicy:
+    """The store retry policy the plan builds by default, with short waits: same number of
+    attempts and the same code path, ~0.3 s of backoff per range instead of up to 15.5 s
+    (that timing is checked on its own in test_faults_objectstore.py)."""
+    monkeypatch.setattr(StoreRetryPolicy.__init__, "__defaults__", (6, 0.02, 0.1))
+    policy = StoreRetryPolicy()
+    assert (policy.attempts, policy.base_delay, policy.max_delay) == (6, 0.02, 0.1)
+    return policy
+
+
+async def _run_in_process(
+    scenario: Scenario, directory: Path, name: str, endpoint: str
+) -> dict[str, Any]:
+    """The CLI's `run_local` with a short engine retry budget (one phase retry after 1 s).
+
+    Why not the CLI: its retry policy is the operator's (8 phase retries, 5 s doubling to
+    300 s), so a dead store takes ~17 min to become `Failed` — right for production, too long
+    for CI, and `pgrecovery recover` has no option to shorten it.
+    """
+    manifest = scenario.manifest(name)
+    manifest["spec"]["source"]["s3"]["endpoint"] = endpoint
+    secrets = scenario.write_secrets_dir(directory / "secrets")
+    work = directory / "work"
+    work.mkdir()
+    status_file = directory / f"{name}.status.json"
+    run = LocalRun(
+        name=name,
+        spec=manifest["spec"],
+        status_file=status_file,
+        work_dir=work,
+        secrets=LocalSecrets(secrets),
+        plan_factory=load_plan_factory(DEFAULT_PLAN_FACTORY),
+        retry=PhaseRetryPolicy(limit=1, base_delay=1.0, max_delay=1.0),
+    )
+    await run_local(run, resume=False, on_event=lambda _event, _status: None)
+    return _status(status_file)
+
+
+@pytest.mark.parametrize("fault", ["slowdown-mid-download", "dns", "closed-port"])
+async def test_persistent_store_fault_fails_before_staging_and_leaves_cluster_untouched(
+    fault: str,
+    healthy_sim_cluster: SimCluster,
+    moto_s3: S3Server,
+    s3_proxy: FaultProxy,
+    quick_store_retries: StoreRetryPolicy,
+    tmp_path: Path,
+) -> None:
+    cluster = healthy_sim_cluster
+    scenario = Scenario.prepare(cluster, moto_s3, rows=300, part_size=16 * 1024)
+    before = ClusterSnapshot.take(cluster)
+    _assert_all_running(before)
+    if fault == "slowdown-mid-download":
+        # The key check (first ranged read) passes; later ranges always get SlowDown.
+        s3_proxy.add(s3_error("SlowDown", 503, times=None, ranged=True, skip=1))
+        endpoint = s3_proxy.url
+    elif fault == "dns":
+        endpoint = "http://store.invalid:9000"
+    else:
+        endpoint = f"http://127.0.0.1:{closed_port()}"
+    started = time.monotonic()
+    status = await _run_in_process(scenario, tmp_path, "store-dead", endpoint)
+    elapsed = time.monotonic() - started
+    assert status["phase"] == "Failed"
+    assert status["failureReason"] == "StoreUnavailable"
+    message = str(status["message"])
+    assert endpoint in message, message  # actionable: which endpoint failed
+    assert "gave up after 1 retries" in message
+    assert status["facts"]["failedInPhase"] in ("Fetching", "Decrypting")
+    steps = _steps(status)
+    assert not any(s.startswith("ensure-standbys") for s in steps)  # nothing destructive ran
+    if fault == "slowdown-mid-download":
+        assert "SlowDown" in message
+        assert steps["check-encryption-key"] == "Succeeded"
+        assert steps["probe-cluster"] == "Succeeded"  # it reached the cluster, read-only
+    else:
+        assert steps["resolve-backup"] == "Failed"
+        assert "Could not connect" in message
+    for secret in scenario.secret_strings():
+        assert secret not in json.dumps(status)
+    # Two phase runs (1 s apart), each giving up after the store policy's attempts.
+    assert elapsed < 60
+    if fault == "slowdown-mid-download":
+        attempts = quick_store_retries.attempts
+        assert s3_proxy.count(action="error") >= 2 * attempts  # both phase runs, all attempts
+    after = ClusterSnapshot.take(cluster)
+    assert after == before  # services, data and pg_hba exactly as before
+
+
+# ---------------------------------------------------------------- SSH reset mid-upload
+
+_KILL_SSH_MID_UPLOAD = r"""
+part=$1 user=$2 threshold=$3
+for _ in $(seq 1 30000); do
+  size=$(stat -c %s -- "$part" 2>/dev/null || echo 0)
+  if [ "$size" -ge "$threshold" ]; then
+    pkill -KILL -f "^sshd: $user" && echo "killed at $size" && exit 0
+  fi
+  sleep 0.01
+done
+echo "upload never reached $threshold bytes"; exit 1
+"""
+
+
+def test_ssh_connection_killed_mid_upload_is_retried_and_checksum_verified(
+    healthy_sim_cluster: SimCluster, moto_s3: S3Server, tmp_path: Path
+) -> None:
+    cluster = healthy_sim_cluster
+    scenario = Scenario.prepare(cluster, moto_s3, rows=40_000, part_size=1 << 20)
+    primary = cluster.primary()
+    part = f"/var/vcap/store/postgresql-restore/{scenario.backup.backup_id}.dump.part"
+    # The watcher runs inside the primary: it sees the .part file grow and kills the per-
+    # connection sshd processes of the recovery's login (the TCP connection dies mid-stream).
+    watcher = primary.popen(
+        ["bash", "-c", _KILL_SSH_MID_UPLOAD, "watch", part, cluster.ssh_user, str(2 << 20)]
+    )
+    argv, status_file = _argv(scenario, tmp_path, "ssh-reset")
+    try:
+        out = _finish(_start(argv, tmp_path))
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+        watched, _ = watcher.communicate(timeout=30)
+    assert watched.decode().startswith("killed at"), watched
+    status = _status(status_file)
+    assert status.get("phase") == "Rejoined", out[-3000:]
+    # The phase was retried after the lost connection, and stage-dump ran again from byte 0.
+    assert status["facts"].get("retriesDecrypting") == "1", status["facts"]
+    assert "NodeUnreachable" in out or "connection lost during upload" in out, out[-3000:]
+    assert status["backup"]["plainSha256"] == scenario.backup.plain_sha256
+    assert scenario.restored_everywhere() == {vm.name: True for vm in cluster.vms}
+    assert cluster.wait_healthy(timeout=30).ok
+
+
+# ---------------------------------------------------------------- power cuts
+
+
+@pytest.mark.slow
+def test_standby_power_cut_during_reclone_is_retried_to_success_after_boot(
+    healthy_sim_cluster: SimCluster, moto_s3: S3Server, tmp_path: Path
+) -> None:
+    """A platform engineer expects a standby that loses power during its re-clone to be
+    re-cloned once it is back: the primary already holds the restored data, and a standby is
+    disposable (it is wiped and cloned anyway). The recovery keeps retrying the Rejoined
+    phase (NodeUnreachable, engine backoff) while the VM is off, and completes after boot."""
+    cluster = healthy_sim_cluster
+    scenario = Scenario.prepare(cluster, moto_s3, rows=1500, part_size=64 * 1024)
+    standby = next(vm for vm in cluster.vms if vm is not cluster.primary())
+    step = f"ensure-standby-recloned-{standby.name.replace('/', '-')}"
+    argv, status_file = _argv(scenario, tmp_path, "standby-cut")
+    proc = _start(argv, tmp_path)
+    try:
+        _wait_step(proc, status_file, step)
+        standby.power_cut()
+        time.sleep(4)  # off for longer than one engine retry (5 s first delay counts from here)
+        assert proc.poll() is None, "the recovery ended while a standby was powered off"
+        standby.boot()
+        out = _finish(proc)
+    finally:
+        if not standby.running:
+            standby.boot()
+    status = _status(status_file)
+    assert status.get("phase") == "Rejoined", out[-3000:]
+    assert int(status["facts"].get("retriesRejoined", "0")) >= 1, status["facts"]
+    assert _steps(status)[step] == "Succeeded"
+    assert scenario.restored_everywhere() == {vm.name: True for vm in cluster.vms}
+    assert cluster.wait_healthy(timeout=60).ok
+
+
+@pytest.mark.slow
+def test_primary_power_cut_during_restore_fails_and_a_new_run_recovers(
+    healthy_sim_cluster: SimCluster, moto_s3: S3Server, tmp_path: Path
+) -> None:
+    """Power lost on the primary while psql loads the dump: the database holds a partial
+    restore, so the recovery must end Failed/RestoreFailed (the job is lost), never succeed.
+
+    What recovers it: a new run of the same manifest (new status file, same work dir). The dump
+    is `pg_dumpall --clean --if-exists`, so replaying it whole over the partial restore is
+    safe; the verified dump still staged on the primary is reused (not sent again) and the
+    downloaded parts are reused. `--resume` of the failed run does not re-run anything: a
+    Failed recovery is final by design (see the report)."""
+    cluster = healthy_sim_cluster
+    scenario = Scenario.prepare(cluster, moto_s3, rows=40_000, part_size=1 << 20)
+    primary = cluster.primary()
+    argv, status_file = _argv(scenario, tmp_path, "primary-cut")
+    proc = _start(argv, tmp_path)
+    try:
+        _wait_step(proc, status_file, "restore-dump")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if primary.run("pgrep -x psql", check=False).returncode == 0:
+                break
+            time.sleep(0.05)
+        primary.power_cut()
+        time.sleep(3)
+        primary.boot()
+        out = _finish(proc)
+    finally:
+        if not primary.running:
+            primary.boot()
+    assert proc.returncode == 1, out[-3000:]
+    assert "recovery FAILED (RestoreFailed)" in out
+    status = _status(status_file)
+    assert status["phase"] == "Failed"
+    assert status["failureReason"] == "RestoreFailed"
+    assert "vanished" in status["message"] or "psql exited" in status["message"]
+    assert status["facts"]["failedInPhase"] == "Restoring"
+    steps = _steps(status)
+    assert steps["ensure-standbys-stopped"] == "Succeeded"
+    assert steps["restore-dump"] == "Failed"
+    assert {n["name"] for n in status["nodes"]} == {vm.name for vm in cluster.vms}
+
+    # --resume of a Failed recovery changes nothing and says it failed.
+    resumed = subprocess.run(
+        [*argv, "--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert resumed.returncode == 1
+    assert "recovery FAILED (RestoreFailed)" in resumed.stdout
+
+    # A new run of the same manifest replays the whole --clean dump and completes.
+    primary.wait_agent("running", timeout=120)
+    rerun = [*argv]
+    rerun[rerun.index("--status-file") + 1] = str(tmp_path / "primary-cut-rerun.status.json")
+    again = subprocess.run(
+        rerun, cwd=tmp_path, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False
+    )
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
+    second = _status(tmp_path / "primary-cut-rerun.status.json")
+    assert second["phase"] == "Rejoined"
+    assert second["backup"]["plainSha256"] == scenario.backup.plain_sha256
+    assert scenario.restored_everywhere() == {vm.name: True for vm in cluster.vms}
+    assert cluster.wait_healthy(timeout=60).ok
