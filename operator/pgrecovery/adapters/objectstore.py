@@ -12,6 +12,7 @@ Every method raises only classes from `pgrecovery.errors`: `StoreUnavailable` (r
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -51,4 +52,19 @@ class ObjectStore(Protocol):
 
     async def close(self) -> None:
         """Release connections; the store is not used afterwards."""
+        ...
+
+
+@runtime_checkable
+class WritableObjectStore(ObjectStore, Protocol):
+    """A store that can also copy (server-side) and delete objects: the Dingo recovery clones
+    a deleted instance's WAL-E archive into the new instance's prefix. Only S3 implements it
+    (Dingo archives are in S3)."""
+
+    async def copy(self, source_key: str, dest_key: str, *, size: int | None = None) -> ObjectInfo:
+        """Server-side copy inside the bucket; the copy's size and ETag as a HEAD sees them."""
+        ...
+
+    async def delete(self, keys: Sequence[str]) -> int:
+        """Delete `keys` (absent keys count as deleted); returns how many."""
         ...

@@ -15,7 +15,8 @@ policy, so waits are logged and bounded in one place.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import boto3
@@ -26,6 +27,10 @@ from pgrecovery.adapters.objectstore import ObjectInfo
 from pgrecovery.errors import BackupNotFound, RecoveryError, StoreAccessDenied, StoreUnavailable
 
 T = TypeVar("T")
+
+# One CopyObject request copies at most 5 GiB (AWS limit); DeleteObjects takes 1000 keys.
+COPY_OBJECT_MAX_BYTES = 5 * 1024**3
+DELETE_OBJECTS_MAX_KEYS = 1000
 
 _DENIED = {
     "AccessDenied",
@@ -213,3 +218,51 @@ class S3ObjectStore:
 
     async def close(self) -> None:
         await asyncio.to_thread(self._client.close)
+
+    # ---------------------------------------------------------------- writes (Dingo clone)
+    # Server-side only: the bytes never pass through the operator. Used to clone a WAL-E
+    # archive from a deleted instance's prefix into the new instance's prefix.
+
+    async def copy(self, source_key: str, dest_key: str, *, size: int | None = None) -> ObjectInfo:
+        """Copy an object inside the bucket (CopyObject; objects above 5 GiB, which one
+        request cannot copy, through boto3's multipart UploadPartCopy); returns the copy's
+        size and ETag as a HEAD sees them."""
+
+        def run() -> None:
+            source = {"Bucket": self.bucket, "Key": source_key}
+            if size is not None and size <= COPY_OBJECT_MAX_BYTES:
+                self._client.copy_object(Bucket=self.bucket, Key=dest_key, CopySource=source)
+            else:
+                self._client.copy(source, self.bucket, dest_key)
+
+        await self._call(f"copy s3://{self.bucket}/{source_key} to {dest_key}", run)
+        return await self.head(dest_key)
+
+    async def delete(self, keys: Sequence[str]) -> int:
+        """Delete `keys` (DeleteObjects, at most 1000 per request); returns how many were
+        deleted. A key that does not exist counts as deleted (S3 semantics); any per-key
+        error fails the whole call."""
+
+        def run(batch: Sequence[str]) -> list[str]:
+            resp = self._client.delete_objects(
+                Bucket=self.bucket,
+                Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
+            )
+            return [f"{e.get('Key')}: {e.get('Code')}" for e in resp.get("Errors", ())]
+
+        done = 0
+        for start in range(0, len(keys), DELETE_OBJECTS_MAX_KEYS):
+            batch = keys[start : start + DELETE_OBJECTS_MAX_KEYS]
+            what = f"delete {len(batch)} object(s) under s3://{self.bucket}/"
+            errors = await self._call(what, functools.partial(run, batch))
+            if errors:
+                # Per-key errors come back in a 200 response: the same codes as a request's.
+                code = errors[0].rsplit(": ", 1)[-1]
+                raise convert_error(
+                    botocore.exceptions.ClientError(
+                        {"Error": {"Code": code, "Message": errors[0]}}, "DeleteObjects"
+                    ),
+                    f"{what} ({len(errors)} failed)",
+                )
+            done += len(batch)
+        return done

@@ -27,6 +27,12 @@ async def build_plan(inputs: PlanInputs) -> Plan:
         )
 
         return await build_wale_physical_plan(inputs)
+    if source is SourceType.WAL_E and target is TargetType.DINGO:
+        from pgrecovery.engine.plans.dingo import (  # noqa: PLC0415 - SDKs load lazily
+            build_dingo_plan,
+        )
+
+        return await build_dingo_plan(inputs)
     raise InvalidSpec(
         f"recovery of source type {inputs.spec.source.type.value} onto target type "
         f"{inputs.spec.target.type.value} is not implemented in this version",

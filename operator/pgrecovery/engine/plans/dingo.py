@@ -1,0 +1,384 @@
+"""The Dingo plan: restore a deleted service instance's WAL-E archive into a new instance.
+
+Why this module exists: it is the Dingo runbook ("Recover user's deleted service") as phases of
+idempotent steps, binding the WAL-E reader (`backups.wale`: is there an archive with base
+backups and a system id?), the archive clone (`cluster.dingo_archive`) and the cell operations
+(`cluster.dingo`). The old archive's location is derived from the GUID and the bucket (no log
+digging): `spec.source.s3.prefix` when set, else `backups/<backupGuid>/wal/`; the new
+instance's is the same with `target.dingo.instanceId`.
+
+Phases (the runbook's order; nothing destructive before Staging, and Staging only with
+`confirm`):
+- Fetching: list the old archive (complete base backups and `sysids/sysid` required), find the
+  new instance's container on the cells, read its etcd keys, list its archive prefix.
+- Decrypting: nothing (Dingo archives are not encrypted here).
+- Staging: stop the container (it must stop writing its archive first, as the runbook says),
+  empty the new prefix, copy the old archive into it server-side, verify counts and sizes.
+  Never a sync: a sync keeps the new instance's own sysid and base backup (formats.md).
+- Restoring: delete etcd `/service/<id>/initialize` and `/optime/leader`, wipe the container's
+  data directory, start the container.
+- Rejoined: wait until the container has restored, holds the leader key and accepts
+  connections; verify the restored system id is the OLD archive's (pg_control and etcd).
+
+Resuming: one-shot destructive steps (emptying, etcd deletes, wipe) record a fact when done and
+are skipped afterwards, because their "state holds" would be undone by the container's own
+start-up (it writes `/initialize` and its data directory again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from pgrecovery.adapters.objectstore import WritableObjectStore
+from pgrecovery.adapters.ssh import SshAuth, SshPool
+from pgrecovery.backups.wale.archive import list_archive, load_details
+from pgrecovery.backups.wale.layout import default_prefix, normalise_prefix
+from pgrecovery.cluster.dingo import RESET_KEYS, Container, DingoOperations, etcd_base_url
+from pgrecovery.cluster.dingo_archive import (
+    clone_prefix,
+    empty_prefix,
+    summarize,
+    verify_clone,
+)
+from pgrecovery.cluster.nodes import A9sLayout, Node
+from pgrecovery.engine import status as st
+from pgrecovery.engine.phases import Phase
+from pgrecovery.engine.plan import Plan, PlanInputs
+from pgrecovery.engine.plans.a9s_logical import A9sLogicalRecovery, _human, _never
+from pgrecovery.engine.spec import DingoTarget
+from pgrecovery.engine.status import BackupInfo, NodeState
+from pgrecovery.engine.steps import FunctionStep, Step, StepContext
+from pgrecovery.errors import (
+    BackupIncomplete,
+    ClusterError,
+    ConfigurationError,
+    FatalError,
+    InvalidSpec,
+    RestoreFailed,
+)
+
+log = logging.getLogger(__name__)
+
+# How often the restoring container is polled, and the least time it gets: WAL-E's
+# backup-fetch and replay of a small archive take a minute on a loaded machine; larger ones
+# get one more second per 5 MB of archive (download, lzop, replay).
+RESTORE_POLL_INTERVAL = 2.0
+RESTORE_MIN_TIMEOUT = 1800.0
+RESTORE_BYTES_PER_SECOND = 5e6
+PROGRESS_INTERVAL = 1.0
+
+
+@dataclass
+class DingoRecovery(A9sLogicalRecovery):
+    """Shared state of one Dingo recovery (the store and its closing come from the logical
+    recovery object; the SSH side is the cells')."""
+
+    _dingo_ops: DingoOperations | None = None
+    _container: Container | None = None
+
+    @property
+    def dingo(self) -> DingoTarget:
+        dingo = self.spec.target.dingo
+        if dingo is None:  # the model guarantees it for type dingo
+            raise InvalidSpec("target.dingo is required", field="spec.target.dingo")
+        return dingo
+
+    # ------------------------------------------------------------------ where
+    @property
+    def old_prefix(self) -> str:
+        s3 = self.spec.source.s3
+        given = normalise_prefix(s3.prefix) if s3 is not None else ""
+        return given or default_prefix(self.spec.source.backup_guid)
+
+    @property
+    def new_prefix(self) -> str:
+        guid, new = self.spec.source.backup_guid, self.dingo.instance_id
+        if self.old_prefix == default_prefix(guid):
+            return default_prefix(new)
+        if self.old_prefix.count(guid) != 1:
+            raise InvalidSpec(
+                f"cannot derive the new instance's archive from prefix {self.old_prefix!r}: it "
+                "must contain source.backupGuid once (Dingo: backups/<guid>/wal/)",
+                field="spec.source.s3.prefix",
+            )
+        return self.old_prefix.replace(guid, new)
+
+    async def writable_store(self) -> WritableObjectStore:
+        store = await self.store()
+        if not isinstance(store, WritableObjectStore):
+            raise ConfigurationError("the Dingo recovery copies objects: it needs an S3 store")
+        return store
+
+    async def cell_ops(self) -> DingoOperations:
+        if self._dingo_ops is None:
+            ssh = self.spec.target.ssh
+            key = await self.inputs.secrets.get_key(ssh.private_key_secret_ref)
+            known_hosts = await self.inputs.secrets.get_key(ssh.known_hosts_secret_ref)
+            pool = SshPool(
+                SshAuth(username=ssh.user, private_key=key, known_hosts=known_hosts.decode())
+            )
+            self._closers.append(pool.close)
+            self._dingo_ops = DingoOperations(pool, self.nodes)
+        return self._dingo_ops
+
+    async def container(self, ctx: StepContext) -> Container:
+        """The new instance's container; after Fetching, the one pinned in status."""
+        if self._container is None:
+            ops = await self.cell_ops()
+            name = ctx.status.facts.get("container") or self.dingo.container
+            self._container = await ops.find_container(self.dingo.instance_id, name)
+        return self._container
+
+    def etcd(self, container: Container) -> str:
+        return etcd_base_url(container, self.dingo.etcd.endpoint)
+
+    async def say(self, ctx: StepContext, text: str) -> None:
+        await ctx.update(lambda s: st.set_message(s, text))
+
+    async def node_state(self, ctx: StepContext, state: str) -> None:
+        container = await self.container(ctx)
+        node = NodeState(name=container.node.name, role="cell", state=state)
+        await ctx.update(lambda s: st.set_nodes(s, (node,)))
+
+    # ------------------------------------------------------------------ Fetching
+    async def resolve_archive(self, ctx: StepContext) -> None:
+        store = await self.writable_store()
+        archive = await list_archive(store, self.old_prefix)
+        await load_details(store, archive)
+        if archive.sysid is None:
+            raise BackupIncomplete(
+                f"{archive.where('sysids/sysid')} is missing: the restored container could not "
+                'set its etcd /initialize from it (Dingo: "Target missing /sysids/sysid")'
+            )
+        latest = archive.complete_backups[-1]
+        objects = await store.list(self.old_prefix)
+        total = summarize(objects)
+        info = BackupInfo(id=latest.name.name, parts=total.objects, size_bytes=total.bytes)
+        await ctx.update(lambda s: st.set_backup(s, info))
+        await ctx.fact(
+            oldArchive=archive.where(""),
+            newArchive=f"{store.description.rstrip('/')}/{self.new_prefix}",
+            oldSysid=str(archive.sysid),
+            baseBackups=str(len(archive.complete_backups)),
+            walSegments=str(len(archive.segments)),
+        )
+        await self.say(
+            ctx,
+            f"archive of deleted instance {self.spec.source.backup_guid}: "
+            f"{len(archive.complete_backups)} base backup(s), latest {latest.name.name}, "
+            f"{len(archive.segments)} WAL segment(s), {total.objects} objects, "
+            f"{_human(total.bytes)}, system id {archive.sysid}",
+        )
+
+    async def archive_resolved(self, ctx: StepContext) -> bool:
+        return ctx.status.backup.id is not None and "oldSysid" in ctx.status.facts
+
+    async def find_container(self, ctx: StepContext) -> None:
+        self._container = None
+        container = await self.container(ctx)
+        etcd = self.etcd(container)
+        await ctx.fact(
+            container=container.name,
+            containerId=container.id,
+            cell=container.node.name,
+            dataDir=container.data_dir,
+            etcd=etcd,
+        )
+        await ctx.update(lambda s: s.model_copy(update={"primary": container.node.name}))
+        await self.node_state(ctx, "running" if container.running else "stopped")
+
+    async def check_etcd(self, ctx: StepContext) -> None:
+        ops = await self.cell_ops()
+        container = await self.container(ctx)
+        initialize = await ops.etcd_get(container, self.etcd(container), "initialize")
+        leader = await ops.etcd_get(container, self.etcd(container), "leader")
+        await ctx.fact(newSysid=initialize or "none", newLeader=leader or "none")
+
+    async def check_new_archive(self, ctx: StepContext) -> None:
+        store = await self.writable_store()
+        found = summarize(await store.list(self.new_prefix))
+        await ctx.fact(newArchiveBefore=str(found))
+        await self.say(
+            ctx,
+            f"new instance {self.dingo.instance_id}: {(await self.container(ctx)).label}, "
+            f"its archive holds {found} (to be replaced)",
+        )
+
+    # ------------------------------------------------------------------ Staging
+    async def container_stopped(self, ctx: StepContext) -> bool:
+        ops = await self.cell_ops()
+        return not (await ops.refresh(await self.container(ctx))).running
+
+    async def stop_container(self, ctx: StepContext) -> None:
+        ops = await self.cell_ops()
+        await ops.ensure_stopped(await self.container(ctx))
+        await self.node_state(ctx, "stopped")
+
+    async def empty_new_archive(self, ctx: StepContext) -> None:
+        store = await self.writable_store()
+        removed = await empty_prefix(store, self.new_prefix, protect=self.old_prefix)
+        await ctx.fact(newArchiveEmptied=str(removed))
+        await self.say(ctx, f"emptied {self.new_prefix}: removed {removed}")
+
+    async def archive_cloned(self, ctx: StepContext) -> bool:
+        try:
+            await verify_clone(await self.writable_store(), self.old_prefix, self.new_prefix)
+        except BackupIncomplete:
+            return False
+        return "newArchiveEmptied" in ctx.status.facts
+
+    async def clone_archive(self, ctx: StepContext) -> None:
+        store = await self.writable_store()
+        last = [0.0]
+
+        async def progress(done: int, total: int, detail: str) -> None:
+            if time.monotonic() - last[0] >= PROGRESS_INTERVAL or done == total:
+                last[0] = time.monotonic()
+                await ctx.progress(done, total, detail)
+
+        result = await clone_prefix(store, self.old_prefix, self.new_prefix, progress=progress)
+        await ctx.fact(archiveCloned=str(result.total))
+        await self.say(
+            ctx,
+            f"copied {result.copied} object(s) ({_human(result.copied_bytes)}) server-side; "
+            f"{self.new_prefix} now equals the old archive: {result.total}",
+        )
+
+    # ------------------------------------------------------------------ Restoring
+    async def delete_etcd_keys(self, ctx: StepContext) -> None:
+        ops = await self.cell_ops()
+        container = await self.container(ctx)
+        if (await ops.refresh(container)).running:
+            raise ClusterError(f"{container.label} runs again; refusing to reset its etcd keys")
+        etcd = self.etcd(container)
+        deleted = [key for key in RESET_KEYS if await ops.etcd_delete(container, etcd, key)]
+        left = [key for key in RESET_KEYS if await ops.etcd_get(container, etcd, key) is not None]
+        if left:
+            raise ClusterError(f"etcd keys {left} of {container.instance_id} still exist")
+        await ctx.fact(etcdKeysDeleted=",".join(deleted) or "none were set")
+
+    async def wipe_data_dir(self, ctx: StepContext) -> None:
+        ops = await self.cell_ops()
+        container = await self.container(ctx)
+        await ops.wipe_data_dir(container)
+        if not await ops.data_is_empty(container):
+            raise ClusterError(f"{container.data_dir} on {container.node.name} is not empty")
+        await ctx.fact(dataDirWiped=container.data_dir)
+
+    async def container_running(self, ctx: StepContext) -> bool:
+        ops = await self.cell_ops()
+        return (await ops.refresh(await self.container(ctx))).running
+
+    async def start_container(self, ctx: StepContext) -> None:
+        ops = await self.cell_ops()
+        await ops.ensure_started(await self.container(ctx))
+        await self.node_state(ctx, "restoring")
+
+    # ------------------------------------------------------------------ Rejoined
+    async def restored(self, ctx: StepContext) -> bool:
+        ops = await self.cell_ops()
+        container = await self.container(ctx)
+        return (await ops.readiness(container, self.etcd(container))).ready(container)
+
+    async def wait_restored(self, ctx: StepContext) -> None:
+        ops = await self.cell_ops()
+        container = await self.container(ctx)
+        etcd = self.etcd(container)
+        size = ctx.status.backup.size_bytes or 0
+        budget = max(RESTORE_MIN_TIMEOUT, size / RESTORE_BYTES_PER_SECOND)
+        started = time.monotonic()
+        while True:
+            ctx.raise_if_cancelled()
+            state = await ops.readiness(container, etcd)
+            if state.ready(container):
+                break
+            if not state.running:
+                raise RestoreFailed(
+                    f"{container.label} exited (code {state.exit_code}) while restoring; see "
+                    f"`docker logs {container.name}` on {container.node.name}. The archive copy "
+                    "is in place: fix the cause and start the container again"
+                )
+            waited = time.monotonic() - started
+            if waited > budget:
+                raise RestoreFailed(
+                    f"{container.label} did not restore within {budget:.0f}s (leader "
+                    f"{state.leader or 'none'}, accepting {state.accepting})"
+                )
+            await ctx.progress(
+                int(waited),
+                None,
+                f"waiting for {container.name} to restore from the archive "
+                f"({waited:.0f}s; leader {state.leader or 'none'}, "
+                f"accepting connections: {'yes' if state.accepting else 'no'})",
+            )
+            await asyncio.sleep(RESTORE_POLL_INTERVAL)
+        await self.node_state(ctx, "running")
+
+    async def verify_system_id(self, ctx: StepContext) -> None:
+        ops = await self.cell_ops()
+        container = await self.container(ctx)
+        want = ctx.status.facts.get("oldSysid")
+        got = await ops.data_sysid(container)
+        initialize = await ops.etcd_get(container, self.etcd(container), "initialize")
+        if got != want or initialize != want:
+            raise FatalError(
+                f"{container.label} runs a database with system id {got} (etcd /initialize "
+                f"{initialize}), not the deleted instance's {want}: the archive restored is not "
+                "the deleted instance's",
+                reason="SystemIdMismatch",
+            )
+        await ctx.fact(restoredSysid=got)
+        await self.say(
+            ctx,
+            f"service instance {self.dingo.instance_id} restored from the archive of "
+            f"{self.spec.source.backup_guid} (system id {got}); {container.label} is the "
+            "leader and accepts connections",
+        )
+
+
+def _fact(name: str) -> Callable[[StepContext], Awaitable[bool]]:
+    async def check(ctx: StepContext) -> bool:
+        return name in ctx.status.facts
+
+    return check
+
+
+async def build_dingo_plan(inputs: PlanInputs) -> Plan:
+    spec = inputs.spec
+    nodes = tuple(
+        Node(name=n.name, address=n.address, port=spec.target.ssh.port) for n in spec.target.nodes
+    )
+    r = DingoRecovery(inputs=inputs, layout=A9sLayout(), nodes=nodes)
+    # Derive both prefixes now: a prefix the new one cannot be derived from fails in Pending.
+    if r.old_prefix == r.new_prefix:
+        raise InvalidSpec("old and new archive prefixes are equal", field="spec.target.dingo")
+    steps: dict[Phase, list[Step]] = {
+        Phase.FETCHING: [
+            FunctionStep("resolve-archive", r.archive_resolved, r.resolve_archive),
+            FunctionStep("find-container", _never, r.find_container, verify_after=False),
+            FunctionStep("check-etcd", _never, r.check_etcd, verify_after=False),
+            FunctionStep("check-new-archive", _never, r.check_new_archive, verify_after=False),
+        ],
+        Phase.DECRYPTING: [],
+        Phase.STAGING: [
+            FunctionStep("ensure-container-stopped", r.container_stopped, r.stop_container),
+            FunctionStep(
+                "ensure-new-archive-emptied", _fact("newArchiveEmptied"), r.empty_new_archive
+            ),
+            FunctionStep("ensure-archive-cloned", r.archive_cloned, r.clone_archive),
+        ],
+        Phase.RESTORING: [
+            FunctionStep("ensure-etcd-keys-deleted", _fact("etcdKeysDeleted"), r.delete_etcd_keys),
+            FunctionStep("ensure-data-dir-wiped", _fact("dataDirWiped"), r.wipe_data_dir),
+            FunctionStep("ensure-container-started", r.container_running, r.start_container),
+        ],
+        Phase.REJOINED: [
+            FunctionStep("ensure-restored", r.restored, r.wait_restored),
+            FunctionStep("verify-system-id", _never, r.verify_system_id, verify_after=False),
+        ],
+    }
+    return Plan(steps=steps, closers=[r.close])
