@@ -35,6 +35,23 @@ log_min_messages = warning
 """
 
 
+# Names come quote_ident()ed from the catalog; {lit} is that name as a literal.
+_SEQUENCE_SQL = "SELECT {lit}, 1, last_value::text || ' ' || is_called::text FROM {name}"
+_TABLE_SQL = ("SELECT {lit}, count(*), coalesce(md5(string_agg(md5(x::text), '' "
+              "ORDER BY x::text)), '') FROM {name} AS x")
+
+
+def postgres_dir(prefix: str = "pgr-localpg-") -> Path:
+    """A new directory in /tmp that the postgres user owns (pytest's own temp directories
+    are root-only, and the server, psql and the restore script run as postgres)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    if os.geteuid() == 0:
+        pw = pwd.getpwnam("postgres")
+        os.chown(path, pw.pw_uid, pw.pw_gid)
+    return path
+
+
 def _as_postgres() -> list[str]:
     if os.geteuid() != 0:
         return []
@@ -45,7 +62,7 @@ class LocalPostgres:
     """One PostgreSQL 15 cluster in `root` (created by `init`, removed by `destroy`)."""
 
     def __init__(self, root: Path | None = None, *, conf: str = "") -> None:
-        self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="pgr-localpg-"))
+        self.root = Path(root) if root else postgres_dir()
         self.data = self.root / "data"
         self.socket_dir = self.root
         self.extra_conf = conf
@@ -124,3 +141,44 @@ class LocalPostgres:
         if check and res.returncode != 0:
             raise RuntimeError(f"{argv[0]} failed ({res.returncode}): {res.stderr.strip()}"
                                f" {res.stdout.strip()[-2000:]}")
+
+    # ------------------------------------------------------------------ comparisons
+    def databases(self) -> list[str]:
+        out = self.psql("SELECT datname FROM pg_database WHERE datallowconn ORDER BY 1")
+        return [d for d in out.splitlines() if d]
+
+    def schema(self) -> str:
+        """`pg_dumpall --schema-only`, with the per-run `\\restrict` token lines dropped (the
+        only part that differs between two dumps of the same cluster)."""
+        res = subprocess.run(self.client_argv("pg_dumpall", "--schema-only"), env=self.env,
+                             capture_output=True, text=True, check=True, timeout=1800)
+        return "".join(line for line in res.stdout.splitlines(keepends=True)
+                       if not line.startswith(("\\restrict ", "\\unrestrict ")))
+
+    def checksums(self) -> dict[str, str]:
+        """Every user table, materialized view, sequence and large object of every database:
+        `db.schema.name` → row count and an ordered checksum (md5 over the md5 of each row's
+        text, rows sorted by their text), so equal means same contents."""
+        result: dict[str, str] = {}
+        for db in self.databases():
+            rels = self.psql(
+                "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname), c.relkind "
+                "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE c.relkind IN ('r', 'm', 'S') AND n.nspname NOT IN "
+                "('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%' "
+                "ORDER BY 1", database=db, separator="\t").splitlines()
+            parts = []
+            for line in filter(None, rels):
+                name, kind = line.split("\t")
+                lit = "'" + name.replace("'", "''") + "'"
+                parts.append((_SEQUENCE_SQL if kind == "S" else _TABLE_SQL).format(
+                    lit=lit, name=name))
+            parts.append("SELECT 'large objects', count(*), coalesce(md5(string_agg(l::text, "
+                         "'' ORDER BY l::text)), '') FROM (SELECT loid, md5(string_agg(data, "
+                         "''::bytea ORDER BY pageno)) FROM pg_largeobject GROUP BY loid) AS l")
+            out = self.psql("SET work_mem = '256MB';\n" + "\nUNION ALL\n".join(parts) + ";",
+                            database=db, separator="\t")
+            for line in filter(None, out.splitlines()):
+                name, count, digest = line.split("\t")
+                result[f"{db}.{name}"] = f"{count} {digest}"
+        return result

@@ -219,6 +219,7 @@ class DumpIndexer:
         self._dbs: list[_Db] = []
         self._entry: Entry | None = None
         self._fatal: str | None = None
+        self._encoding_at: int | None = None  # offset of an `\\encoding` line just read
 
     # ------------------------------------------------------------------ feeding
 
@@ -315,6 +316,8 @@ class DumpIndexer:
 
     def _line(self, start: int, line: bytes) -> None:
         end = start + len(line) + 1
+        if self._encoding_at is not None and not line.startswith(b"\\connect"):
+            self._encoding_at = None
         prev_start, prev = self._prev
         self._prev = (start, line)
         if self._quote is not None or self._comment_depth or self._in_stmt:
@@ -380,7 +383,7 @@ class DumpIndexer:
         m = _META.match(line)
         cmd = m.group("cmd") if m else b""
         db = self._dbs[-1] if self._dbs else None
-        if cmd not in (b"connect", b"restrict", b"unrestrict"):
+        if cmd not in (b"connect", b"restrict", b"unrestrict", b"encoding"):
             reason = f"unknown psql meta-command {line[:40]!r}"
             if db is None or db.connect_line is None:
                 self._fatal = self._fatal or reason
@@ -389,10 +392,15 @@ class DumpIndexer:
             return
         if db is None or db.index.end:
             return  # globals: \\restrict / \\unrestrict around the roles
+        if cmd == b"encoding":
+            self._encoding_at = start
         if cmd == b"connect":
             if db.connect_line is None:
                 db.connect_line = line.strip()
-                db.index.connect = (start, end)
+                # pg_dump writes `\\encoding SQL_ASCII` right before a `\\connect` whose name
+                # needs the connection-string form: the pair is the connect prefix.
+                enc = self._encoding_at
+                db.index.connect = (enc if enc is not None else start, end)
                 db.index.preamble = (end, end)
                 name = _connect_target(line)
                 if name:
@@ -401,6 +409,8 @@ class DumpIndexer:
             if line.strip() != db.connect_line:
                 self._db_fallback("\\connect to another database inside a database section")
             db.state = {}
+        if cmd != b"encoding":
+            self._encoding_at = None
         if db.preamble_done:
             self._end_entry(start)
             db.between.append(("meta", start))

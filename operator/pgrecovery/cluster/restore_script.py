@@ -299,7 +299,8 @@ run() {{
   if [ -e "$W/failed" ]; then return 0; fi
   {{ "f$1" 3>&-; }} | {psql} > "$W/t$1.log" 2>&1 3>&-
   rc=$?
-  if [ -e "$W/t$1.dd-failed" ]; then rc=99; fi
+  # dd fails too when psql died first (broken pipe): psql's own status says more.
+  if [ "$rc" -eq 0 ] && [ -e "$W/t$1.dd-failed" ]; then rc=99; fi
   echo "$1 $rc $2" >> "$W/progress"
   if [ "$rc" -ne 0 ]; then : > "$W/failed"; fi
 }}
