@@ -450,8 +450,10 @@ class WalePhysicalRecovery(A9sLogicalRecovery):
             text = f"recovered to {reached or 'unknown'} (target {target})"
         else:
             text = f"recovered to the end of the archive: last transaction {reached}"
-        await ctx.update(lambda s: st.set_message(s, f"{text}; promoted on timeline "
-                                                     f"{state.timeline}"))
+        text = f"{text}; promoted on timeline {state.timeline}"
+        # The final status message is the supervisor's; the point reached stays in facts.
+        await ctx.fact(reachedPoint=text)
+        await ctx.update(lambda s: st.set_message(s, text))
 
     async def promoted(self, ctx: StepContext) -> bool:
         return "reachedLsn" in ctx.status.facts
