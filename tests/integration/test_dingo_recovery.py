@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.dingo.cell import DingoCell
-from tests.dingo.world import deleted_service, recover_argv, table_digest
+from tests.dingo.world import DeletedService, deleted_service, recover_argv, table_digest
 from tests.objectstores.servers import S3Server
 
 pytestmark = [pytest.mark.integration, pytest.mark.vms, pytest.mark.slow]
@@ -32,10 +33,16 @@ def _status(path: Path) -> dict[str, object]:
     return json.loads(path.read_text())["status"]  # type: ignore[no-any-return]
 
 
+@pytest.fixture
+def world(dingo_cell: DingoCell, moto_s3: S3Server) -> Iterator[DeletedService]:
+    made = deleted_service(dingo_cell, moto_s3)
+    yield made
+    dingo_cell.delete_instance(made.new)  # its PostgreSQL would run for the whole session
+
+
 def test_deleted_instance_is_restored_into_the_new_instance(
-    dingo_cell: DingoCell, moto_s3: S3Server, tmp_path: Path
+    dingo_cell: DingoCell, moto_s3: S3Server, world: DeletedService, tmp_path: Path
 ) -> None:
-    world = deleted_service(dingo_cell, moto_s3)
     old, new = world.old, world.new
     # the deletion really happened, and the new instance is really a different database
     assert dingo_cell.etcd_keys(old.instance_id) == []

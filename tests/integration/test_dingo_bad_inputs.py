@@ -1,0 +1,126 @@
+"""Dingo recoveries that must stop before anything destructive, on the simulated cell.
+
+Each case runs the real `pgrecovery recover` against a new instance whose state is recorded
+first; afterwards the container still runs, its etcd keys, its data directory and its archive
+prefix are exactly as before, and the status names the reason: no archive for the GUID, an
+archive without base backups, an archive without `sysids/sysid`, no container for the
+instance, a named container of another instance, and a dry run (every check, no change).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.dingo.cell import DingoCell
+from tests.dingo.world import DeletedService, deleted_service, recover_argv
+from tests.objectstores.servers import S3Server
+
+pytestmark = [pytest.mark.integration, pytest.mark.vms, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def world(dingo_cell: DingoCell, moto_s3: S3Server) -> Iterator[DeletedService]:
+    made = deleted_service(dingo_cell, moto_s3)
+    yield made
+    dingo_cell.delete_instance(made.new)  # its PostgreSQL would run for the whole session
+
+
+def _snapshot(world: DeletedService) -> dict[str, Any]:
+    new = world.new
+    return {
+        "running": new.state()["Running"],
+        "etcd": {
+            k: world.cell.etcd_get(k.lstrip("/"))
+            for k in world.cell.etcd_keys(new.instance_id)
+            if not k.endswith(("/leader", f"/members/{new.container}", "/optime/leader"))
+        },
+        "archive": new.archive().list_keys(),
+        "sysid": new.sysid(),
+        "table": new.psql("SELECT count(*) FROM only_in_the_new_instance"),
+    }
+
+
+def _copy(world: DeletedService, guid: str, keep: str) -> None:
+    """Copy the old archive's objects whose relative key starts with one of `keep`'s
+    comma-separated prefixes to `backups/<guid>/wal/`."""
+    client = world.store.client()
+    source = world.old.archive()
+    for key in source.list_keys():
+        rel = key[len(source.prefix) :]
+        if rel.startswith(tuple(keep.split(","))):
+            client.copy_object(
+                Bucket=world.bucket,
+                Key=f"backups/{guid}/wal/{rel}",
+                CopySource={"Bucket": world.bucket, "Key": key},
+            )
+
+
+def _run(world: DeletedService, tmp_path: Path, name: str, **overrides: Any) -> dict[str, Any]:
+    argv, status_file = recover_argv(world, tmp_path, name, **overrides)
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    status: dict[str, Any] = json.loads(status_file.read_text())["status"]
+    status["_exit"] = result.returncode
+    status["_output"] = result.stdout + result.stderr
+    return status
+
+
+@pytest.mark.parametrize(
+    ("case", "reason", "words"),
+    [
+        ("no-archive", "BackupNotFound", "the prefix is empty"),
+        ("no-base-backup", "BackupNotFound", "no complete base backup"),
+        ("no-sysid", "BackupIncomplete", "sysids/sysid"),
+        ("no-container", "ContainerNotFound", "no container of service instance"),
+        ("other-container", "ContainerMismatch", "belongs to service instance"),
+    ],
+)
+def test_bad_input_fails_in_fetching_and_changes_nothing(
+    world: DeletedService, tmp_path: Path, case: str, reason: str, words: str
+) -> None:
+    before = _snapshot(world)
+    guid = str(uuid.uuid4())
+    overrides: dict[str, Any] = {}
+    if case == "no-archive":
+        overrides["backup_guid"] = guid
+    elif case == "no-base-backup":
+        _copy(world, guid, "wal_005/,sysids/")
+        overrides["backup_guid"] = guid
+    elif case == "no-sysid":
+        _copy(world, guid, "wal_005/,basebackups_005/")
+        overrides["backup_guid"] = guid
+    elif case == "no-container":
+        overrides["instance_id"] = guid
+    else:
+        overrides["instance_id"] = guid
+        overrides["container"] = world.new.container
+    status = _run(world, tmp_path, f"bad-{case}", **overrides)
+    assert status["_exit"] != 0
+    assert status["phase"] == "Failed", status
+    assert status["failureReason"] == reason, status
+    assert words in status["message"], status["message"]
+    ran = {s["name"]: s["state"] for s in status["steps"]}
+    assert not any(name.startswith("ensure-") for name in ran), ran
+    assert _snapshot(world) == before
+
+
+def test_dry_run_checks_everything_and_changes_nothing(
+    world: DeletedService, tmp_path: Path
+) -> None:
+    before = _snapshot(world)
+    status = _run(world, tmp_path, "dry-run", dry_run=True)
+    assert status["_exit"] == 0, status["_output"][-2000:]
+    assert status["phase"] == "Decrypting", status  # the last phase before Staging
+    blocked = {c["type"]: c for c in status["conditions"]}["Blocked"]
+    assert blocked["reason"] == "DryRunComplete"
+    facts = status["facts"]
+    assert facts["oldSysid"] == world.old_sysid
+    assert facts["newSysid"] == world.new_sysid
+    assert facts["container"] == world.new.container
+    assert _snapshot(world) == before
