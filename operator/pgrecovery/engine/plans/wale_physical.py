@@ -181,6 +181,7 @@ class WalePhysicalRecovery(A9sLogicalRecovery):
             windowStart=window.start.isoformat() if window.start else "",
             windowEnd=window.end.isoformat() if window.end else "",
             archiveSysid=str(archive.sysid) if archive.sysid is not None else "",
+            windowLastSegment=window.last_segment,
         )
         await ctx.update(lambda s: st.set_message(s, f"recovery window {window.describe()}"))
 
@@ -193,7 +194,7 @@ class WalePhysicalRecovery(A9sLogicalRecovery):
             end=datetime.fromisoformat(facts["windowEnd"]) if facts.get("windowEnd") else None,
             earliest_backup=backups[0].name.name,
             latest_backup=backups[-1].name.name,
-            last_segment=facts.get("recoveryWindow", "").rsplit("WAL up to ", 1)[-1].rstrip(")"),
+            last_segment=facts.get("windowLastSegment", ""),
         )
 
     async def choose_backup(self, ctx: StepContext) -> None:
