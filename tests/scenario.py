@@ -123,6 +123,7 @@ class Scenario:
         confirm: bool = True,
         dry_run: bool = False,
         new_site: bool = False,
+        restore_connections: int | None = None,
     ) -> dict[str, Any]:
         source: dict[str, Any] = {
             "type": "a9sLogical",
@@ -159,6 +160,8 @@ class Scenario:
         }
         if confirm:
             spec["confirm"] = self.deployment
+        if restore_connections is not None:
+            spec["parallelism"] = {"restoreConnections": restore_connections}
         return {
             "apiVersion": "pgrecovery.dev/v1alpha1",
             "kind": "PgRecovery",
@@ -232,12 +235,21 @@ class Scenario:
 
 
 def local_recover_argv(
-    scenario: Scenario, directory: Path, name: str, *, new_site: bool = False
+    scenario: Scenario,
+    directory: Path,
+    name: str,
+    *,
+    new_site: bool = False,
+    restore_connections: int | None = None,
 ) -> tuple[list[str], Path]:
     """Write the manifest and the secrets directory for `pgrecovery recover` into `directory`;
     return its command line (secrets never on it) and the status file it will write."""
     manifest = directory / f"{name}.yaml"
-    manifest.write_text(yaml.safe_dump(scenario.manifest(name, new_site=new_site)))
+    manifest.write_text(
+        yaml.safe_dump(
+            scenario.manifest(name, new_site=new_site, restore_connections=restore_connections)
+        )
+    )
     secrets = scenario.write_secrets_dir(directory / "secrets")
     status_file = directory / f"{name}.status.json"
     argv = [

@@ -34,9 +34,16 @@ def _status(path: Path) -> dict[str, object]:
 
 
 def _run(
-    tmp_path: Path, scenario: Scenario, name: str, *, new_site: bool = False
+    tmp_path: Path,
+    scenario: Scenario,
+    name: str,
+    *,
+    new_site: bool = False,
+    restore_connections: int | None = None,
 ) -> tuple[subprocess.CompletedProcess[str], Path]:
-    argv, status_file = local_recover_argv(scenario, tmp_path, name, new_site=new_site)
+    argv, status_file = local_recover_argv(
+        scenario, tmp_path, name, new_site=new_site, restore_connections=restore_connections
+    )
     result = subprocess.run(
         argv, cwd=tmp_path, capture_output=True, text=True, timeout=900, check=False
     )
@@ -55,6 +62,11 @@ def test_local_recover_restores_the_backup_on_every_node(
     assert {c["type"]: c["status"] for c in status["conditions"]}["Succeeded"] == "True"  # type: ignore[index]
     assert status["backup"]["id"] == scenario.backup.backup_id  # type: ignore[index]
     assert status["backup"]["plainSha256"] == scenario.backup.plain_sha256  # type: ignore[index]
+    facts: dict[str, str] = status["facts"]  # type: ignore[assignment]
+    # The sample dump splits: tables copied and indexes built in several sessions.
+    assert facts["restoreMode"].startswith("parallel "), facts
+    assert "restoredSerially" not in facts
+    assert "fetched " in facts["stagedBytes"]
     assert scenario.restored_everywhere() == {vm.name: True for vm in healthy_sim_cluster.vms}
     assert healthy_sim_cluster.wait_healthy(timeout=30).ok  # agent heartbeat: 3 s
     # no secret in what the user saw or what was written down
@@ -93,9 +105,16 @@ def test_local_recover_killed_mid_phase_resumes_and_completes(
 
 
 def _run_recover(
-    tmp_path: Path, scenario: Scenario, name: str, *, new_site: bool = False
+    tmp_path: Path,
+    scenario: Scenario,
+    name: str,
+    *,
+    new_site: bool = False,
+    restore_connections: int | None = None,
 ) -> tuple[subprocess.CompletedProcess[str], dict[str, object]]:
-    result, status_file = _run(tmp_path, scenario, name, new_site=new_site)
+    result, status_file = _run(
+        tmp_path, scenario, name, new_site=new_site, restore_connections=restore_connections
+    )
     return result, _status(status_file)
 
 
@@ -120,8 +139,14 @@ def test_new_site_recovery_applies_the_site_roles(
         before_backup=old_site_password,
         after_backup=back_to_site_password,
     )
-    result, status = _run_recover(tmp_path, scenario, "new-site", new_site=True)
+    # One session, as in the runbook: the serial restore stays covered end to end.
+    result, status = _run_recover(
+        tmp_path, scenario, "new-site", new_site=True, restore_connections=1
+    )
     assert result.returncode == 0, result.stdout + result.stderr
+    assert status["facts"]["restoreMode"] == (  # type: ignore[index]
+        "serial: spec.parallelism.restoreConnections is 1"
+    )
     steps = {s["name"]: s["state"] for s in status["steps"]}  # type: ignore[union-attr]
     assert steps["apply-site-roles"] == "Succeeded"
     assert scenario.restored_everywhere() == {vm.name: True for vm in cluster.vms}
@@ -139,14 +164,18 @@ def test_new_site_recovery_applies_the_site_roles(
     assert cluster.wait_healthy(timeout=30).ok  # the agent reports every 3 s
 
 
+@pytest.mark.parametrize("sessions", [None, 1], ids=["parallel", "serial"])
 def test_restore_error_fails_restoring_with_the_error_text_and_state(
-    healthy_sim_cluster: SimCluster, moto_s3: S3Server, tmp_path: Path
+    healthy_sim_cluster: SimCluster, moto_s3: S3Server, tmp_path: Path, sessions: int | None
 ) -> None:
     """A dump without --clean cannot replace existing data: psql prints duplicate-key errors
-    (and exits 0); pgrecovery must fail Restoring with that text, never report success."""
+    (and exits 0); pgrecovery must fail Restoring with that text, never report success —
+    with the parallel restore as with one psql."""
     scenario = Scenario.prepare(healthy_sim_cluster, moto_s3, rows=100, dumpall_args=())
     try:
-        result, status = _run_recover(tmp_path, scenario, "no-clean")
+        result, status = _run_recover(
+            tmp_path, scenario, "no-clean", restore_connections=sessions
+        )
     finally:
         # The failed recovery leaves standbys stopped and connections blocked, as it must;
         # put the shared cluster back for the tests after this one.

@@ -45,7 +45,14 @@ from pgrecovery.backups.pipeline import check_key
 from pgrecovery.backups.sources import StorePartsSource
 from pgrecovery.backups.stores import open_azure_store, open_s3_store
 from pgrecovery.cluster.a9s import A9sOperations, StepResult, estimate_needed_bytes
+from pgrecovery.cluster.dump_index import DumpIndex, DumpIndexer
 from pgrecovery.cluster.nodes import A9sLayout, ClusterView, Node, ProgressEvent, run_id_for
+from pgrecovery.cluster.parallel_restore import (
+    ParallelRestoreStatus,
+    poll_parallel_restore,
+    start_parallel_restore,
+)
+from pgrecovery.cluster.restore_script import default_concurrency
 from pgrecovery.engine import status as st
 from pgrecovery.engine.phases import Phase
 from pgrecovery.engine.plan import Plan, PlanInputs
@@ -65,6 +72,31 @@ RESTORE_POLL_INTERVAL = 2.0
 # Bound on the restore: a dump that restores slower than 1 MB/s for its whole size means
 # something is wrong; the floor leaves small dumps an hour.
 RESTORE_MIN_TIMEOUT = 3600.0
+# restoreConnections 0 = one session per CPU of the primary, but no more than this: beyond ~8
+# sessions a restore gains little and adds WAL and lock contention (the spec allows up to 32).
+AUTO_RESTORE_CONNECTIONS_MAX = 8
+
+
+def _sessions_of(mode: str) -> int:
+    """`parallel 4` → 4; `serial: …` → 1."""
+    head, _, rest = mode.partition(" ")
+    return int(rest) if head == "parallel" and rest.isdigit() else 1
+
+
+@dataclass
+class _IndexTap:
+    """Feeds the streaming dump to `DumpIndexer`; writes the index when a pass reached the end."""
+
+    path: Path
+    indexer: DumpIndexer = field(default_factory=DumpIndexer)
+
+    def feed(self, chunk: bytes) -> None:
+        self.indexer.feed(chunk)
+
+    def finish(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(self.indexer.finish().to_json())
+        tmp.replace(self.path)
 
 
 @dataclass
@@ -358,8 +390,24 @@ class A9sLogicalRecovery:
         await self.after_staged(ctx, result)
 
     def dump_taps(self) -> list[Tap]:
-        """Observers of the whole plain dump while it streams (none needed by default)."""
-        return []
+        """Observers of the whole plain dump while it streams: the section index that the
+        parallel restore needs is built here, at no extra pass over the dump."""
+        return [_IndexTap(self.index_path())]
+
+    def index_path(self) -> Path:
+        return self.work_dir / "dump-index.json"
+
+    def load_index(self, plain_size: int | None) -> tuple[DumpIndex | None, str]:
+        """The dump's section index from the work volume, or None with the reason."""
+        try:
+            index = DumpIndex.from_json(self.index_path().read_text())
+        except FileNotFoundError:
+            return None, "the dump index is missing (the operator's work volume was reset)"
+        except (ValueError, KeyError, TypeError) as exc:
+            return None, f"the dump index is unreadable ({exc})"
+        if plain_size is not None and index.size != plain_size:
+            return None, f"the dump index describes {index.size} bytes, the dump has {plain_size}"
+        return index, ""
 
     async def after_staged(self, ctx: StepContext, result: UploadResult) -> None:
         """Hook after the dump is verified on the primary."""
@@ -383,31 +431,55 @@ class A9sLogicalRecovery:
     # ------------------------------------------------------------------ Restoring
 
     async def restore_dump(self, ctx: StepContext) -> None:
+        """Load the staged dump into the primary: in parallel sessions when the dump's index
+        is known and `spec.parallelism.restoreConnections` allows it, else one psql as in the
+        runbook. The choice is pinned in status (`restoreMode`) before the job starts, so a
+        resumed run re-attaches to the same kind of job."""
         ops = await self.ops(ctx)
         view = self.view(ctx)
         backup_id = ctx.status.backup.id
         if backup_id is None:
             raise FatalError("no backup pinned in status", reason="InternalError")
         run_id = self.run_id(ctx)
-        await ops.start_restore(view, backup_id, run_id)
+        mode = ctx.status.facts.get("restoreMode")
+        if mode is None:
+            mode = await self.choose_restore_mode(ctx, ops, view)
+            await ctx.fact(restoreMode=mode)
         plain = ctx.status.backup.plain_size_bytes or 0
         deadline = time.monotonic() + max(RESTORE_MIN_TIMEOUT, plain / 1e6)
+        sessions = _sessions_of(mode)
+        if sessions > 1:
+            index, why = self.load_index(ctx.status.backup.plain_size_bytes)
+            if index is None:
+                raise RestoreFailed(f"the parallel restore was chosen but {why}")
+            await start_parallel_restore(ops, view, backup_id, run_id, index, sessions)
+        else:
+            await ops.start_restore(view, backup_id, run_id)
         while True:
             ctx.raise_if_cancelled()
-            polled = await ops.poll_restore(view, backup_id, run_id)
+            polled = (
+                await poll_parallel_restore(ops, view, backup_id, run_id)
+                if sessions > 1
+                else await ops.poll_restore(view, backup_id, run_id)
+            )
             if polled.done:
                 break
             if polled.bytes_read is not None:
+                tasks = (
+                    f" ({polled.tasks_done}/{polled.tasks_total} tasks, {sessions} sessions)"
+                    if isinstance(polled, ParallelRestoreStatus)
+                    else ""
+                )
                 await ctx.progress(
                     polled.bytes_read,
                     polled.bytes_total,
-                    f"psql restored {_human(polled.bytes_read)} of "
-                    f"{_human(polled.bytes_total or 0)}",
+                    f"restored {_human(polled.bytes_read)} of "
+                    f"{_human(polled.bytes_total or 0)}{tasks}",
                 )
             if time.monotonic() > deadline:
                 raise FatalError(
-                    "the restore did not finish in time; the psql job is still running on "
-                    f"{view.primary.name} (job {ops.restore_job_id(run_id)})",
+                    "the restore did not finish in time; its job is still running on "
+                    f"{view.primary.name}",
                     reason="RestoreTimeout",
                 )
             await asyncio.sleep(RESTORE_POLL_INTERVAL)
@@ -415,8 +487,35 @@ class A9sLogicalRecovery:
         if report is None or not report.ok:
             summary = report.summary() if report is not None else "no report"
             raise RestoreFailed(f"psql reported errors that are not expected: {summary}")
+        if isinstance(polled, ParallelRestoreStatus) and polled.fallbacks:
+            await ctx.fact(
+                restoredSerially="; ".join(f"{db}: {why}" for db, why in polled.fallbacks.items())[
+                    :900
+                ]
+            )
         await ctx.fact(restoreReport=report.summary()[:900])
         await ctx.update(lambda s: st.set_message(s, f"restore done; {report.summary()[:400]}"))
+
+    async def choose_restore_mode(
+        self, ctx: StepContext, ops: A9sOperations, view: ClusterView
+    ) -> str:
+        """`parallel N` or `serial: <why>` (recorded as the fact `restoreMode`)."""
+        wanted = self.spec.parallelism.restore_connections
+        if wanted == 1:
+            return "serial: spec.parallelism.restoreConnections is 1"
+        index, why = self.load_index(ctx.status.backup.plain_size_bytes)
+        if index is None:
+            return f"serial: {why}"
+        if index.fallback:
+            return f"serial: the dump could not be split ({index.fallback[:300]})"
+        if index.databases and all(db.fallback for db in index.databases):
+            return "serial: no database of the dump could be split (" + "; ".join(
+                f"{k}: {v}" for k, v in index.fallbacks.items()
+            )[:300] + ")"
+        if wanted == 0:
+            nproc = await ops.shell.run_root(view.primary.endpoint, ["nproc"], timeout=30)
+            wanted = min(AUTO_RESTORE_CONNECTIONS_MAX, default_concurrency(nproc.stdout))
+        return f"parallel {wanted}"
 
     async def restore_done(self, ctx: StepContext) -> bool:
         return "restoreReport" in ctx.status.facts
