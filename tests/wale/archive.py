@@ -406,6 +406,8 @@ def make_base_backup(
                 proc.kill()
                 proc.wait()
             reader.join(timeout=10)
+            stdout.close()
+            stderr.close()
             parts.close()
         errors = b"".join(stderr_chunks).decode(errors="replace")
         if code != 0:
@@ -488,6 +490,24 @@ def switch_wal_and_wait(pg: PostgresHost, target: ArchiveTarget, *, timeout: flo
     return segment
 
 
+def drain_archive(pg: PostgresHost, *, timeout: float = 90.0) -> str:
+    """Close the current segment and wait until the archiver has nothing left to do (no
+    `.ready` file), wherever it archives to; returns the closed segment. Done before pointing
+    archiving at another prefix, so the new archive starts clean (no stray older segment)."""
+    segment = pg.psql("SELECT pg_walfile_name(pg_switch_wal())").strip()
+    # A checkpoint marks for archiving the old segments that have no archive status yet
+    # (written before archive_mode was on, kept by wal_keep_size or a slot); without it the
+    # next checkpoint — the base backup's — would queue them for the new prefix.
+    pg.psql("CHECKPOINT")
+    deadline = time.monotonic() + timeout
+    query = "SELECT count(*) FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready'"
+    while (pending := pg.psql(query).strip()) != "0":
+        if time.monotonic() > deadline:
+            raise WaleWorldError(f"{pending} WAL files still waiting to be archived")
+        time.sleep(0.2)
+    return segment
+
+
 @dataclass(frozen=True)
 class ArchiveWindow:
     """What the archive holds (from a listing)."""
@@ -508,9 +528,19 @@ class ArchiveWindow:
     def last(self) -> str | None:
         return self.segments[-1] if self.segments else None
 
-    def gaps(self, timeline: int = 1) -> list[str]:
-        """Segments missing between the first and last archived segment of `timeline`."""
-        numbers = sorted(segment_number(s) for s in self.segments if int(s[:8], 16) == timeline)
+    def gaps(self, timeline: int = 1, *, since: str | None = None) -> list[str]:
+        """Segments of `timeline` missing between the first archived one (or `since`, e.g. a
+        base backup's start segment) and the last archived one.
+
+        Segments older than an archive's first base backup may sit alone before a gap:
+        PostgreSQL queues segments written before archiving was switched on at a later
+        checkpoint. Pass `since` to look only at what a restore of that backup needs."""
+        floor = segment_number(since) if since else -1
+        numbers = sorted(
+            segment_number(s)
+            for s in self.segments
+            if int(s[:8], 16) == timeline and segment_number(s) >= floor
+        )
         if not numbers:
             return []
         have = set(numbers)

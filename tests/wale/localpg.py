@@ -99,7 +99,9 @@ class LocalPostgres:
             "port": str(self.port),
             "unix_socket_directories": self.socket_dir,
             "shared_buffers": "16MB",
-            "max_connections": "20",
+            # Recovery refuses settings below the source's (the a9s job has 60 and 10).
+            "max_connections": "100",
+            "max_wal_senders": "10",
             "fsync": "off",
             "wal_level": "replica",
             "log_line_prefix": "%m [%p] ",
@@ -109,9 +111,13 @@ class LocalPostgres:
         conf = Path(self.pgdata) / "postgresql.conf"
         conf.write_text("\n".join(lines) + "\n")
         os.chown(conf, self.uid, self.gid)
-        hba = Path(self.pgdata) / "pg_hba.conf"
-        hba.write_text("local all all trust\nlocal replication all trust\n")
-        os.chown(hba, self.uid, self.gid)
+        for name, text in (
+            ("pg_hba.conf", "local all all trust\nlocal replication all trust\n"),
+            ("pg_ident.conf", ""),
+        ):
+            path = Path(self.pgdata) / name
+            path.write_text(text)
+            os.chown(path, self.uid, self.gid)
 
     @property
     def envdir(self) -> Path:
@@ -142,11 +148,24 @@ class LocalPostgres:
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
+    @property
+    def running(self) -> bool:
+        """A postmaster owns the data directory (its PID file names a live process)."""
+        try:
+            pid = int((Path(self.pgdata) / "postmaster.pid").read_text().split("\n", 1)[0])
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return False
+        return True
+
     def wait_until(self, sql: str, expected: str, *, timeout: float = 120.0) -> None:
-        """Poll `sql` until it prints `expected` (e.g. recovery finished)."""
+        """Poll `sql` until it prints `expected` (e.g. recovery finished); fails at once when
+        the server has stopped (a recovery that hit a FATAL error)."""
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:
+            if not self.running:
+                raise LocalPgError(f"server stopped while waiting for {sql!r}\n{self.log_tail()}")
             try:
                 last = self.psql(sql)
                 if last == expected:

@@ -43,6 +43,7 @@ from .archive import (
     WaleWorldError,
     archive_command,
     archive_window,
+    drain_archive,
     make_base_backup,
     switch_wal_and_wait,
     write_envdir,
@@ -210,6 +211,10 @@ def start_fresh_archive(
     """Switch archiving to a new service prefix (`store`'s endpoint, bucket and credentials;
     a new GUID unless given) and take a base backup into it."""
     target = store.for_service(service_guid or str(uuid.uuid4()))
+    current = cluster.primary()
+    if archive_mode(current) == "on":
+        # What is still queued for the previous prefix goes there, not into the new one.
+        drain_archive(VMPostgres(current))
     primary = ensure_archiving(cluster, target)
     backup = make_base_backup(VMPostgres(primary), target, partition_size=partition_size)
     return WaleArchive(cluster, target, backup)
