@@ -78,13 +78,13 @@ def write_data(primary: SimVM, size_mb: int) -> None:
             CREATE TABLE settings (id int PRIMARY KEY, value text);
             INSERT INTO customers SELECT g, 'customer ' || g || ' ' || md5(g::text),
                    'c' || g || '@example.com', '2024-01-01'::timestamptz + g * interval '1 s'
-              FROM generate_series(1, {customers}) g;
+              FROM generate_series(1::bigint, {customers}) g;
             INSERT INTO orders SELECT g, 1 + (g * 7919) % {customers}, (g % 100000) / 100.0,
                    md5(g::text) || md5((g + 1)::text)
-              FROM generate_series(1, {orders}) g;
+              FROM generate_series(1::bigint, {orders}) g;
             INSERT INTO events SELECT g, 'kind-' || (g % 17),
                    md5(g::text) || md5((g * 3)::text) || md5((g * 7)::text)
-              FROM generate_series(1, {events}) g;
+              FROM generate_series(1::bigint, {events}) g;
             INSERT INTO settings SELECT g, 'value ' || g FROM generate_series(1, 50) g;
             CREATE INDEX orders_customer ON orders (customer_id);
             CREATE INDEX events_kind ON events (kind);
@@ -324,7 +324,8 @@ def main() -> int:
         return 2
     root = Path(args.workdir or tempfile.mkdtemp(prefix="pgr-e2e-bench-"))
     root.mkdir(parents=True, exist_ok=True)
-    store_gib = max(2, (args.size_mb * 4) // 1024 + 1)
+    # tmpfs: only what is written uses memory; the space check wants dump + database + margin.
+    store_gib = max(4, (args.size_mb * 10) // 1024 + 2)
     config = ClusterConfig(
         name=args.name, vms=3, subnet=args.subnet, store_size_bytes=store_gib * 1024**3
     )
