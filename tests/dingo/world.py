@@ -8,8 +8,9 @@ secrets (a directory like mounted Kubernetes Secrets; nothing secret on the comm
 
 from __future__ import annotations
 
+import secrets
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,8 @@ SSH_SECRET = "dingo-cell-ssh"
 
 @dataclass
 class DeletedService:
-    """The deleted instance (`old`, whose container and keys are gone) and the new one."""
+    """The deleted instance (`old`, whose container and keys are gone) and the new one.
+    `operator_keys` are the S3 credentials handed to pgrecovery (moto accepts any)."""
 
     cell: DingoCell
     store: S3Server
@@ -34,6 +36,21 @@ class DeletedService:
     old_digest: str
     new: Instance
     new_sysid: str
+    operator_keys: tuple[str, str] = field(
+        default_factory=lambda: (
+            "AKOPERATOR" + secrets.token_hex(5).upper(),
+            "operator-" + secrets.token_urlsafe(24),
+        )
+    )
+
+    def secret_strings(self) -> list[str]:
+        """Values no output, status or command line may show."""
+        key_lines = self.cell.client_key_path.read_text().splitlines()
+        return [
+            self.operator_keys[1],
+            self.cell.s3_credentials[1],
+            *[line for line in key_lines if line and not line.startswith("-----")][:3],
+        ]
 
 
 def table_digest(inst: Instance) -> str:
@@ -120,8 +137,8 @@ def recover_argv(
     path.write_text(yaml.safe_dump(manifest(world, name, **overrides)))
     secrets = {
         S3_SECRET: {
-            "AWS_ACCESS_KEY_ID": world.store.access_key.encode(),
-            "AWS_SECRET_ACCESS_KEY": world.store.secret_key.encode(),
+            "AWS_ACCESS_KEY_ID": world.operator_keys[0].encode(),
+            "AWS_SECRET_ACCESS_KEY": world.operator_keys[1].encode(),
         },
         SSH_SECRET: {
             "id_ed25519": world.cell.client_key_path.read_bytes(),
