@@ -12,6 +12,8 @@ archive must fail in Fetching with the cluster untouched: monit all running, dat
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -67,6 +69,21 @@ def _manifest(archive: WaleArchive, name: str, target: datetime | None,
 
 def _recover(tmp_path: Path, archive: WaleArchive, name: str, target: datetime | None,
              best_effort: bool = False) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    argv, status_file = _argv(tmp_path, archive, name, target, best_effort)
+    result = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=1200,
+                            check=False)
+    return result, _status(status_file)
+
+
+def _status(status_file: Path) -> dict[str, Any]:
+    try:
+        return json.loads(status_file.read_text())["status"]  # type: ignore[no-any-return]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _argv(tmp_path: Path, archive: WaleArchive, name: str, target: datetime | None,
+          best_effort: bool = False) -> tuple[list[str], Path]:
     manifest = tmp_path / f"{name}.yaml"
     manifest.write_text(yaml.safe_dump(_manifest(archive, name, target, best_effort)))
     secrets = tmp_path / "secrets"
@@ -85,10 +102,7 @@ def _recover(tmp_path: Path, archive: WaleArchive, name: str, target: datetime |
     argv = [sys.executable, "-m", "pgrecovery.cli", "recover", "-f", str(manifest),
             "--secrets-dir", str(secrets), "--status-file", str(status_file),
             "--work-dir", str(tmp_path / "work")]
-    result = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=1200,
-                            check=False)
-    status = json.loads(status_file.read_text())["status"] if status_file.exists() else {}
-    return result, status
+    return argv, status_file
 
 
 def _vm_time(archive: WaleArchive) -> datetime:
@@ -259,3 +273,41 @@ def test_bad_archive_fails_in_fetching_with_the_cluster_untouched(
     result, status = _recover(tmp_path, wale_archive, "pitr-bad", between)
     assert result.returncode != 0
     _assert_untouched(wale_archive, status, before, reason, named)
+
+
+def _succeeded_steps(status: dict[str, Any]) -> set[str]:
+    return {s["name"] for s in status.get("steps", []) if s.get("state") == "Succeeded"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kill_after",
+    ["ensure-data-dir-replaced", "ensure-recovery-started"],
+    ids=["old-data-gone", "replaying"],
+)
+def test_pitr_killed_in_restoring_resumes_and_completes(
+    wale_archive: WaleArchive, tmp_path: Path, kill_after: str
+) -> None:
+    """SIGKILL of the local run right after a destructive step; `--resume` finishes the
+    recovery without redoing finished steps (the base backup is not unpacked twice, recovery
+    settings are not written again after replay began)."""
+    between, _after_b = _write_a_then_b(wale_archive)
+    argv, status_file = _argv(tmp_path, wale_archive, "pitr-kill", between)
+    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 900
+    killed = False
+    while time.monotonic() < deadline and proc.poll() is None:
+        if kill_after in _succeeded_steps(_status(status_file)):
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert killed, f"never saw {kill_after} finish: {_status(status_file).get('message')}"
+    resumed = subprocess.run([*argv, "--resume"], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=1200, check=False)
+    status = _status(status_file)
+    _succeeded(resumed, status)
+    assert _marks(wale_archive.cluster) == {vm.name: ["A"] for vm in wale_archive.cluster.vms}
+    assert wale_archive.cluster.wait_healthy(timeout=60).ok
