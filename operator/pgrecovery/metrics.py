@@ -57,7 +57,7 @@ PHASE_DURATION = Histogram(
 BYTES = Counter(
     "pgrecovery_bytes_total",
     "Bytes moved by stage: fetched (from the object store), decrypted (plain dump bytes), "
-    "uploaded (to the primary).",
+    "uploaded (to the primary), copied (server-side, a Dingo archive clone).",
     ["stage"],
     registry=REGISTRY,
 )

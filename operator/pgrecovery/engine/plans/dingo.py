@@ -28,11 +28,11 @@ start-up (it writes `/initialize` and its data directory again).
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from pgrecovery import metrics
 from pgrecovery.adapters.objectstore import WritableObjectStore
 from pgrecovery.adapters.ssh import SshAuth, SshPool
 from pgrecovery.backups.wale.archive import list_archive, load_details
@@ -60,8 +60,6 @@ from pgrecovery.errors import (
     InvalidSpec,
     RestoreFailed,
 )
-
-log = logging.getLogger(__name__)
 
 # How often the restoring container is polled, and the least time it gets: WAL-E's
 # backup-fetch and replay of a small archive take a minute on a loaded machine; larger ones
@@ -241,6 +239,7 @@ class DingoRecovery(A9sLogicalRecovery):
                 await ctx.progress(done, total, detail)
 
         result = await clone_prefix(store, self.old_prefix, self.new_prefix, progress=progress)
+        metrics.record_bytes("copied", result.copied_bytes)
         await ctx.fact(archiveCloned=str(result.total))
         await self.say(
             ctx,
@@ -308,8 +307,10 @@ class DingoRecovery(A9sLogicalRecovery):
                     f"{container.label} did not restore within {budget:.0f}s (leader "
                     f"{state.leader or 'none'}, accepting {state.accepting})"
                 )
+            # No byte count to show (the container fetches and replays on its own): the
+            # detail and lastProgressAt tell a person it is alive.
             await ctx.progress(
-                int(waited),
+                0,
                 None,
                 f"waiting for {container.name} to restore from the archive "
                 f"({waited:.0f}s; leader {state.leader or 'none'}, "
