@@ -473,10 +473,19 @@ class SshPool:
                     f"{node.label}: connection lost while running a command: {_exc_text(exc)}"
                 ) from None
             break
+        if proc.exit_status is None and proc.exit_signal is None:
+            # sshd always reports an exit status or signal; a channel that ends with neither
+            # was torn down with its connection (the VM lost power or sshd died). That is an
+            # unreachable node, worth a retry, not a command that failed (seen with
+            # tests/integration/test_faults_cluster.py's power cuts: the job poll "exited 255").
+            self.forget(node)
+            raise NodeUnreachable(
+                f"{node.label}: connection lost while running a command (no exit status): "
+                f"{_describe(command)}"
+            )
         status = proc.exit_status
         if status is None:
-            # Killed by a signal or the channel closed without a status.
-            status = 255 if proc.exit_signal is None else 128 + 15
+            status = 128 + 15  # killed by a signal
         result = CommandResult(status, _decode(proc.stdout), _decode(proc.stderr))
         elapsed = time.monotonic() - started
         if remote_timeout is not None and (
@@ -523,6 +532,8 @@ class SshPool:
                         yield line.rstrip("\n")
                     stderr = await proc.stderr.read()
                     await proc.wait_closed()
+                if proc.exit_status is None and proc.exit_signal is None:
+                    raise asyncssh.ConnectionLost("the channel closed without an exit status")
                 status = proc.exit_status if proc.exit_status is not None else 255
         except TimeoutError:
             self.forget(node)
@@ -613,6 +624,8 @@ class SshPool:
                 async with asyncio.timeout(UPLOAD_STALL_TIMEOUT):
                     stderr = await proc.stderr.read()
                     await proc.wait_closed()
+                if proc.exit_status is None and proc.exit_signal is None:
+                    raise asyncssh.ConnectionLost("the channel closed without an exit status")
                 status = proc.exit_status
         except TimeoutError:
             self.forget(node)
