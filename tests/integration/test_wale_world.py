@@ -113,7 +113,6 @@ def test_archive_of_the_sim_cluster_has_wale_layout(wale_archive: WaleArchive) -
 # ---------------------------------------------------------------- the runbook works on it
 
 
-@pytest.mark.slow
 def test_runbook_restore_to_target_time_has_rows_a_not_b(wale_archive: WaleArchive) -> None:
     """Plain tools only: partitions through `lzop -dc | tar -x`, restore_command with
     `lzop -dc`, recovery_target_time between the A and B commits."""
@@ -137,7 +136,6 @@ def test_runbook_restore_to_target_time_has_rows_a_not_b(wale_archive: WaleArchi
         result.server.remove()
 
 
-@pytest.mark.slow
 def test_missing_segment_in_the_middle_stops_recovery_short(wale_archive: WaleArchive) -> None:
     target, backup = wale_archive.target, wale_archive.base_backup
     pg = wale_archive.pg

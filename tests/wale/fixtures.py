@@ -16,6 +16,8 @@ cluster); import helpers from `tests.wale.archive`, `tests.wale.simarchive`, `te
 
 from __future__ import annotations
 
+import secrets
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -45,8 +47,17 @@ def wale_s3(sim_cluster: SimCluster) -> Iterator[S3Server]:
 
 @pytest.fixture(scope="session")
 def wale_store(wale_s3: S3Server) -> ArchiveTarget:
-    """Where WAL-E archives go in this session: bucket `wale-<random>`, a session GUID."""
-    return ArchiveTarget.on(wale_s3, wale_s3.new_bucket("wale"))
+    """Where WAL-E archives go in this session: bucket `wale-<random>`, a session GUID.
+    Random credentials (moto accepts any), so a test can look for the secret in places it
+    must not be."""
+    return ArchiveTarget(
+        endpoint_url=wale_s3.endpoint_url,
+        bucket=wale_s3.new_bucket("wale"),
+        service_guid=str(uuid.uuid4()),
+        access_key="AKWALE" + secrets.token_hex(7).upper(),
+        secret_key="wale-" + secrets.token_urlsafe(24),
+        region=wale_s3.region,
+    )
 
 
 @pytest.fixture(scope="session")
