@@ -323,6 +323,11 @@ class DumpIndexer:
         if self._quote is not None or self._comment_depth or self._in_stmt:
             self._lex(line, start)
         elif not line.strip():
+            # Blank lines after an entry belong to it: neighbouring entries then form one
+            # range (one `dd`) when a task restores them together.
+            entry = self._entry
+            if entry is not None and entry.end == start and self._copy is None:
+                entry.end = end
             return
         elif line.startswith(b"--"):
             if prev == b"--" and line.startswith(b"-- "):

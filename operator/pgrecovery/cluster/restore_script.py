@@ -155,16 +155,25 @@ class _Item:
 
 
 def _pack(items: list[_Item], bins: int) -> list[list[_Item]]:
-    """Longest-processing-time first: each item into the least loaded bin; bins by load."""
-    bins = max(1, min(bins, len(items)))
-    loads = [0] * bins
-    packed: list[list[_Item]] = [[] for _ in range(bins)]
-    for item in sorted(items, key=lambda i: -i.cost):
-        k = loads.index(min(loads))
-        packed[k].append(item)
-        loads[k] += item.cost
-    order = sorted(range(bins), key=lambda k: -loads[k])
-    return [packed[k] for k in order if packed[k]]
+    """Runs of neighbouring items (in dump order) of about equal cost; costliest first.
+
+    Neighbours because a run of adjacent entries is one range, read by one `dd` (a database
+    with hundreds of small tables would otherwise start hundreds of processes per phase). An
+    item costlier than a run's target is a run of its own. The jobserver starts the runs
+    costliest first and hands out sessions as they free up, which balances the rest.
+    """
+    if not items:
+        return []
+    target = sum(i.cost for i in items) / max(1, bins)
+    runs: list[list[_Item]] = [[]]
+    load = 0
+    for item in sorted(items, key=lambda i: i.ranges[0][0]):
+        if runs[-1] and (load + item.cost > target or item.cost > target):
+            runs.append([])
+            load = 0
+        runs[-1].append(item)
+        load += item.cost
+    return sorted(runs, key=lambda r: -sum(i.cost for i in r))
 
 
 def _data_items(db: DatabaseIndex, concurrency: int) -> list[_Item]:
@@ -297,11 +306,12 @@ r() {{
 run() {{
   T=$1
   if [ -e "$W/failed" ]; then return 0; fi
+  s=$(date +%s.%N)
   {{ "f$1" 3>&-; }} | {psql} > "$W/t$1.log" 2>&1 3>&-
   rc=$?
   # dd fails too when psql died first (broken pipe): psql's own status says more.
   if [ "$rc" -eq 0 ] && [ -e "$W/t$1.dd-failed" ]; then rc=99; fi
-  echo "$1 $rc $2" >> "$W/progress"
+  echo "$1 $rc $2 $s $(date +%s.%N)" >> "$W/progress"
   if [ "$rc" -ne 0 ]; then : > "$W/failed"; fi
 }}
 get() {{ read -r slot <&3; }}
@@ -352,15 +362,22 @@ def _script(tasks: Sequence[Task], chains: Sequence[Sequence[tuple[str, list[Tas
 class TaskOutcome:
     exit_code: int
     bytes: int
+    seconds: float = 0.0
 
 
 def parse_progress(text: str) -> dict[int, TaskOutcome]:
-    """`<id> <exit> <bytes>` lines of the progress file (a torn last line is skipped)."""
+    """`<id> <exit> <bytes> <started> <ended>` lines of the progress file (epoch seconds; a
+    torn last line is skipped)."""
     done: dict[int, TaskOutcome] = {}
     for line in text.splitlines():
         parts = line.split()
-        if len(parts) == 3 and all(p.lstrip("-").isdigit() for p in parts):
-            done[int(parts[0])] = TaskOutcome(int(parts[1]), int(parts[2]))
+        if len(parts) != 5 or not all(p.lstrip("-").isdigit() for p in parts[:3]):
+            continue
+        try:
+            seconds = float(parts[4]) - float(parts[3])
+        except ValueError:
+            continue
+        done[int(parts[0])] = TaskOutcome(int(parts[1]), int(parts[2]), seconds)
     return done
 
 
