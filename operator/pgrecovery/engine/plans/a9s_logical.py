@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -60,7 +61,13 @@ from pgrecovery.engine.plans.dump_stream import ReplayableDump, StageCounters, T
 from pgrecovery.engine.spec import RecoverySpec
 from pgrecovery.engine.status import BackupInfo, NodeState
 from pgrecovery.engine.steps import FunctionStep, Step, StepContext
-from pgrecovery.errors import FatalError, NotReadyYet, RestoreFailed, SecretError
+from pgrecovery.errors import (
+    FatalError,
+    InsufficientSpace,
+    NotReadyYet,
+    RestoreFailed,
+    SecretError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -316,6 +323,21 @@ class A9sLogicalRecovery:
         )
         space = await ops.check_free_space(view.primary, needed)
         await ctx.fact(freeBytesOnPrimary=str(space.available), neededBytes=str(space.needed))
+        # The parts are kept on the operator's work volume as they stream by (for resumes):
+        # a volume too small would fail half-way through Decrypting, so say it now.
+        self.parts_dir().mkdir(parents=True, exist_ok=True)
+        kept = sum(
+            (self.parts_dir() / p.name).stat().st_size
+            for p in backup.parts
+            if (self.parts_dir() / p.name).exists()
+        )
+        free = shutil.disk_usage(self.parts_dir()).free
+        if staged is None and free < backup.total_size - kept:
+            raise InsufficientSpace(
+                f"the operator's work volume ({self.work_dir}) has {_human(free)} free but the "
+                f"backup's parts need {_human(backup.total_size - kept)}; give the operator a "
+                "larger work volume (Helm value workVolume) or set PGRECOVERY_WORK_DIR"
+            )
 
     def parts_dir(self) -> Path:
         return self.work_dir / "parts"
