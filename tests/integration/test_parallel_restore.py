@@ -18,6 +18,7 @@ What this proves:
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
 import shutil
@@ -28,10 +29,21 @@ from pathlib import Path
 
 import pytest
 
+from pgrecovery.adapters.ssh import FileSource, SshAuth, SshPool
+from pgrecovery.cluster.a9s import A9sOperations
 from pgrecovery.cluster.dump_index import index_file
 from pgrecovery.cluster.local_restore import LocalRestoreResult, run_local_restore
+from pgrecovery.cluster.nodes import Node, ProgressEvent
+from pgrecovery.cluster.parallel_restore import (
+    poll_parallel_restore,
+    start_parallel_restore,
+    work_dir,
+)
 from pgrecovery.cluster.restore_errors import ConnectMap, classify_output
+from pgrecovery.errors import RestoreFailed
 from tests.localpg import PG_BINDIR, LocalPostgres, postgres_dir
+from tests.simcluster import SimCluster, table_checksums, wait_for_replay, write_sample_data
+from tests.simcluster.config import PG_BINDIR as SIM_PG_BINDIR
 
 pytestmark = [pytest.mark.integration]
 
@@ -274,3 +286,83 @@ def test_unreadable_dump_fails_the_task(
     assert result.outcomes[0].exit_code == 99  # a range could not be read
     assert not result.ok
 
+
+
+# ------------------------------------------------------------------ simulated a9s-pg cluster
+
+BACKUP_ID = "de2fe9e4-6535-423d-8709-dca87df7985c-1740130000777"
+RUN_ID = "itest-prestore-1"
+
+
+@pytest.mark.vms
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+async def test_parallel_restore_on_the_simulated_cluster(
+    healthy_sim_cluster: SimCluster, base: Path
+) -> None:
+    cluster = healthy_sim_cluster
+    primary_vm = cluster.primary()
+    write_sample_data(primary_vm, rows=2000)
+    wait_for_replay(cluster)
+    expected = table_checksums(primary_vm)
+    dump = base / "backup.dump"
+    with dump.open("wb") as fh:
+        proc = primary_vm.popen(
+            ["chpst", "-u", "postgres:vcap", f"{SIM_PG_BINDIR}/pg_dumpall", "--clean",
+             "--if-exists"], stdout=fh)
+        assert proc.wait(timeout=300) == 0
+    # The accident after the backup.
+    write_sample_data(primary_vm, rows=50, seed=9, databases=("shop",))
+    primary_vm.psql("DELETE FROM public.orders WHERE id % 3 = 0", database="crm")
+    assert table_checksums(primary_vm) != expected
+    index = index_file(dump)
+    assert index.fallback is None
+
+    events: list[ProgressEvent] = []
+    auth = SshAuth(cluster.ssh_user, cluster.client_key_path.read_bytes(), cluster.known_hosts)
+    async with SshPool(auth, connect_timeout=5) as pool:
+        ops = A9sOperations(pool, [Node(vm.name, vm.address) for vm in cluster.vms],
+                            progress=events.append)
+        view = await ops.probe_nodes()
+        await ops.ensure_restore_dir(view.primary)
+        await ops.upload_dump(view.primary, FileSource(dump), BACKUP_ID)
+        await ops.ensure_standbys_stopped(view)
+        await ops.ensure_repmgr_stopped_on_primary(view)
+        await ops.ensure_inactive_slots_dropped(view)
+        await ops.ensure_connections_blocked(view)
+
+        with pytest.raises(RestoreFailed, match="start it first"):
+            await poll_parallel_restore(ops, view, BACKUP_ID, RUN_ID)
+        first = await start_parallel_restore(ops, view, BACKUP_ID, RUN_ID, index, 2)
+        again = await start_parallel_restore(ops, view, BACKUP_ID, RUN_ID, index, 2)
+        assert again.job_id == first.job_id  # found the job, started nothing
+        status = await poll_parallel_restore(ops, view, BACKUP_ID, RUN_ID)
+        for _ in range(900):
+            status = await poll_parallel_restore(ops, view, BACKUP_ID, RUN_ID)
+            if status.done:
+                break
+            assert status.bytes_total
+            await asyncio.sleep(1)
+        assert status.done
+        assert status.report is not None
+        assert status.report.ok, status.report.summary()
+        assert status.report.expected["current user cannot be dropped"] == 1
+        assert status.bytes_read == status.bytes_total
+        assert status.fallbacks == {}
+        assert status.tasks_done == status.tasks_total > 5
+        assert any(e.step == "start_parallel_restore" for e in events)
+        # The script ran as postgres:vcap from a work dir it owns; nothing in it names a db.
+        work = cluster.vm(view.primary.name).host_path(work_dir(ops, RUN_ID))
+        assert (work / "restore.sh").exists()
+        assert "shop" not in (work / "restore.sh").read_text()
+        assert table_checksums(primary_vm) == expected
+
+        # Leave the cluster as the runbook does (the session's other tests use it).
+        await ops.ensure_repmgr_schema_truncated(view, RUN_ID)
+        await ops.ensure_primary_registered(view)
+        await ops.ensure_repmgr_running_on_primary(view)
+        for standby in view.standbys:
+            await ops.ensure_standby_recloned(view, standby, RUN_ID)
+        await ops.ensure_staging_file_removed(view, BACKUP_ID)
+        await ops.ensure_connections_unblocked(view)
+    assert cluster.wait_healthy(timeout=60).ok

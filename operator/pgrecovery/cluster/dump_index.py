@@ -41,8 +41,9 @@ from pgrecovery.cluster.restore_errors import parse_connect_target
 INDEX_VERSION = 1
 
 # A row boundary is recorded inside a COPY block at least this many bytes apart, so a table
-# larger than a few of these can be loaded in slices by several connections at once.
-SPLIT_EVERY = 64 * 1024 * 1024
+# larger than a few of these can be loaded in slices by several connections at once. One
+# `find` per 16 MiB costs nothing; the generator decides how many slices are worth a session.
+SPLIT_EVERY = 16 * 1024 * 1024
 
 # Entry types (pg_dump's TocEntry `desc`) the restore treats specially.
 DATA_TYPES = frozenset({"TABLE DATA", "SEQUENCE SET"})
