@@ -45,6 +45,7 @@ from botocore.exceptions import ClientError
 from .layout import (
     GUID_RE,
     SEGMENT_RE,
+    WAL_SEGMENT_SIZE,
     Layout,
     parse_lsn,
     segment_name,
@@ -340,7 +341,7 @@ def _backup_history_stop(target: ArchiveTarget, start_segment: str, start: int) 
     # pg_basebackup -X none prints no end point; PostgreSQL's backup history file
     # (`<start segment>.<start offset, 8 hex>.backup`, archived before pg_basebackup returns)
     # has it, as WAL-E's `pg_stop_backup()` result had.
-    name = f"{start_segment}.{start % (16 * 1024 * 1024):08X}.backup"
+    name = f"{start_segment}.{start % WAL_SEGMENT_SIZE:08X}.backup"
     text = read_lzop_object(target, target.layout.wal_object(name)).decode()
     return _label_field(text, "STOP WAL LOCATION").split()[0]
 
@@ -369,6 +370,7 @@ def make_base_backup(
     client.put_object(Bucket=target.bucket, Key=layout.sysid, Body=f"{sysid}\n".encode())
 
     label_text = f"wal-e-world {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"
+    # -X none: WAL comes from the archive, as with WAL-E; -v only for the error message.
     argv = [
         f"{PG_BINDIR}/pg_basebackup", "-h", pg.socket_dir, "-p", str(pg.port), "-U", "postgres",
         "-D", "-", "-Ft", "-X", "none", "--no-manifest", "-c", "fast", "-v", "-l", label_text,
@@ -421,7 +423,7 @@ def make_base_backup(
         stop = parse_lsn(stop_text)
         # WAL-E's name: pg_walfile_name_offset(pg_start_backup()); the start LSN is a
         # checkpoint's redo point, never on a segment boundary, so both conventions agree.
-        start_offset = start % (16 * 1024 * 1024)
+        start_offset = start % WAL_SEGMENT_SIZE
         stop_segment, stop_offset = walfile_name_offset(timeline, stop)
         name = layout.backup_name(start_segment, start_offset)
 
