@@ -226,3 +226,9 @@ def test_empty_input() -> None:
     ix = _index(b"")
     assert ix.size == 0
     assert ix.fallback == "no pg_dumpall database sections found"
+
+
+def test_text_after_the_cluster_dump_falls_back_entirely() -> None:
+    data = dumptext.dump() + b"DROP DATABASE shop;\n"
+    assert _index(data).fallback == "text after the end of the cluster dump"
+    assert _index(dumptext.dump() + b"\n-- a comment\n").fallback is None

@@ -182,7 +182,8 @@ exit 0
     outcomes = parse_progress((work / "progress").read_text())
     assert [o.exit_code for o in outcomes.values()] == [0, 2]
     assert (work / "failed").exists()
-    assert "connection to server failed" in (work / "t1.log").read_text()
+    failed = next(i for i, o in outcomes.items() if o.exit_code == 2)
+    assert "connection to server failed" in (work / f"t{failed}.log").read_text()
 
 
 def test_unreadable_dump_fails_the_task(tmp_path: Path) -> None:

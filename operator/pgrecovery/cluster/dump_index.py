@@ -220,6 +220,7 @@ class DumpIndexer:
         self._dbs: list[_Db] = []
         self._entry: Entry | None = None
         self._fatal: str | None = None
+        self._trailer = False  # after "-- PostgreSQL database cluster dump complete"
         self._encoding_at: int | None = None  # offset of an `\\encoding` line just read
 
     # ------------------------------------------------------------------ feeding
@@ -334,6 +335,9 @@ class DumpIndexer:
             if prev == b"--" and line.startswith(b"-- "):
                 self._comment_header(prev_start, line)
             return
+        elif self._trailer:
+            # Nothing restores what follows the end of the cluster dump: refuse to guess.
+            self._fatal = self._fatal or "text after the end of the cluster dump"
         elif line.startswith(b"\\"):
             self._meta(start, end, line)
             return
@@ -367,6 +371,7 @@ class DumpIndexer:
         if line.startswith(b"-- PostgreSQL database cluster dump complete"):
             self._end_entry(start)
             self._close_db(start)
+            self._trailer = True
             return
         h = _HEADER.match(line)
         if h is None or db.connect_line is None:
