@@ -32,7 +32,7 @@ from pgrecovery.cli_recover import DEFAULT_PLAN_FACTORY
 from pgrecovery.engine.local import LocalRun, run_local
 from pgrecovery.engine.plan import load_plan_factory
 from pgrecovery.engine.supervisor import RetryPolicy as PhaseRetryPolicy
-from tests.faults.proxy import FaultProxy, close, closed_port, fault_proxy, reset_after, s3_error
+from tests.faults.proxy import FaultProxy, close, fault_proxy, reset_after, s3_error
 from tests.objectstores.servers import S3Server
 from tests.scenario import Scenario, local_recover_argv
 from tests.simcluster.cluster import SimCluster, SimVM
@@ -214,7 +214,9 @@ async def _run_in_process(
     return _status(status_file)
 
 
-@pytest.mark.parametrize("fault", ["slowdown-mid-download", "dns", "closed-port"])
+# A closed port fails like DNS (at resolve-backup); it is covered at the store level in
+# test_faults_objectstore.py, so the cluster run is not repeated for it.
+@pytest.mark.parametrize("fault", ["slowdown-mid-download", "dns"])
 async def test_persistent_store_fault_fails_before_staging_and_leaves_cluster_untouched(
     fault: str,
     healthy_sim_cluster: SimCluster,
@@ -231,10 +233,8 @@ async def test_persistent_store_fault_fails_before_staging_and_leaves_cluster_un
         # The key check (first ranged read) passes; later ranges always get SlowDown.
         s3_proxy.add(s3_error("SlowDown", 503, times=None, ranged=True, skip=1))
         endpoint = s3_proxy.url
-    elif fault == "dns":
-        endpoint = "http://store.invalid:9000"
     else:
-        endpoint = f"http://127.0.0.1:{closed_port()}"
+        endpoint = "http://store.invalid:9000"
     started = time.monotonic()
     status = await _run_in_process(scenario, tmp_path, "store-dead", endpoint)
     elapsed = time.monotonic() - started
@@ -283,13 +283,13 @@ def test_ssh_connection_killed_mid_upload_is_retried_and_checksum_verified(
     healthy_sim_cluster: SimCluster, moto_s3: S3Server, tmp_path: Path
 ) -> None:
     cluster = healthy_sim_cluster
-    scenario = Scenario.prepare(cluster, moto_s3, rows=40_000, part_size=1 << 20)
+    scenario = Scenario.prepare(cluster, moto_s3, rows=15_000, part_size=1 << 20)
     primary = cluster.primary()
     part = f"/var/vcap/store/postgresql-restore/{scenario.backup.backup_id}.dump.part"
     # The watcher runs inside the primary: it sees the .part file grow and kills the per-
     # connection sshd processes of the recovery's login (the TCP connection dies mid-stream).
     watcher = primary.popen(
-        ["bash", "-c", _KILL_SSH_MID_UPLOAD, "watch", part, cluster.ssh_user, str(2 << 20)]
+        ["bash", "-c", _KILL_SSH_MID_UPLOAD, "watch", part, cluster.ssh_user, str(1 << 20)]
     )
     argv, status_file = _argv(scenario, tmp_path, "ssh-reset")
     try:
@@ -301,9 +301,12 @@ def test_ssh_connection_killed_mid_upload_is_retried_and_checksum_verified(
     assert watched.decode().startswith("killed at"), watched
     status = _status(status_file)
     assert status.get("phase") == "Rejoined", out[-3000:]
-    # The phase was retried after the lost connection, and stage-dump ran again from byte 0.
+    # The phase was retried after the lost connection, and stage-dump ran again.
     assert status["facts"].get("retriesDecrypting") == "1", status["facts"]
     assert "NodeUnreachable" in out or "connection lost during upload" in out, out[-3000:]
+    # The retry did not start over: the dump is replayable, the upload continued after the
+    # prefix already on the VM (its sha256 checked there first), then the whole file's sha256.
+    assert "resumed at" in status["facts"]["stagedBytes"], status["facts"]["stagedBytes"]
     assert status["backup"]["plainSha256"] == scenario.backup.plain_sha256
     assert scenario.restored_everywhere() == {vm.name: True for vm in cluster.vms}
     assert cluster.wait_healthy(timeout=30).ok
@@ -362,39 +365,43 @@ def test_standby_power_cut_during_reclone_is_retried_to_success_after_boot(
     finally:
         if not standby.running:
             standby.boot()
-    # While the VM was off, status said which node failed and that the phase will be retried.
-    assert standby.name in str(states_while_off.get("message")), states_while_off.get("message")
     status = _status(status_file)
     assert status.get("phase") == "Rejoined", out[-3000:]
+    # The failed attempt named the node and the cause (the CLI prints every step failure).
+    failed = [ln for ln in out.splitlines() if "✗ ensure-standbys-recloned" in ln]
+    assert failed, out[-3000:]
+    assert standby.name in failed[0]
+    assert "connection lost" in failed[0] or "cannot connect" in failed[0], failed[0]
+    assert int(states_while_off["facts"]["retriesRejoined"]) >= 1
     assert _steps(status)["ensure-standbys-recloned"] == "Succeeded"
     assert _node_state(status_file, standby.name) == "streaming"
     assert scenario.restored_everywhere() == {vm.name: True for vm in cluster.vms}
     assert cluster.wait_healthy(timeout=60).ok
 
 
-@pytest.mark.slow
-def test_primary_power_cut_during_restore_fails_and_a_new_run_recovers(
-    healthy_sim_cluster: SimCluster, moto_s3: S3Server, tmp_path: Path
-) -> None:
-    """Power lost on the primary while psql loads the dump: the database holds a partial
-    restore, so the recovery must end Failed/RestoreFailed (the job is lost), never succeed.
+@dataclass(frozen=True)
+class CutRestore:
+    scenario: Scenario
+    argv: list[str]
+    status_file: Path
+    out: str
+    returncode: int
 
-    What recovers it: a new run of the same manifest (new status file, same work dir). The dump
-    is `pg_dumpall --clean --if-exists`, so replaying it whole over the partial restore is
-    safe; the verified dump still staged on the primary is reused (not sent again) and the
-    downloaded parts are reused. `--resume` of the failed run does not re-run anything: a
-    Failed recovery is final by design (see the report)."""
-    cluster = healthy_sim_cluster
-    scenario = Scenario.prepare(cluster, moto_s3, rows=40_000, part_size=1 << 20)
+
+def _cut_primary_power_during_restore(
+    cluster: SimCluster, moto_s3: S3Server, directory: Path
+) -> CutRestore:
+    """Run a recovery, power the primary off while psql loads the dump, boot it 3 s later,
+    and let the recovery end; then wait until PostgreSQL answers on the primary again."""
+    scenario = Scenario.prepare(cluster, moto_s3, rows=20_000, part_size=1 << 20)
     primary = cluster.primary()
-    argv, status_file = _argv(scenario, tmp_path, "primary-cut")
-    proc = _start(argv, tmp_path)
+    argv, status_file = _argv(scenario, directory, "primary-cut")
+    proc = _start(argv, directory)
     try:
         _wait_step(proc, status_file, "restore-dump")
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if primary.run("pgrep -x psql", check=False).returncode == 0:
-                break
+        while primary.run("pgrep -x psql", check=False).returncode != 0:
+            assert time.monotonic() < deadline, "psql never ran on the primary"
             time.sleep(0.05)
         primary.power_cut()
         time.sleep(3)
@@ -406,35 +413,66 @@ def test_primary_power_cut_during_restore_fails_and_a_new_run_recovers(
     finally:
         if not primary.running:
             primary.boot()
-    assert proc.returncode == 1, out[-3000:]
-    assert "recovery FAILED (RestoreFailed)" in out
-    status = _status(status_file)
-    assert status["phase"] == "Failed"
-    assert status["failureReason"] == "RestoreFailed"
-    assert "vanished" in status["message"] or "psql exited" in status["message"]
-    assert status["facts"]["failedInPhase"] == "Restoring"
-    steps = _steps(status)
-    assert steps["ensure-standbys-stopped"] == "Succeeded"
-    assert steps["restore-dump"] == "Failed"
-    assert {n["name"] for n in status["nodes"]} == {vm.name for vm in cluster.vms}
+    deadline = time.monotonic() + 120
+    while primary.is_primary() is not True:
+        assert time.monotonic() < deadline, "PostgreSQL did not come back on the primary"
+        time.sleep(1)
+    return CutRestore(scenario, argv, status_file, out, proc.returncode)
 
-    # --resume of a Failed recovery changes nothing and says it failed.
-    resumed = subprocess.run(
-        [*argv, "--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False
-    )
-    assert resumed.returncode == 1
-    assert "recovery FAILED (RestoreFailed)" in resumed.stdout
 
-    # A new run of the same manifest replays the whole --clean dump and completes.
-    primary.wait_agent("running", timeout=120)
-    rerun = [*argv]
-    rerun[rerun.index("--status-file") + 1] = str(tmp_path / "primary-cut-rerun.status.json")
-    again = subprocess.run(
-        rerun, cwd=tmp_path, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False
-    )
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
-    second = _status(tmp_path / "primary-cut-rerun.status.json")
-    assert second["phase"] == "Rejoined"
-    assert second["backup"]["plainSha256"] == scenario.backup.plain_sha256
-    assert scenario.restored_everywhere() == {vm.name: True for vm in cluster.vms}
-    assert cluster.wait_healthy(timeout=60).ok
+class ResumeDoesNotRecover(Exception):
+    """`--resume` after the primary's power cut did not complete the recovery (expected today;
+    the xfail marker below is strict, so the test reports when it starts working)."""
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    raises=ResumeDoesNotRecover,
+    strict=True,
+    reason="--resume of a recovery that failed in Restoring because the primary lost power "
+    "(restore job LOST) should re-run Staging's idempotent steps and the whole --clean dump "
+    "from the staged, verified file; today Failed is final and --resume does nothing",
+)
+def test_primary_power_cut_during_restore_fails_then_resume_should_rerun_the_restore(
+    healthy_sim_cluster: SimCluster, moto_s3: S3Server, tmp_path: Path
+) -> None:
+    """Power lost on the primary while psql loads the dump: the database holds a partial
+    restore, so the recovery must end Failed/RestoreFailed (the restore job is lost), never
+    succeed, with the steps that ran and the node states in status (plain asserts: these
+    hold today). Then `--resume` should replay the `--clean --if-exists` dump from the
+    staged file and complete — that part is the xfail (only `ResumeDoesNotRecover` counts)."""
+    cluster = healthy_sim_cluster
+    try:
+        cut = _cut_primary_power_during_restore(cluster, moto_s3, tmp_path)
+        assert cut.returncode == 1, cut.out[-3000:]
+        assert "recovery FAILED (RestoreFailed)" in cut.out
+        status = _status(cut.status_file)
+        assert status["phase"] == "Failed"
+        assert status["failureReason"] == "RestoreFailed"
+        assert "vanished" in status["message"], status["message"]  # the job was lost
+        assert status["facts"]["failedInPhase"] == "Restoring"
+        steps = _steps(status)
+        assert steps["ensure-standbys-stopped"] == "Succeeded"
+        assert steps["ensure-connections-blocked"] == "Succeeded"
+        assert steps["restore-dump"] == "Failed"
+        assert "ensure-standbys-recloned" not in steps
+        assert {n["name"] for n in status["nodes"]} == {vm.name for vm in cluster.vms}
+        # The cluster is really not healthy after the cut (repmgr cannot start on the
+        # primary once the partial restore dropped repmgr_cluster): nothing hides it.
+        assert not cluster.health().ok
+
+        resumed = subprocess.run(
+            [*cut.argv, "--resume"], cwd=tmp_path, capture_output=True, text=True,
+            timeout=RUN_TIMEOUT, check=False,
+        )  # fmt: skip
+        final = _status(cut.status_file)
+        if resumed.returncode != 0 or final.get("phase") != "Rejoined":
+            raise ResumeDoesNotRecover(
+                f"--resume exited {resumed.returncode}, phase {final.get('phase')}: "
+                f"{resumed.stdout[-500:]}"
+            )
+        assert final["backup"]["plainSha256"] == cut.scenario.backup.plain_sha256
+        assert cut.scenario.restored_everywhere() == {vm.name: True for vm in cluster.vms}
+        assert cluster.wait_healthy(timeout=60).ok
+    finally:
+        cluster.heal(timeout=30)  # rebuilds if need be: the next tests need a healthy cluster
