@@ -26,6 +26,7 @@ import yaml
 
 from tests.simcluster.cluster import SimCluster
 from tests.simcluster.data import wait_for_replay
+from tests.wale import faults
 from tests.wale.simarchive import WaleArchive
 
 pytestmark = [pytest.mark.integration, pytest.mark.vms]
@@ -217,52 +218,38 @@ def test_pitr_target_beyond_archive_without_best_effort_fails_in_fetching_with_t
 
 
 def _segment_after_backup(archive: WaleArchive) -> str:
-    """A WAL segment archived after the base backup ended (needed for any later target)."""
-    keys = archive.target.list_keys("wal_005/")
-    names = sorted(k.rsplit("/", 1)[-1][:-4] for k in keys
-                   if len(k.rsplit("/", 1)[-1]) == 28 and k.endswith(".lzo"))
-    later = [n for n in names if n > archive.base_backup.stop_segment]
-    assert later, names
+    """The first WAL segment archived after the base backup ended (row A's)."""
+    later = [n for n in archive.window().segments if n > archive.base_backup.stop_segment]
+    assert later, archive.window().segments
     return later[0]
 
 
-def _corrupt_block(archive: WaleArchive) -> str:
-    key = archive.target.prefix + "wal_005/" + _segment_after_backup(archive) + ".lzo"
-    client = archive.target.client()
-    data = bytearray(client.get_object(Bucket=archive.target.bucket, Key=key)["Body"].read())
-    middle = len(data) // 2
-    data[middle] ^= 0xFF
-    client.put_object(Bucket=archive.target.bucket, Key=key, Body=bytes(data))
-    return key
+# The faults are H4's tools (tests/wale/faults.py); each returns what the message must name.
+def _corrupt_wal_block(archive: WaleArchive) -> str:
+    return faults.corrupt_wal_segment(archive.target, _segment_after_backup(archive))
+
+
+def _corrupt_partition(archive: WaleArchive) -> str:
+    return faults.corrupt_partition(archive.target, archive.base_backup.name)
 
 
 def _delete_segment(archive: WaleArchive) -> str:
-    name = _segment_after_backup(archive)
-    archive.target.client().delete_object(
-        Bucket=archive.target.bucket, Key=archive.target.prefix + "wal_005/" + name + ".lzo")
-    return name
+    return faults.delete_middle_segment(archive.target, archive.base_backup.stop_segment)
 
 
 def _foreign_sysid(archive: WaleArchive) -> str:
-    key = archive.target.prefix + "sysids/sysid"
-    original = int(read_sysid(archive))
-    archive.target.client().put_object(Bucket=archive.target.bucket, Key=key,
-                                       Body=f"{original + 1}\n".encode())
-    return str(original + 1)
-
-
-def read_sysid(archive: WaleArchive) -> str:
-    obj = archive.target.client().get_object(Bucket=archive.target.bucket,
-                                             Key=archive.target.prefix + "sysids/sysid")
-    return str(obj["Body"].read().decode().strip())
+    other = faults.other_sysid(archive.base_backup.sysid)
+    faults.write_sysid(archive.target, other)
+    return other
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("damage", "reason"),
-    [(_corrupt_block, "BackupCorrupt"), (_delete_segment, "BackupIncomplete"),
-     (_foreign_sysid, "SystemIdMismatch")],
-    ids=["corrupt-lzop-block", "missing-wal-segment", "wrong-sysid"],
+    [(_corrupt_wal_block, "BackupCorrupt"), (_corrupt_partition, "BackupCorrupt"),
+     (_delete_segment, "BackupIncomplete"), (_foreign_sysid, "SystemIdMismatch")],
+    ids=["corrupt-wal-lzop-block", "corrupt-partition-lzop-block", "missing-wal-segment",
+         "wrong-sysid"],
 )
 def test_bad_archive_fails_in_fetching_with_the_cluster_untouched(
     wale_archive: WaleArchive, tmp_path: Path, damage: Any, reason: str
