@@ -128,7 +128,17 @@ class DingoRecovery(A9sLogicalRecovery):
         if self._container is None:
             ops = await self.cell_ops()
             name = ctx.status.facts.get("container") or self.dingo.container
-            self._container = await ops.find_container(self.dingo.instance_id, name)
+            found = await ops.find_container(self.dingo.instance_id, name)
+            pinned = ctx.status.facts.get("containerId")
+            if pinned is not None and found.id != pinned:
+                # Same name, another container: someone recreated it since Fetching; what
+                # was checked then no longer describes it.
+                raise ClusterError(
+                    f"{found.label} is not the container found in Fetching ({pinned[:12]}); "
+                    "it was recreated: start a new recovery",
+                    reason="ContainerReplaced",
+                )
+            self._container = found
         return self._container
 
     def etcd(self, container: Container) -> str:
@@ -177,7 +187,9 @@ class DingoRecovery(A9sLogicalRecovery):
 
     async def find_container(self, ctx: StepContext) -> None:
         self._container = None
-        container = await self.container(ctx)
+        ops = await self.cell_ops()
+        container = await ops.find_container(self.dingo.instance_id, self.dingo.container)
+        self._container = container
         etcd = self.etcd(container)
         await ctx.fact(
             container=container.name,
