@@ -128,7 +128,7 @@ async def fetch_wal(
     progress: BytesProgress | None = None,
 ) -> WalPlan:
     """Download, verify and scan WAL from the backup's first segment on. With a target, stop
-    at the first segment holding a transaction later than it (what replay needs); without,
+    at the first segment holding a transaction at or after it (what replay needs); without,
     go to `last`. Every segment up to `stop_segno` (the backup's consistency point) is needed
     in any case. A missing segment fails naming it."""
     first = backup.name.first_segno
@@ -144,7 +144,8 @@ async def fetch_wal(
         info = scanner.scan(seg, data, obj.key)
         _check_sysid(info, sysid, obj.key)
         fetched.append(seg)
-        if target is not None and segno >= stop_segno and any(t > target for t in
+        # recovery_target_inclusive = on: a transaction AT the target also ends replay.
+        if target is not None and segno >= stop_segno and any(t >= target for t in
                                                                info.xact_times):
             return WalPlan(fetched, reached_target=True)
     if target is not None:

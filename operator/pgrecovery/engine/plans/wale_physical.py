@@ -374,6 +374,16 @@ class WalePhysicalRecovery(A9sLogicalRecovery):
 
         return FunctionStep(name, check, apply, verify_after=False)
 
+    async def replace_data_dir(self, ctx: StepContext) -> None:
+        phys = await self.phys(ctx)
+        keep = ctx.status.facts.get("keepOldData") == "true"
+        run_id = self.run_id(ctx)
+        if keep:
+            # Written first: if anything later fails, the status says where the old data is.
+            await ctx.fact(oldDataDir=phys.old_data_dir(run_id))
+        await self.note(ctx, await phys.ensure_data_dir_replaced(self.view(ctx).primary, run_id,
+                                                                 keep_old=keep))
+
     async def extract_base_backup(self, ctx: StepContext) -> None:
         backup = await self.pinned_backup(ctx)
         phys = await self.phys(ctx)
@@ -548,12 +558,8 @@ async def build_wale_physical_plan(inputs: PlanInputs) -> Plan:
         Phase.RESTORING: [
             r.phys_step("ensure-postgres-stopped-on-primary",
                         lambda p, n, run: p.ensure_postgres_stopped(n), "primaryStopped"),
-            FunctionStep(
-                "ensure-data-dir-replaced", _never,
-                _phys_apply(r, lambda p, n, run, ctx: p.ensure_data_dir_replaced(
-                    n, run, keep_old=ctx.status.facts.get("keepOldData") == "true")),
-                verify_after=False,
-            ),
+            FunctionStep("ensure-data-dir-replaced", _never, r.replace_data_dir,
+                         verify_after=False),
             FunctionStep("ensure-base-backup-extracted", r.extracted, r.extract_base_backup),
             FunctionStep("ensure-recovery-configured", r.recovery_configured,
                          r.configure_recovery),
@@ -606,13 +612,3 @@ async def build_wale_physical_plan(inputs: PlanInputs) -> Plan:
     ]
     return Plan(steps=steps, closers=[r.close])
 
-
-def _phys_apply(
-    r: WalePhysicalRecovery,
-    op: Callable[[PhysicalOperations, Node, str, StepContext], Awaitable[StepResult]],
-) -> Callable[[StepContext], Awaitable[None]]:
-    async def apply(ctx: StepContext) -> None:
-        phys = await r.phys(ctx)
-        await r.note(ctx, await op(phys, r.view(ctx).primary, r.run_id(ctx), ctx))
-
-    return apply
