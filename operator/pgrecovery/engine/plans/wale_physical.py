@@ -611,4 +611,3 @@ async def build_wale_physical_plan(inputs: PlanInputs) -> Plan:
         ),
     ]
     return Plan(steps=steps, closers=[r.close])
-
