@@ -232,3 +232,24 @@ def test_text_after_the_cluster_dump_falls_back_entirely() -> None:
     data = dumptext.dump() + b"DROP DATABASE shop;\n"
     assert _index(data).fallback == "text after the end of the cluster dump"
     assert _index(dumptext.dump() + b"\n-- a comment\n").fallback is None
+
+
+def test_index_phase_only_takes_entries_whose_sql_matches_their_type() -> None:
+    # A header is a comment made of names: a schema named "x; Type: INDEX; …" could dress an
+    # FK up as an index. The statements decide.
+    spoofed = dumptext.entry(
+        "orders fk2", "INDEX",
+        "ALTER TABLE ONLY public.orders\n    ADD CONSTRAINT fk2 FOREIGN KEY (customer) "
+        "REFERENCES public.customers(id);")
+    clustered = dumptext.entry(
+        "orders_c", "INDEX", "CREATE INDEX orders_c ON public.orders USING btree (customer);"
+        "\n\nALTER TABLE public.orders CLUSTER ON orders_c;")
+    smuggled = dumptext.entry(
+        "orders_d", "INDEX", "CREATE INDEX orders_d ON public.orders USING btree (id);\n"
+        "DELETE FROM public.orders;")
+    shop = _shop(dumptext.dump(shop_post=clustered + smuggled + spoofed + dumptext.POST_DATA))
+    assert [e.name for e in shop.post_parallel] == ["orders_c"]
+    data = dumptext.dump(shop_post=clustered + smuggled + spoofed + dumptext.POST_DATA)
+    serial = b"".join(_text(data, r) for r in shop.post_serial)
+    assert b"DELETE FROM public.orders" in serial
+    assert b"FOREIGN KEY (customer)" in serial

@@ -151,8 +151,9 @@ def _fake_psql(tmp_path: Path, body: str) -> Path:
 
 
 def test_at_most_concurrency_sessions_at_once(tmp_path: Path) -> None:
-    many = "".join(dumptext.entry(f"i{k}", "INDEX", f"CREATE INDEX i{k} ON public.orders (id);")
-                   for k in range(12))
+    many = "".join(
+        dumptext.entry(f"i{k}", "INDEX", f"CREATE INDEX i{k} ON public.orders USING btree (id);")
+        for k in range(12))
     data = dumptext.dump(shop_post=many)
     fake = _fake_psql(tmp_path, """
 cat > /dev/null

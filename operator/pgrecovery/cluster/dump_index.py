@@ -68,9 +68,17 @@ _SESSION = re.compile(
     rb"|SELECT pg_catalog\.set_config\('(?P<cfg>[a-z_.]+)')"
 )
 _META = re.compile(rb"^\\(?P<cmd>[a-z]+)(?:\s|$)")
-_TABLE_OF_INDEX = re.compile(rb"^CREATE (?:UNIQUE )?INDEX \S+ ON (?:ONLY )?(?P<t>\S+) ")
-_TABLE_OF_ALTER = re.compile(rb"^ALTER TABLE (?:ONLY )?(?P<t>\S+)\s*$|^ALTER TABLE (?:ONLY )?"
-                             rb"(?P<t2>\S+) ADD ")
+# What the SQL of an entry run in the parallel index phase must look like: its header says
+# INDEX or CONSTRAINT, but a header is a comment built from names (a schema or role name can
+# hold "; Type: INDEX"), so the statements themselves are checked too. Anything else in the
+# entry demotes it to the serial part.
+_INDEX_SQL = re.compile(rb"^CREATE (?:UNIQUE )?INDEX \S+ ON (?:ONLY )?(?P<t>\S+) USING ")
+_CONSTRAINT_SQL = re.compile(rb"^ALTER TABLE (?:ONLY )?(?P<t>\S+)\s+ADD CONSTRAINT \S+ "
+                             rb"(?:PRIMARY KEY|UNIQUE|EXCLUDE)\b")
+_INDEX_EXTRA_SQL = re.compile(rb"^ALTER (?:TABLE|INDEX) (?:ONLY )?\S+\s+(?:CLUSTER ON \S+;"
+                              rb"|REPLICA IDENTITY USING INDEX \S+;"
+                              rb"|ALTER COLUMN \d+ SET STATISTICS \d+;)$")
+_HEAD_BYTES = 1024
 _DOLLAR = re.compile(rb"\$(?:[A-Za-z_\x80-\xff][A-Za-z0-9_\x80-\xff]*)?\$")
 _TOKEN = re.compile(rb"""[Ee]'|'|"|\$(?:[A-Za-z_\x80-\xff][A-Za-z0-9_\x80-\xff]*)?\$|--|/\*|;""")
 _IDENT_CHAR = re.compile(rb"[A-Za-z0-9_$\x80-\xff]")
@@ -95,6 +103,8 @@ class Entry:
     """COPY only: end of the `COPY … FROM stdin;` line."""
     splits: list[int] = field(default_factory=list)
     """COPY only: offsets just after a row end, about `SPLIT_EVERY` apart."""
+    verified: bool = True
+    """INDEX / CONSTRAINT only: its statements look like what the type says."""
 
     @property
     def size(self) -> int:
@@ -168,6 +178,7 @@ def _entry_from(raw: dict[str, Any]) -> Entry:
         copy=_range(raw["copy"]) if raw.get("copy") else None,
         header_end=int(raw.get("header_end", 0)),
         splits=[int(x) for x in raw.get("splits", [])],
+        verified=bool(raw.get("verified", True)),
     )
 
 
@@ -215,6 +226,8 @@ class DumpIndexer:
         self._in_stmt = False
         self._stmt_start = 0
         self._first_line = b""  # first line of the statement being read
+        self._head = b""  # its first _HEAD_BYTES bytes
+        self._entry_stmts = 0  # statements of the current entry so far
         self._prev: tuple[int, bytes] = (0, b"")  # previous line's offset and text
         self._globals_end: int | None = None
         self._dbs: list[_Db] = []
@@ -323,6 +336,8 @@ class DumpIndexer:
         prev_start, prev = self._prev
         self._prev = (start, line)
         if self._quote is not None or self._comment_depth or self._in_stmt:
+            if len(self._head) < _HEAD_BYTES:
+                self._head = (self._head + b"\n" + line)[:_HEAD_BYTES]
             self._lex(line, start)
         elif not line.strip():
             # Blank lines after an entry belong to it: neighbouring entries then form one
@@ -343,6 +358,7 @@ class DumpIndexer:
             return
         else:
             self._first_line = line
+            self._head = line[:_HEAD_BYTES]
             self._stmt_start = start
             self._statement_start(start, line)
             self._lex(line, start)
@@ -389,6 +405,7 @@ class DumpIndexer:
             self._db_fallback("large objects (pg_dump BLOB entries) are restored serially")
         db.entries.append(entry)
         self._entry = entry
+        self._entry_stmts = 0
 
     def _meta(self, start: int, end: int, line: bytes) -> None:
         m = _META.match(line)
@@ -459,10 +476,16 @@ class DumpIndexer:
         if entry is None:
             return
         entry.end = end
-        if entry.table is None and entry.type in PARALLEL_POST_TYPES:
-            t = _TABLE_OF_INDEX.match(first) or _TABLE_OF_ALTER.match(first)
-            if t:
-                entry.table = t.group("t").decode("utf-8", "replace")
+        self._entry_stmts += 1
+        if entry.type in PARALLEL_POST_TYPES and entry.verified:
+            if self._entry_stmts == 1:
+                sql = _INDEX_SQL if entry.type == "INDEX" else _CONSTRAINT_SQL
+                t = sql.match(self._head)
+                entry.verified = t is not None
+                if t:
+                    entry.table = t.group("t").decode("utf-8", "replace")
+            else:
+                entry.verified = _INDEX_EXTRA_SQL.match(self._head.strip()) is not None
 
     # ------------------------------------------------------------------ lexer
 
@@ -631,12 +654,14 @@ def _plan_sections(db: _Db, content_end: int) -> None:
     kinds: dict[str, int] = {}
     for e in post:
         kinds[e.type] = kinds.get(e.type, 0) + 1
-        if barrier == content_end and e.type not in PARALLEL_POST_TYPES | TRANSPARENT_POST_TYPES:
+        parallel = e.type in PARALLEL_POST_TYPES and e.verified
+        if barrier == content_end and not parallel and e.type not in TRANSPARENT_POST_TYPES:
             barrier = e.start
     for kind, at in db.between:
         if kind == "meta" and post_start <= at < barrier:
             barrier = at
-    idx.post_parallel = [e for e in post if e.type in PARALLEL_POST_TYPES and e.start < barrier]
+    idx.post_parallel = [e for e in post if e.type in PARALLEL_POST_TYPES and e.verified
+                         and e.start < barrier]
     # The rest in dump order. A gap between two parallel entries that holds no entry, setting
     # or meta-command is blank lines and comments: not worth a range of its own.
     parallel = {id(e) for e in idx.post_parallel}
