@@ -654,8 +654,8 @@ def _plan_sections(db: _Db, content_end: int) -> None:
     kinds: dict[str, int] = {}
     for e in post:
         kinds[e.type] = kinds.get(e.type, 0) + 1
-        parallel = e.type in PARALLEL_POST_TYPES and e.verified
-        if barrier == content_end and not parallel and e.type not in TRANSPARENT_POST_TYPES:
+        eligible = e.type in PARALLEL_POST_TYPES and e.verified
+        if barrier == content_end and not eligible and e.type not in TRANSPARENT_POST_TYPES:
             barrier = e.start
     for kind, at in db.between:
         if kind == "meta" and post_start <= at < barrier:
