@@ -3,8 +3,10 @@
 Each case runs the real `pgrecovery recover` against a new instance whose state is recorded
 first; afterwards the container still runs, its etcd keys, its data directory and its archive
 prefix are exactly as before, and the status names the reason: no archive for the GUID, an
-archive without base backups, an archive without `sysids/sysid`, no container for the
-instance, a named container of another instance, and a dry run (every check, no change).
+archive without base backups, an archive without `sysids/sysid`, a damaged base backup, an
+archive mixing two clusters (a base backup whose system id is not `sysids/sysid`), no
+container for the instance, a named container of another instance, and a dry run (every
+check, no change).
 """
 
 from __future__ import annotations
@@ -62,6 +64,21 @@ def _copy(world: DeletedService, guid: str, keep: str) -> None:
             )
 
 
+def _damage_first_partition(world: DeletedService, guid: str) -> None:
+    """Flip one byte in the middle of the latest base backup's first tar partition (its
+    lzop block checksums catch it)."""
+    client = world.store.client()
+    prefix = f"backups/{guid}/wal/basebackups_005/"
+    keys = sorted(
+        o["Key"]
+        for o in client.list_objects_v2(Bucket=world.bucket, Prefix=prefix)["Contents"]
+        if o["Key"].endswith("part_00000000.tar.lzo")
+    )
+    body = bytearray(client.get_object(Bucket=world.bucket, Key=keys[-1])["Body"].read())
+    body[len(body) // 2] ^= 0xFF
+    client.put_object(Bucket=world.bucket, Key=keys[-1], Body=bytes(body))
+
+
 def _run(world: DeletedService, tmp_path: Path, name: str, **overrides: Any) -> dict[str, Any]:
     argv, status_file = recover_argv(world, tmp_path, name, **overrides)
     result = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
@@ -77,6 +94,8 @@ def _run(world: DeletedService, tmp_path: Path, name: str, **overrides: Any) -> 
         ("no-archive", "BackupNotFound", "the prefix is empty"),
         ("no-base-backup", "BackupNotFound", "no complete base backup"),
         ("no-sysid", "BackupIncomplete", "sysids/sysid"),
+        ("corrupt-base-backup", "BackupCorrupt", "part_00000000.tar.lzo"),
+        ("mixed-archive", "SystemIdMismatch", "mixes two clusters"),
         ("no-container", "ContainerNotFound", "no container of service instance"),
         ("other-container", "ContainerMismatch", "belongs to service instance"),
     ],
@@ -94,6 +113,19 @@ def test_bad_input_fails_in_fetching_and_changes_nothing(
         overrides["backup_guid"] = guid
     elif case == "no-sysid":
         _copy(world, guid, "wal_005/,basebackups_005/")
+        overrides["backup_guid"] = guid
+    elif case == "corrupt-base-backup":
+        _copy(world, guid, "")
+        _damage_first_partition(world, guid)
+        overrides["backup_guid"] = guid
+    elif case == "mixed-archive":
+        # what `aws s3 sync` into an archive leaves: another cluster's sysids/sysid
+        _copy(world, guid, "")
+        world.store.client().put_object(
+            Bucket=world.bucket,
+            Key=f"backups/{guid}/wal/sysids/sysid",
+            Body=f"{world.new_sysid}\n".encode(),
+        )
         overrides["backup_guid"] = guid
     elif case == "no-container":
         overrides["instance_id"] = guid

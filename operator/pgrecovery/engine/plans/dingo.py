@@ -9,8 +9,10 @@ instance's is the same with `target.dingo.instanceId`.
 
 Phases (the runbook's order; nothing destructive before Staging, and Staging only with
 `confirm`):
-- Fetching: list the old archive (complete base backups and `sysids/sysid` required), find the
-  new instance's container on the cells, read its etcd keys, list its archive prefix.
+- Fetching: list the old archive (complete base backups and `sysids/sysid` required), download
+  and verify the latest base backup (every lzop checksum; its pg_control's system id equals
+  `sysids/sysid`) on the work volume, find the new instance's container on the cells, read its
+  etcd keys, list its archive prefix.
 - Decrypting: nothing (Dingo archives are not encrypted here).
 - Staging: stop the container (it must stop writing its archive first, as the runbook says),
   empty the new prefix, copy the old archive into it server-side, verify counts and sizes.
@@ -31,11 +33,18 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from pgrecovery import metrics
 from pgrecovery.adapters.objectstore import WritableObjectStore
 from pgrecovery.adapters.ssh import SshAuth, SshPool
-from pgrecovery.backups.wale.archive import list_archive, load_details
+from pgrecovery.backups.wale.archive import Archive, BaseBackup, list_archive, load_details
+from pgrecovery.backups.wale.fetch import (
+    SystemIdMismatch,
+    download,
+    local_name,
+    verify_base_backup,
+)
 from pgrecovery.backups.wale.layout import default_prefix, normalise_prefix
 from pgrecovery.cluster.dingo import RESET_KEYS, Container, DingoOperations, etcd_base_url
 from pgrecovery.cluster.dingo_archive import (
@@ -53,6 +62,7 @@ from pgrecovery.engine.spec import DingoTarget
 from pgrecovery.engine.status import BackupInfo, NodeState
 from pgrecovery.engine.steps import FunctionStep, Step, StepContext
 from pgrecovery.errors import (
+    BackupCorrupt,
     BackupIncomplete,
     ClusterError,
     ConfigurationError,
@@ -111,6 +121,25 @@ class DingoRecovery(A9sLogicalRecovery):
             raise ConfigurationError("the Dingo recovery copies objects: it needs an S3 store")
         return store
 
+    async def old_archive(self) -> Archive:
+        store = await self.writable_store()
+        archive = await list_archive(store, self.old_prefix)
+        await load_details(store, archive)
+        return archive
+
+    async def latest_backup(self, ctx: StepContext) -> BaseBackup:
+        """The base backup the container will restore (`backup-fetch LATEST`), as pinned."""
+        archive = await self.old_archive()
+        pinned = ctx.status.backup.id
+        for backup in archive.complete_backups:
+            if backup.name.name == pinned:
+                return backup
+        raise BackupIncomplete(f"base backup {pinned} is no longer in {archive.where('')}")
+
+    @property
+    def wale_dir(self) -> Path:
+        return Path(self.inputs.work_dir) / "wale"
+
     async def cell_ops(self) -> DingoOperations:
         if self._dingo_ops is None:
             ssh = self.spec.target.ssh
@@ -155,8 +184,7 @@ class DingoRecovery(A9sLogicalRecovery):
     # ------------------------------------------------------------------ Fetching
     async def resolve_archive(self, ctx: StepContext) -> None:
         store = await self.writable_store()
-        archive = await list_archive(store, self.old_prefix)
-        await load_details(store, archive)
+        archive = await self.old_archive()
         if archive.sysid is None:
             raise BackupIncomplete(
                 f"{archive.where('sysids/sysid')} is missing: the restored container could not "
@@ -184,6 +212,50 @@ class DingoRecovery(A9sLogicalRecovery):
 
     async def archive_resolved(self, ctx: StepContext) -> bool:
         return ctx.status.backup.id is not None and "oldSysid" in ctx.status.facts
+
+    async def download_base_backup(self, ctx: StepContext) -> None:
+        backup = await self.latest_backup(ctx)
+        store = await self.writable_store()
+        self.wale_dir.mkdir(parents=True, exist_ok=True)
+        total, done, last = backup.compressed_size, [0], [0.0]
+
+        def on_bytes(n: int) -> None:
+            done[0] += n
+            metrics.record_bytes("fetched", n)
+
+        for part in backup.parts:
+            await download(store, part, self.wale_dir, on_bytes)
+            if time.monotonic() - last[0] >= PROGRESS_INTERVAL:
+                last[0] = time.monotonic()
+                await ctx.progress(
+                    done[0],
+                    total,
+                    f"base backup {backup.name.name} downloaded "
+                    f"{_human(done[0])} of {_human(total)} (for verification)",
+                )
+
+    async def verify_base_backup(self, ctx: StepContext) -> None:
+        """Every lzop checksum of the base backup the container will restore, and its
+        pg_control's system id against `sysids/sysid`: a corrupt or mixed archive fails here,
+        before the new instance is touched, not after its data directory is wiped."""
+        backup = await self.latest_backup(ctx)
+        parts = [(self.wale_dir / local_name(p.key), p.key) for p in backup.parts]
+        sysid, expanded = await asyncio.to_thread(verify_base_backup, parts)
+        want = ctx.status.facts.get("oldSysid")
+        if sysid is None:
+            raise BackupCorrupt(
+                f"base backup {backup.name.name} holds no global/pg_control; it is not a "
+                "PostgreSQL base backup"
+            )
+        if str(sysid) != want:
+            raise SystemIdMismatch(
+                f"base backup {backup.name.name} is of database system {sysid}, but "
+                f"sysids/sysid says {want}: the archive mixes two clusters (e.g. after an "
+                "`aws s3 sync` into it); the container would refuse it"
+            )
+        await ctx.fact(backupSysid=str(sysid), expandedBytes=str(expanded))
+        for path, _ in parts:  # verified; the container fetches its own copy from S3
+            path.unlink(missing_ok=True)
 
     async def find_container(self, ctx: StepContext) -> None:
         self._container = None
@@ -372,6 +444,13 @@ async def build_dingo_plan(inputs: PlanInputs) -> Plan:
     steps: dict[Phase, list[Step]] = {
         Phase.FETCHING: [
             FunctionStep("resolve-archive", r.archive_resolved, r.resolve_archive),
+            FunctionStep(
+                "download-base-backup",
+                _fact("backupSysid"),
+                r.download_base_backup,
+                verify_after=False,
+            ),
+            FunctionStep("verify-base-backup", _fact("backupSysid"), r.verify_base_backup),
             FunctionStep("find-container", _never, r.find_container, verify_after=False),
             FunctionStep("check-etcd", _never, r.check_etcd, verify_after=False),
             FunctionStep("check-new-archive", _never, r.check_new_archive, verify_after=False),
