@@ -18,6 +18,7 @@ of the table, so the matrix is complete on its own.
 
 from __future__ import annotations
 
+import base64
 import socket
 import subprocess
 import time
@@ -227,8 +228,6 @@ class Outcome:
 
 
 def _secret(name: str, data: dict[str, bytes]) -> dict[str, Any]:
-    import base64  # noqa: PLC0415 - only here
-
     return {
         "apiVersion": "v1",
         "kind": "Secret",
