@@ -36,7 +36,7 @@ SSH_SECRET = "a9s-pg-ssh"
 
 
 def _manifest(archive: WaleArchive, name: str, target: datetime | None,
-              best_effort: bool = False) -> dict[str, Any]:
+              best_effort: bool = False, dry_run: bool = False) -> dict[str, Any]:
     cluster = archive.cluster
     spec: dict[str, Any] = {
         "source": {
@@ -61,6 +61,7 @@ def _manifest(archive: WaleArchive, name: str, target: datetime | None,
             "postgresMajorVersion": 15,
         },
         "confirm": "a9s-pg",
+        "dryRun": dry_run,
     }
     if target is not None:
         spec["pointInTime"] = {"targetTime": target.isoformat(), "bestEffort": best_effort}
@@ -69,8 +70,9 @@ def _manifest(archive: WaleArchive, name: str, target: datetime | None,
 
 
 def _recover(tmp_path: Path, archive: WaleArchive, name: str, target: datetime | None,
-             best_effort: bool = False) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
-    argv, status_file = _argv(tmp_path, archive, name, target, best_effort)
+             best_effort: bool = False, dry_run: bool = False,
+             ) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    argv, status_file = _argv(tmp_path, archive, name, target, best_effort, dry_run)
     result = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=1200,
                             check=False)
     return result, _status(status_file)
@@ -84,9 +86,10 @@ def _status(status_file: Path) -> dict[str, Any]:
 
 
 def _argv(tmp_path: Path, archive: WaleArchive, name: str, target: datetime | None,
-          best_effort: bool = False) -> tuple[list[str], Path]:
+          best_effort: bool = False, dry_run: bool = False) -> tuple[list[str], Path]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     manifest = tmp_path / f"{name}.yaml"
-    manifest.write_text(yaml.safe_dump(_manifest(archive, name, target, best_effort)))
+    manifest.write_text(yaml.safe_dump(_manifest(archive, name, target, best_effort, dry_run)))
     secrets = tmp_path / "secrets"
     values = {
         S3_SECRET: {"AWS_ACCESS_KEY_ID": archive.target.access_key.encode(),
@@ -298,3 +301,51 @@ def test_pitr_killed_in_restoring_resumes_and_completes(
     _succeeded(resumed, status)
     assert _marks(wale_archive.cluster) == {vm.name: ["A"] for vm in wale_archive.cluster.vms}
     assert wale_archive.cluster.wait_healthy(timeout=60).ok
+
+
+@pytest.mark.slow
+def test_second_pitr_follows_the_timeline_the_first_one_created(
+    wale_archive: WaleArchive, tmp_path: Path
+) -> None:
+    """PITR to between A and B promotes timeline N+1, which keeps archiving into the same
+    prefix (with its .history file and the old timeline's .partial). Row C is committed on
+    it. A second PITR to after C must follow the new timeline: A and C, never B."""
+    between, _after_b = _write_a_then_b(wale_archive)
+    first, status = _recover(tmp_path / "one", wale_archive, "pitr-first", between)
+    _succeeded(first, status)
+    old_tli = int(status["facts"]["timeline"]) - 1
+    wale_archive.primary.psql("INSERT INTO public.pitr_marks VALUES ('C')")
+    after_c = _vm_time(wale_archive)
+    wale_archive.switch_wal()
+    history = f"{old_tli + 1:08X}.history"
+    assert history in wale_archive.window().history, wale_archive.window().history
+    time.sleep(1.0)
+    second, status = _recover(tmp_path / "two", wale_archive, "pitr-second",
+                              after_c + timedelta(milliseconds=500), best_effort=True)
+    _succeeded(second, status)
+    assert _marks(wale_archive.cluster) == {vm.name: ["A", "C"]
+                                            for vm in wale_archive.cluster.vms}
+    segments = status["facts"]["walSegments"].split(",")
+    timelines = sorted({int(s[:8], 16) for s in segments})
+    assert timelines == [old_tli, old_tli + 1], segments
+    assert status["facts"]["baseBackup"] == wale_archive.base_backup.name
+
+
+@pytest.mark.slow
+def test_dry_run_shows_window_and_choice_and_changes_nothing(
+    wale_archive: WaleArchive, tmp_path: Path
+) -> None:
+    between, _after_b = _write_a_then_b(wale_archive)
+    before = _marks(wale_archive.cluster)
+    result, status = _recover(tmp_path, wale_archive, "pitr-dry", between, dry_run=True)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    facts = status["facts"]
+    assert wale_archive.base_backup.name in facts["recoveryWindow"]
+    assert facts["baseBackup"] == wale_archive.base_backup.name
+    assert facts["recoveryTarget"] == between.isoformat()
+    assert "reachedTime" not in facts
+    assert {c["type"]: c.get("reason") for c in status["conditions"]}["Blocked"] == \
+        "DryRunComplete"
+    assert _marks(wale_archive.cluster) == before
+    for vm_name, text in _monit_all_running(wale_archive.cluster).items():
+        assert "Not monitored" not in text, (vm_name, text)
