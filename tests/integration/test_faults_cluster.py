@@ -137,6 +137,15 @@ def _assert_all_running(snapshot: ClusterSnapshot) -> None:
         assert running, (vm, services)
 
 
+def _staging_files(cluster: SimCluster) -> set[str]:
+    listing = (
+        cluster.primary()
+        .run(["ls", "-A", "/var/vcap/store/postgresql-restore"], check=False)
+        .stdout
+    )
+    return set(listing.split())
+
+
 @pytest.fixture
 def s3_proxy(moto_s3: S3Server) -> Iterator[FaultProxy]:
     with fault_proxy(moto_s3.endpoint_url) as proxy:
@@ -229,9 +238,10 @@ async def test_persistent_store_fault_fails_before_staging_and_leaves_cluster_un
     scenario = Scenario.prepare(cluster, moto_s3, rows=300, part_size=16 * 1024)
     before = ClusterSnapshot.take(cluster)
     _assert_all_running(before)
+    staged_before = _staging_files(cluster)
     if fault == "slowdown-mid-download":
-        # The key check (first ranged read) passes; later ranges always get SlowDown.
-        s3_proxy.add(s3_error("SlowDown", 503, times=None, ranged=True, skip=1))
+        # The key check and the first part pass; every later ranged read gets SlowDown.
+        s3_proxy.add(s3_error("SlowDown", 503, times=None, ranged=True, skip=3))
         endpoint = s3_proxy.url
     else:
         endpoint = "http://store.invalid:9000"
@@ -262,6 +272,10 @@ async def test_persistent_store_fault_fails_before_staging_and_leaves_cluster_un
         assert s3_proxy.count(action="error") >= 2 * attempts  # both phase runs, all attempts
     after = ClusterSnapshot.take(cluster)
     assert after == before  # services, data and pg_hba exactly as before
+    # The only trace is pgrecovery's own partial upload in the staging directory (Decrypting
+    # streams from the store to the primary): kept for a resume, never a finished dump.
+    new_files = _staging_files(cluster) - staged_before
+    assert new_files <= {f"{scenario.backup.backup_id}.dump.part"}, new_files
 
 
 # ---------------------------------------------------------------- SSH reset mid-upload
