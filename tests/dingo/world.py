@@ -66,8 +66,11 @@ def deleted_service(cell: DingoCell, store: S3Server) -> DeletedService:
         "CREATE TABLE accounts (id int PRIMARY KEY, v text);"
         "INSERT INTO accounts SELECT i, md5(i::text) FROM generate_series(1, 2000) i"
     )
-    old_digest = table_digest(old)
     old.switch_wal()  # the data is in the archive, as after Dingo's archive_timeout
+    # more data in a later segment: the archive spans several segments after the base backup
+    old.psql("INSERT INTO accounts SELECT i, md5(i::text) FROM generate_series(2001, 2500) i")
+    old_digest = table_digest(old)
+    old.switch_wal()
     old_sysid = old.sysid()
     cell.docker("stop", old.container)
     cell.delete_instance(old)

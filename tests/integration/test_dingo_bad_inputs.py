@@ -4,7 +4,8 @@ Each case runs the real `pgrecovery recover` against a new instance whose state 
 first; afterwards the container still runs, its etcd keys, its data directory and its archive
 prefix are exactly as before, and the status names the reason: no archive for the GUID, an
 archive without base backups, an archive without `sysids/sysid`, a damaged base backup, an
-archive mixing two clusters (a base backup whose system id is not `sysids/sysid`), no
+archive mixing two clusters (a base backup whose system id is not `sysids/sysid`), a gap in
+the WAL after the base backup, no
 container for the instance, a named container of another instance, and a dry run (every
 check, no change).
 """
@@ -12,6 +13,7 @@ check, no change).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -96,6 +98,7 @@ def _run(world: DeletedService, tmp_path: Path, name: str, **overrides: Any) -> 
         ("no-sysid", "BackupIncomplete", "sysids/sysid"),
         ("corrupt-base-backup", "BackupCorrupt", "part_00000000.tar.lzo"),
         ("mixed-archive", "SystemIdMismatch", "mixes two clusters"),
+        ("wal-gap", "BackupIncomplete", "the archive has a gap"),
         ("no-container", "ContainerNotFound", "no container of service instance"),
         ("other-container", "ContainerMismatch", "belongs to service instance"),
     ],
@@ -125,6 +128,19 @@ def test_bad_input_fails_in_fetching_and_changes_nothing(
             Bucket=world.bucket,
             Key=f"backups/{guid}/wal/sysids/sysid",
             Body=f"{world.new_sysid}\n".encode(),
+        )
+        overrides["backup_guid"] = guid
+    elif case == "wal-gap":
+        # every object but the first WAL segment after the base backup's
+        _copy(world, guid, "")
+        segments = sorted(
+            k
+            for k in world.old.archive().list_keys()
+            if re.search(r"wal_005/[0-9A-F]{24}\.lzo$", k)
+        )
+        victim = segments[-2].rsplit("/", 1)[-1]
+        world.store.client().delete_object(
+            Bucket=world.bucket, Key=f"backups/{guid}/wal/wal_005/{victim}"
         )
         overrides["backup_guid"] = guid
     elif case == "no-container":

@@ -9,7 +9,8 @@ instance's is the same with `target.dingo.instanceId`.
 
 Phases (the runbook's order; nothing destructive before Staging, and Staging only with
 `confirm`):
-- Fetching: list the old archive (complete base backups and `sysids/sysid` required), download
+- Fetching: list the old archive (complete base backups, `sysids/sysid`, no WAL gap from the
+  latest base backup to the newest segment on the newest timeline), download
   and verify the latest base backup (every lzop checksum; its pg_control's system id equals
   `sysids/sysid`) on the work volume, find the new instance's container on the cells, read its
   etcd keys, list its archive prefix.
@@ -20,7 +21,8 @@ Phases (the runbook's order; nothing destructive before Staging, and Staging onl
 - Restoring: delete etcd `/service/<id>/initialize` and `/optime/leader`, wipe the container's
   data directory, start the container.
 - Rejoined: wait until the container has restored, holds the leader key and accepts
-  connections; verify the restored system id is the OLD archive's (pg_control and etcd).
+  connections; verify the restored system id is the OLD archive's (pg_control and etcd) and
+  that its position is past the start of the archive's last segment.
 
 Resuming: one-shot destructive steps (emptying, etcd deletes, wipe) record a fact when done and
 are skipped afterwards, because their "state holds" would be undone by the container's own
@@ -45,7 +47,13 @@ from pgrecovery.backups.wale.fetch import (
     local_name,
     verify_base_backup,
 )
-from pgrecovery.backups.wale.layout import default_prefix, normalise_prefix
+from pgrecovery.backups.wale.layout import default_prefix, format_lsn, normalise_prefix
+from pgrecovery.backups.wale.planning import (
+    check_backup_on_path,
+    last_segment,
+    required_segments,
+    timeline_path,
+)
 from pgrecovery.cluster.dingo import RESET_KEYS, Container, DingoOperations, etcd_base_url
 from pgrecovery.cluster.dingo_archive import (
     clone_prefix,
@@ -78,6 +86,8 @@ RESTORE_POLL_INTERVAL = 2.0
 RESTORE_MIN_TIMEOUT = 1800.0
 RESTORE_BYTES_PER_SECOND = 5e6
 PROGRESS_INTERVAL = 1.0
+# Patroni writes /optime/leader every loop (10 s in Dingo): wait up to a minute for it.
+OPTIME_WAIT_POLLS = 30
 
 
 @dataclass
@@ -191,6 +201,18 @@ class DingoRecovery(A9sLogicalRecovery):
                 'set its etcd /initialize from it (Dingo: "Target missing /sysids/sysid")'
             )
         latest = archive.complete_backups[-1]
+        # What the container will replay: the latest base backup, then every segment up to
+        # the newest along the newest timeline (PostgreSQL's recovery_target_timeline=latest).
+        # A gap would end the replay early and silently lose everything after it.
+        path = timeline_path(archive)
+        check_backup_on_path(latest, path, archive)
+        last = last_segment(archive, path)
+        if last is None:
+            raise BackupIncomplete(f"no WAL segment on the newest timeline in {archive.where('')}")
+        replay = required_segments(
+            archive, path, latest.name.first_segno, last.segno,
+            f"needed after base backup {latest.name.name}",
+        )  # fmt: skip
         objects = await store.list(self.old_prefix)
         total = summarize(objects)
         info = BackupInfo(id=latest.name.name, parts=total.objects, size_bytes=total.bytes)
@@ -201,12 +223,14 @@ class DingoRecovery(A9sLogicalRecovery):
             oldSysid=str(archive.sysid),
             baseBackups=str(len(archive.complete_backups)),
             walSegments=str(len(archive.segments)),
+            lastSegment=last.name,
+            archiveEndLsn=str(last.start_lsn),
         )
         await self.say(
             ctx,
             f"archive of deleted instance {self.spec.source.backup_guid}: "
             f"{len(archive.complete_backups)} base backup(s), latest {latest.name.name}, "
-            f"{len(archive.segments)} WAL segment(s), {total.objects} objects, "
+            f"{len(replay)} WAL segment(s) to replay up to {last.name}, {total.objects} objects, "
             f"{_human(total.bytes)}, system id {archive.sysid}",
         )
 
@@ -416,7 +440,24 @@ class DingoRecovery(A9sLogicalRecovery):
                 "the deleted instance's",
                 reason="SystemIdMismatch",
             )
-        await ctx.fact(restoredSysid=got)
+        # The container replayed the whole archive: its position (Patroni's optime, written
+        # every loop) is past the start of the archive's last segment.
+        end = int(ctx.status.facts.get("archiveEndLsn", "0"))
+        optime = None
+        for _ in range(OPTIME_WAIT_POLLS):
+            optime = await ops.etcd_get(container, self.etcd(container), "optime/leader")
+            if optime is not None and optime.isdigit():
+                break
+            await asyncio.sleep(RESTORE_POLL_INTERVAL)
+        if optime is None or not optime.isdigit():
+            raise RestoreFailed(f"{container.label} reports no /optime/leader after the restore")
+        if int(optime) < end:
+            raise RestoreFailed(
+                f"{container.label} restored only up to {format_lsn(int(optime))}, but the "
+                f"archive reaches {format_lsn(end)} ({ctx.status.facts.get('lastSegment')}): "
+                "WAL is missing or was not replayed"
+            )
+        await ctx.fact(restoredSysid=got, restoredLsn=format_lsn(int(optime)))
         await self.say(
             ctx,
             f"service instance {self.dingo.instance_id} restored from the archive of "
