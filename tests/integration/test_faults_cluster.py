@@ -276,6 +276,8 @@ async def test_persistent_store_fault_fails_before_staging_and_leaves_cluster_un
     # streams from the store to the primary): kept for a resume, never a finished dump.
     new_files = _staging_files(cluster) - staged_before
     assert new_files <= {f"{scenario.backup.backup_id}.dump.part"}, new_files
+    for name in new_files:  # leave the shared cluster as this test found it
+        cluster.primary().run(["rm", "-f", "--", f"/var/vcap/store/postgresql-restore/{name}"])
 
 
 # ---------------------------------------------------------------- SSH reset mid-upload
