@@ -158,6 +158,9 @@ async def poll_parallel_restore(
     res = await ops.shell.run_root(primary.endpoint, shell_script_argv(_READ_STATE, work),
                                    timeout=60)
     tasks, total, fallbacks, progress = _parse_state(res.stdout)
+    if not tasks:
+        raise RestoreFailed(f"{primary.name}: the parallel restore's task list {work}/plan.json "
+                            "is missing; its outcome cannot be judged")
     outcomes = parse_progress(progress)
     done_bytes = sum(o.bytes for o in outcomes.values())
     if status.state in (JobState.RUNNING, JobState.STARTING):
