@@ -349,3 +349,26 @@ def test_dry_run_shows_window_and_choice_and_changes_nothing(
     assert _marks(wale_archive.cluster) == before
     for vm_name, text in _monit_all_running(wale_archive.cluster).items():
         assert "Not monitored" not in text, (vm_name, text)
+
+
+@pytest.mark.slow
+def test_no_room_to_keep_the_old_data_wipes_it_and_still_recovers(
+    wale_archive: WaleArchive, tmp_path: Path
+) -> None:
+    """The store of the primary has room for the restore but not for the old data directory
+    beside it: Fetching decides to wipe (status says so), the recovery completes."""
+    between, _after_b = _write_a_then_b(wale_archive)
+    primary = wale_archive.primary
+    # About 100 MiB free: base backup (~30 MB expanded) + staged WAL + replay room fit, the
+    # old data directory (~180 MB) kept aside would not.
+    primary.limit_store_free_space(100 * 1024 * 1024)
+    try:
+        result, status = _recover(tmp_path, wale_archive, "pitr-wipe", between)
+    finally:
+        primary.reset_store_size()
+    _succeeded(result, status)
+    facts = status["facts"]
+    assert facts["keepOldData"] == "false", facts["spacePlan"]
+    assert "wiped" in facts["spacePlan"]
+    assert "oldDataDir" not in facts
+    assert _marks(wale_archive.cluster) == {vm.name: ["A"] for vm in wale_archive.cluster.vms}

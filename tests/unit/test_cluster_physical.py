@@ -97,6 +97,11 @@ def test_space_plan_keeps_the_old_data_when_there_is_room_else_wipes_else_refuse
     with pytest.raises(InsufficientSpace, match="500 bytes free and the old data directory "
                                                 "holds 400; the restore needs about 990"):
         asyncio.run(ops.space_plan(PRIMARY, 900))
+    # Wiping would make room, but the staged WAL must fit before the wipe.
+    shell.df_du = "300\n4000\n"
+    assert asyncio.run(ops.space_plan(PRIMARY, 900, 200)).keep_old is False
+    with pytest.raises(InsufficientSpace, match="330 of them before the old data can be wiped"):
+        asyncio.run(ops.space_plan(PRIMARY, 900, 300))
     shell.df_du = "garbage"
     with pytest.raises(RemoteCommandFailed, match="unexpected df/du output"):
         asyncio.run(ops.space_plan(PRIMARY, 900))

@@ -177,8 +177,13 @@ class PhysicalOperations:
 
     # ------------------------------------------------------------ Fetching (read-only)
 
-    async def space_plan(self, primary: Node, needed_bytes: int) -> SpacePlan:
-        """Decide keep-aside vs wipe; InsufficientSpace when neither leaves enough room."""
+    async def space_plan(self, primary: Node, needed_bytes: int,
+                         staged_bytes: int = 0) -> SpacePlan:
+        """Decide keep-aside vs wipe; InsufficientSpace when neither leaves enough room.
+
+        `needed_bytes` is everything the restore puts on the store (base backup expanded, the
+        staged WAL, segments PostgreSQL restores while replaying); `staged_bytes` (the WAL
+        staged in Decrypting) must fit *before* the old data directory can be wiped."""
         script = r"""
 df -B1 --output=avail "$1" | tail -n 1
 if [ -d "$2" ]; then du -sb -- "$2" | cut -f1; else echo 0; fi
@@ -190,11 +195,13 @@ if [ -d "$2" ]; then du -sb -- "$2" | cut -f1; else echo 0; fi
         available, old = int(out[0]), int(out[1])
         needed = int(needed_bytes * SPACE_MARGIN)
         plan = SpacePlan(available, old, needed, keep_old=available >= needed)
-        if not plan.keep_old and available + old < needed:
+        staged = int(staged_bytes * SPACE_MARGIN)
+        if not plan.keep_old and (available + old < needed or available < staged):
             raise InsufficientSpace(
                 f"{primary.name}: {self.layout.store_dir} has {available} bytes free and the "
                 f"old data directory holds {old}; the restore needs about {needed} bytes "
-                "(base backup expanded plus WAL); grow the persistent disk first"
+                f"(base backup expanded plus WAL), {staged} of them before the old data can "
+                "be wiped; grow the persistent disk first"
             )
         self._report("space_plan", plan.describe(), primary)
         return plan

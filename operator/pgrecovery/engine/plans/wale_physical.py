@@ -313,8 +313,11 @@ class WalePhysicalRecovery(A9sLogicalRecovery):
     async def plan_space(self, ctx: StepContext) -> None:
         phys = await self.phys(ctx)
         segments = ctx.status.facts["walSegments"].split(",")
-        needed = int(ctx.status.facts["expandedBytes"]) + len(segments) * WAL_SEGMENT_SIZE
-        plan = await phys.space_plan(self.view(ctx).primary, needed)
+        staged = len(segments) * WAL_SEGMENT_SIZE
+        # PostgreSQL copies each segment it replays into pg_wal and recycles it soon after:
+        # a few segments' room on top of the staged ones.
+        needed = int(ctx.status.facts["expandedBytes"]) + staged + 4 * WAL_SEGMENT_SIZE
+        plan = await phys.space_plan(self.view(ctx).primary, needed, staged)
         await ctx.fact(keepOldData="true" if plan.keep_old else "false",
                        freeBytesOnPrimary=str(plan.available), neededBytes=str(plan.needed),
                        spacePlan=plan.describe())
