@@ -63,8 +63,10 @@ _SAFE_ARG = re.compile(r"^[A-Za-z0-9_./=:,+-]+$")
 # * maintenance_work_mem: index builds and FK checks sort in memory. Up to `concurrency`
 #   builds run at once, so the VM's memory is divided by concurrency with a margin for
 #   shared_buffers and the OS (caller computes it: `maintenance_work_mem_mb`).
-# * max_parallel_maintenance_workers=0: we already run `concurrency` sessions, one per CPU;
-#   parallel index workers on top would oversubscribe the CPUs.
+# * max_parallel_maintenance_workers is left at the server's setting: the index phase ends
+#   with a few big builds on the largest tables, where the serial restore gets parallel
+#   workers too; with them off, that tail was the slowest part (measured, bench/restore.py).
+#   The server caps all workers together (max_parallel_workers), which bounds oversubscription.
 # Nothing here changes what is restored (catalog contents, data), only how fast.
 DEFAULT_MAINTENANCE_WORK_MEM_MB = 256
 MIN_MAINTENANCE_WORK_MEM_MB = 64
@@ -297,7 +299,6 @@ set -u
 D={dump}
 W={work}
 PGOPTIONS="-c synchronous_commit=off -c maintenance_work_mem={mwm}MB"
-PGOPTIONS="$PGOPTIONS -c max_parallel_maintenance_workers=0"
 export PGOPTIONS
 r() {{
   dd if="$D" iflag=skip_bytes,count_bytes skip="$1" count="$2" bs=4M status=none \\
@@ -350,8 +351,11 @@ def _script(tasks: Sequence[Task], chains: Sequence[Sequence[tuple[str, list[Tas
         out.append("".join(lines))
     out.append(f"one 0 {int(tasks[0].bytes)}\n")
     if chains:
+        # The biggest database first: its chain is the critical path, and the jobserver hands
+        # out sessions in the order they are asked for.
+        size = [sum(t.bytes for _how, group in chain for t in group) for chain in chains]
         out.append("if ok; then\n")
-        out += [f"  d{k} &\n" for k in range(len(chains))]
+        out += [f"  d{k} &\n" for k in sorted(range(len(chains)), key=lambda k: -size[k])]
         out.append("  wait\nfi\n")
     out.append("ok || exit 1\nexit 0\n")
     return "".join(out)
