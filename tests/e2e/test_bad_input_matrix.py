@@ -115,7 +115,8 @@ class Operator:
         assert result.returncode == 0, result.stderr
 
     def status(self, name: str) -> dict[str, Any]:
-        return self.kubectl.json("pgr", name, "-n", NAMESPACE).get("status") or {}  # type: ignore[no-any-return]
+        status: dict[str, Any] = self.kubectl.json("pgr", name, "-n", NAMESPACE).get("status") or {}
+        return status
 
     def wait_failed(self, name: str, timeout: int = 240) -> dict[str, Any]:
         result = self.kubectl.wait(

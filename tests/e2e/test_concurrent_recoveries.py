@@ -220,7 +220,7 @@ def test_twenty_recoveries_at_once_through_one_operator(
         assert time.monotonic() < deadline, (
             f"not finished after 900 s: "
             f"{ {n: s.get('phase') for n, s in statuses.items() if n not in finished} }"
-            f"\nlog tail:\n{operator.process.log_text()[-3000:]}"
+            f"\nlog tail:\n{operator.log_text()[-3000:]}"
         )
         time.sleep(2)
     wall = time.monotonic() - started

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
-from pgrecovery.engine.spec import InvalidSpec, parse_spec
+from pgrecovery.engine.spec import parse_spec
+from pgrecovery.errors import InvalidSpec
 from tests.unit.test_crd import _cel_errors, _schema_errors
 
 pytestmark = pytest.mark.unit
