@@ -29,8 +29,9 @@ Semantics kept from the runbook: no ON_ERROR_STOP (restoring into a live a9s clu
 prints expected errors, classified afterwards by `restore_errors`); a task psql could not run
 (exit status ≠ 0, or a range could not be read) marks the restore failed, and no new task
 starts after that. Each task writes its own log `t<id>.log`; when it ends, `<id> <exit>
-<bytes>` is appended to `progress` (a short O_APPEND write is atomic), so the caller can report
-bytes done and classify errors per task and database.
+<bytes> <started> <ended>` is appended to `progress` (a short O_APPEND write is atomic), so the
+caller can report bytes done, classify errors per task and database, and see where the time
+went.
 """
 
 from __future__ import annotations
