@@ -180,8 +180,8 @@ def test_twenty_recoveries_at_once_through_one_operator(
             "PGRECOVERY_METRICS_PORT": str(_free_port()),
             "PGRECOVERY_POLL_INTERVAL": "2",
             "PGRECOVERY_GATE_RECHECK": "2",
-            # kopf holds a worker per object while it waits for the next poll; 21 objects
-            # need 21 workers (the default limit is 20).
+            # kopf's worker limit counts objects being handled (a recovery between polls
+            # keeps its worker); 21 objects at once are above the default of 20.
             "PGRECOVERY_WORKER_LIMIT": str(COUNT + 5),
         },
         watching=("pgrecoveries",),
