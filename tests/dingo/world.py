@@ -90,6 +90,7 @@ def manifest(
     backup_guid: str | None = None,
     instance_id: str | None = None,
     container: str | None = None,
+    bucket: str | None = None,
     confirm: bool = True,
     dry_run: bool = False,
 ) -> dict[str, Any]:
@@ -102,7 +103,7 @@ def manifest(
             "type": "walE",
             "backupGuid": backup_guid or world.old.instance_id,
             "s3": {
-                "bucket": world.bucket,
+                "bucket": bucket or world.bucket,
                 "region": world.store.region or "us-east-1",
                 "endpoint": world.store.endpoint_url,
                 "credentialsSecretRef": {"name": S3_SECRET},

@@ -5,9 +5,9 @@ first; afterwards the container still runs, its etcd keys, its data directory an
 prefix are exactly as before, and the status names the reason: no archive for the GUID, an
 archive without base backups, an archive without `sysids/sysid`, a damaged base backup, an
 archive mixing two clusters (a base backup whose system id is not `sysids/sysid`), a gap in
-the WAL after the base backup, no
-container for the instance, a named container of another instance, and a dry run (every
-check, no change).
+the WAL after the base backup, no container for the instance, a container that archives to
+another bucket, a named container of another instance, and a dry run (every check, no
+change).
 """
 
 from __future__ import annotations
@@ -101,6 +101,7 @@ def _run(world: DeletedService, tmp_path: Path, name: str, **overrides: Any) -> 
         ("wal-gap", "BackupIncomplete", "the archive has a gap"),
         ("no-container", "ContainerNotFound", "no container of service instance"),
         ("other-container", "ContainerMismatch", "belongs to service instance"),
+        ("other-bucket", "ArchiveMismatch", "archives to bucket"),
     ],
 )
 def test_bad_input_fails_in_fetching_and_changes_nothing(
@@ -145,6 +146,16 @@ def test_bad_input_fails_in_fetching_and_changes_nothing(
         overrides["backup_guid"] = guid
     elif case == "no-container":
         overrides["instance_id"] = guid
+    elif case == "other-bucket":
+        # the old archive also exists in another bucket, but the new container restores from
+        # its own: a clone into the other bucket would never be read
+        other = world.store.new_bucket("dingo-other")
+        client = world.store.client()
+        for key in world.old.archive().list_keys():
+            client.copy_object(
+                Bucket=other, Key=key, CopySource={"Bucket": world.bucket, "Key": key}
+            )
+        overrides["bucket"] = other
     else:
         overrides["instance_id"] = guid
         overrides["container"] = world.new.container

@@ -48,7 +48,7 @@ _CONTAINER_ID = re.compile(r"^[0-9a-f]{12,64}$")
 _HOST_PORT = re.compile(r"^[A-Za-z0-9.-]+:[0-9]{1,5}$")
 _ETCD_URL = re.compile(r"^https?://[A-Za-z0-9.-]+:[0-9]{1,5}$")
 # Variables of the container kept from `docker inspect`; the rest (credentials) is dropped.
-_ENV_KEPT = ("NAME", "PATRONI_SCOPE", "ETCD_HOST_PORT", "WAL_S3_BUCKET", "WALE_S3_PREFIX")
+_ENV_KEPT = ("PATRONI_SCOPE", "ETCD_HOST_PORT", "WAL_S3_BUCKET")
 # etcd keys the runbook deletes so the container re-initialises from the archive.
 RESET_KEYS = ("initialize", "optime/leader")
 
@@ -94,6 +94,8 @@ class Container:
     """Host path of the container's /data volume."""
     host_port: int | None
     etcd_host_port: str | None
+    archive_bucket: str | None = None
+    """WAL_S3_BUCKET: where the container archives and restores from."""
 
     @property
     def label(self) -> str:
@@ -172,6 +174,7 @@ def _parse_inspect(node: Node, doc: dict[str, object], data_mount: str) -> Conta
         data_dir=source,
         host_port=port,
         etcd_host_port=env.get("ETCD_HOST_PORT"),
+        archive_bucket=env.get("WAL_S3_BUCKET"),
     )
 
 

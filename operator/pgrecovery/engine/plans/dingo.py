@@ -285,6 +285,15 @@ class DingoRecovery(A9sLogicalRecovery):
         self._container = None
         ops = await self.cell_ops()
         container = await ops.find_container(self.dingo.instance_id, self.dingo.container)
+        bucket = self.spec.source.s3.bucket if self.spec.source.s3 is not None else None
+        if container.archive_bucket is not None and container.archive_bucket != bucket:
+            # The container restores from its own bucket: a copy into another one would
+            # never be read, and the wiped instance would start empty.
+            raise ClusterError(
+                f"{container.label} archives to bucket {container.archive_bucket}, not "
+                f"{bucket} (spec.source.s3.bucket); the clone must go where it restores from",
+                reason="ArchiveMismatch",
+            )
         self._container = container
         etcd = self.etcd(container)
         await ctx.fact(
