@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from tests.simcluster.cluster import SimCluster
+from tests.simcluster.config import PG_BINDIR
 from tests.simcluster.data import wait_for_replay
 from tests.wale import faults
 from tests.wale.simarchive import WaleArchive
@@ -372,3 +373,45 @@ def test_no_room_to_keep_the_old_data_wipes_it_and_still_recovers(
     assert "wiped" in facts["spacePlan"]
     assert "oldDataDir" not in facts
     assert _marks(wale_archive.cluster) == {vm.name: ["A"] for vm in wale_archive.cluster.vms}
+
+
+@pytest.mark.slow
+def test_replay_failing_after_destruction_ends_restore_failed_and_keeps_the_old_data(
+    wale_archive: WaleArchive, tmp_path: Path
+) -> None:
+    """A staged WAL segment disappears on the VM between Decrypting and Restoring: PostgreSQL
+    ends recovery short of the target (FATAL). The recovery ends Failed/RestoreFailed with the
+    server's FATAL line, and the old data directory named in the status is intact (a clean
+    shutdown of the same cluster: a person can move it back)."""
+    between, _after_b = _write_a_then_b(wale_archive)
+    primary = wale_archive.primary  # after the failure no VM is primary: keep it
+    sysid = primary.psql("SELECT system_identifier FROM pg_control_system()").strip()
+    argv, status_file = _argv(tmp_path, wale_archive, "pitr-fatal", between)
+    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while "ensure-wal-staged" not in _succeeded_steps(_status(status_file)):
+        assert proc.poll() is None, _status(status_file).get("message")
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    staged = _status(status_file)["facts"]["walStaged"]
+    victim = _segment_after_backup(wale_archive)
+    primary.run(f"rm -f {staged}/{victim}")
+    resumed = subprocess.run([*argv, "--resume"], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=1200, check=False)
+    status = _status(status_file)
+    assert resumed.returncode != 0
+    assert status["phase"] == "Failed"
+    assert status["failureReason"] == "RestoreFailed", status["message"]
+    assert "recovery ended before configured recovery target was reached" in status["message"]
+    old = status["facts"]["oldDataDir"]
+    try:
+        # The kept directory is the cluster as it was: shut down cleanly, same system id,
+        # its WAL position at or past the point where B was written.
+        control = primary.run(f"LC_ALL=C {PG_BINDIR}/pg_controldata {old}").stdout
+        assert "Database cluster state:               shut down" in control, control
+        assert f"Database system identifier:           {sysid}" in control, control
+    finally:
+        wale_archive.cluster.rebuild()  # monit restarts the failed server: a new cluster

@@ -17,7 +17,12 @@ import pytest
 from pgrecovery.adapters.ssh import CommandResult, SshEndpoint
 from pgrecovery.cluster import physical
 from pgrecovery.cluster.nodes import A9sLayout, Node
-from pgrecovery.cluster.physical import PhysicalOperations, ReplayState, recovery_block
+from pgrecovery.cluster.physical import (
+    PhysicalOperations,
+    ReplayState,
+    recovery_block,
+    replay_fatal_lines,
+)
 from pgrecovery.errors import InsufficientSpace, InvalidSpec, RemoteCommandFailed, RestoreFailed
 
 pytestmark = pytest.mark.unit
@@ -210,3 +215,25 @@ def test_destructive_steps_run_once_per_run() -> None:
     two = asyncio.run(ops.ensure_partition_extracted(PRIMARY, RUN, 0, chunks(), got.append))
     assert not two.changed
     assert got == [9]
+
+
+def test_replay_fatal_lines_only_from_the_latest_start_and_not_our_refused_polls() -> None:
+    tail = "\n".join([
+        "2026-11-21 10:00:00 UTC LOG:  starting PostgreSQL 15.8",
+        "2026-11-21 10:00:01 UTC FATAL:  terminating connection due to administrator command",
+        "2026-11-21 10:00:02 UTC FATAL:  could not open file \"old\": No such file",
+        "2026-11-21 10:01:00 UTC LOG:  starting PostgreSQL 15.8",
+        "2026-11-21 10:01:01 UTC FATAL:  the database system is starting up",
+        "2026-11-21 10:01:01 UTC FATAL:  the database system is not yet accepting connections",
+        "2026-11-21 10:01:02 UTC FATAL:  recovery ended before configured recovery target "
+        "was reached",
+    ])
+    assert replay_fatal_lines(tail) == [
+        "2026-11-21 10:01:02 UTC FATAL:  recovery ended before configured recovery target "
+        "was reached"
+    ]
+    assert replay_fatal_lines("LOG:  redo starts\nLOG:  consistent recovery state") == []
+    # no start line in the tail: every line counts
+    assert replay_fatal_lines("PANIC:  could not locate a valid checkpoint record") == [
+        "PANIC:  could not locate a valid checkpoint record"
+    ]

@@ -225,11 +225,14 @@ async def ensure_started(
     services: Sequence[str],
     *,
     timeout: float = DEFAULT_START_TIMEOUT,
+    wait: bool = True,
 ) -> bool:
     """`monit start` each service that is not running, then wait for OK. True if it changed.
 
     Starting postgresql-ha does not start a repmgr that depends on it (formats.md), so callers
-    list both.
+    list both. `wait=False` only issues the starts: for a server in archive recovery, whose
+    outcome (promotion, or a FATAL end of replay that monit would restart in a loop) the
+    caller judges from PostgreSQL itself.
     """
     current = await summary(shell, node, layout)
     changed = False
@@ -241,6 +244,8 @@ async def ensure_started(
                            ServiceState.UNKNOWN):
             await _control(shell, node, layout, "start", name)
             changed = True
+    if not wait:
+        return changed
     await wait_for(
         shell, node, layout, dict.fromkeys(services, ServiceState.RUNNING), timeout=timeout
     )

@@ -67,6 +67,27 @@ BLOCK_END = "# pgrecovery: end of recovery settings"
 PG_LOG = "/var/vcap/sys/log/postgresql-ha/postgresql.log"
 """[U] on real a9s: the job's PostgreSQL log; only read to explain a failed replay."""
 
+# FATAL lines that say nothing about the replay: connections refused while the server starts
+# (our own polls) or shuts down, sessions ended by an earlier stop.
+_BENIGN_FATAL = re.compile(
+    r"not yet accepting connections|the database system is (starting up|shutting down)"
+    r"|terminating connection due to administrator command"
+)
+
+
+def replay_fatal_lines(log_tail: str) -> list[str]:
+    """The FATAL/PANIC lines of the server's latest start in a log tail (lines before the
+    last "starting PostgreSQL" belong to an earlier life of the server)."""
+    lines = log_tail.splitlines()
+    starts = [i for i, line in enumerate(lines) if "starting PostgreSQL" in line]
+    if starts:
+        lines = lines[starts[-1]:]
+    return [
+        line for line in lines
+        if ("FATAL" in line or "PANIC" in line) and not _BENIGN_FATAL.search(line)
+    ]
+
+
 Pipe = Callable[[Node, Sequence[str], AsyncIterable[bytes], Callable[[int], None]],
                 Awaitable[object]]
 """Stream bytes into a root command on a node (adapters.ssh_pipe.pipe_to_root, bound)."""
@@ -365,10 +386,15 @@ chmod 0700 -- "$data"
         return StepResult(step, True, block.strip())
 
     async def ensure_recovery_started(self, primary: Node) -> StepResult:
-        """Start postgresql-ha through monit (replay begins); repmgr stays stopped."""
+        """Start postgresql-ha through monit (replay begins); repmgr stays stopped.
+
+        Not waiting for monit's OK: a replay that ends in FATAL (a staged segment gone, the
+        target not reached) makes monit restart the server over and over, and the wait would
+        only time out minutes later without the reason. `wait_promoted` judges the outcome
+        from PostgreSQL and its log."""
         step = "ensure_recovery_started"
         changed = await monit.ensure_started(self.shell, primary, self.layout,
-                                             [self.layout.pg_service])
+                                             [self.layout.pg_service], wait=False)
         self._report(step, "PostgreSQL started in recovery", primary)
         return StepResult(step, changed, "postgresql-ha started")
 
@@ -414,8 +440,7 @@ chmod 0700 -- "$data"
                     raise
                 now = time.monotonic()
                 down_since = down_since or now
-                tail = await self.log_tail(primary)
-                fatal = [ln for ln in tail.splitlines() if "FATAL" in ln or "PANIC" in ln]
+                fatal = replay_fatal_lines(await self.log_tail(primary, lines=80))
                 if fatal and now - down_since > 10:
                     raise RestoreFailed(
                         f"{primary.name}: PostgreSQL stopped during recovery: "
