@@ -151,6 +151,13 @@ def start_seaweedfs(workdir: Path | None = None) -> S3Server:
     }
     config.write_text(json.dumps({"identities": [identity]}))
     (root / "data").mkdir()
+    # Every bucket is its own collection, and the master grows 7 volumes for a collection's
+    # first write: with 32 slots the 5th bucket's first PUT failed with HTTP 500
+    # (InternalError) — a full suite creates dozens of buckets. One volume per growth
+    # (master.toml is read from the working directory) and room for 512.
+    (root / "master.toml").write_text(
+        "[master.volume_growth]\ncopy_1 = 1\ncopy_2 = 2\ncopy_3 = 3\ncopy_other = 1\n"
+    )
     ports = {name: free_port() for name in ("m", "mg", "v", "vg", "f", "fg", "s", "sg")}
     argv = [
         weed, "server", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -159,7 +166,7 @@ def start_seaweedfs(workdir: Path | None = None) -> S3Server:
         "-filer", f"-filer.port={ports['f']}", f"-filer.port.grpc={ports['fg']}",
         "-s3", f"-s3.port={ports['s']}", f"-s3.port.grpc={ports['sg']}", f"-s3.config={config}",
         # Small volumes: the default 30 GB limit would preallocate far more than tests need.
-        "-master.volumeSizeLimitMB=256", "-volume.max=32", "-master.telemetry=false",
+        "-master.volumeSizeLimitMB=256", "-volume.max=512", "-master.telemetry=false",
     ]  # fmt: skip
     log = root / "weed.log"
     with log.open("wb") as out:

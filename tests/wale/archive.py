@@ -334,7 +334,7 @@ def read_lzop_object(target: ArchiveTarget, key: str) -> bytes:
                           check=False)  # fmt: skip
     if proc.returncode != 0:
         raise WaleWorldError(f"lzop -d {key}: {proc.stderr.decode(errors='replace').strip()}")
-    return proc.stdout
+    return bytes(proc.stdout)
 
 
 def _backup_history_stop(target: ArchiveTarget, start_segment: str, start: int) -> str:
@@ -530,14 +530,19 @@ class ArchiveWindow:
     def last(self) -> str | None:
         return self.segments[-1] if self.segments else None
 
-    def gaps(self, timeline: int = 1, *, since: str | None = None) -> list[str]:
+    def gaps(self, timeline: int | None = None, *, since: str | None = None) -> list[str]:
         """Segments of `timeline` missing between the first archived one (or `since`, e.g. a
-        base backup's start segment) and the last archived one.
+        base backup's start segment) and the last archived one. The timeline defaults to
+        `since`'s (else the newest archived one): a cluster that went through earlier
+        point-in-time recoveries archives on timeline 10, not 1.
 
         Segments older than an archive's first base backup may sit alone before a gap:
         PostgreSQL queues segments written before archiving was switched on at a later
         checkpoint. Pass `since` to look only at what a restore of that backup needs."""
         floor = segment_number(since) if since else -1
+        if timeline is None:
+            names = [since] if since else sorted(self.segments)[-1:]
+            timeline = int(names[0][:8], 16) if names else 1
         numbers = sorted(
             segment_number(s)
             for s in self.segments
@@ -553,7 +558,9 @@ class ArchiveWindow:
 
 def archive_window(target: ArchiveTarget) -> ArchiveWindow:
     layout = target.layout
-    backups, segments, history = [], [], []
+    backups: list[str] = []
+    segments: list[str] = []
+    history: list[str] = []
     for key in target.list_keys():
         rel = key[len(layout.prefix) :]
         if rel.startswith("basebackups_005/") and rel.endswith("_backup_stop_sentinel.json"):

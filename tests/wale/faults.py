@@ -74,7 +74,7 @@ def lzop_blocks(data: bytes) -> list[LzopBlock]:
         extra_length = take(">I")
         pos += extra_length
         take(">I")
-    blocks = []
+    blocks: list[LzopBlock] = []
     while True:
         uncompressed = take(">I")
         if uncompressed == 0:
