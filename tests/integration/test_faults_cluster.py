@@ -436,27 +436,15 @@ def _cut_primary_power_during_restore(
     return CutRestore(scenario, argv, status_file, out, proc.returncode)
 
 
-class ResumeDoesNotRecover(Exception):
-    """`--resume` after the primary's power cut did not complete the recovery (expected today;
-    the xfail marker below is strict, so the test reports when it starts working)."""
-
-
 @pytest.mark.slow
-@pytest.mark.xfail(
-    raises=ResumeDoesNotRecover,
-    strict=True,
-    reason="--resume of a recovery that failed in Restoring because the primary lost power "
-    "(restore job LOST) should re-run Staging's idempotent steps and the whole --clean dump "
-    "from the staged, verified file; today Failed is final and --resume does nothing",
-)
-def test_primary_power_cut_during_restore_fails_then_resume_should_rerun_the_restore(
+def test_primary_power_cut_during_restore_fails_then_a_new_run_completes(
     healthy_sim_cluster: SimCluster, moto_s3: S3Server, tmp_path: Path
 ) -> None:
     """Power lost on the primary while psql loads the dump: the database holds a partial
     restore, so the recovery must end Failed/RestoreFailed (the restore job is lost), never
-    succeed, with the steps that ran and the node states in status (plain asserts: these
-    hold today). Then `--resume` should replay the `--clean --if-exists` dump from the
-    staged file and complete — that part is the xfail (only `ResumeDoesNotRecover` counts)."""
+    succeed, with the steps that ran and the node states in status. Then the README's way
+    out: a Failed recovery never runs again (`--resume` leaves it Failed), a new run of the
+    same manifest (the status file moved away) completes on the half-restored cluster."""
     cluster = healthy_sim_cluster
     try:
         cut = _cut_primary_power_during_restore(cluster, moto_s3, tmp_path)
@@ -481,12 +469,17 @@ def test_primary_power_cut_during_restore_fails_then_resume_should_rerun_the_res
             [*cut.argv, "--resume"], cwd=tmp_path, capture_output=True, text=True,
             timeout=RUN_TIMEOUT, check=False,
         )  # fmt: skip
+        assert resumed.returncode != 0
+        assert _status(cut.status_file)["phase"] == "Failed"
+
+        cut.status_file.rename(cut.status_file.with_suffix(".failed.json"))
+        again = subprocess.run(
+            cut.argv, cwd=tmp_path, capture_output=True, text=True, timeout=RUN_TIMEOUT,
+            check=False,
+        )  # fmt: skip
         final = _status(cut.status_file)
-        if resumed.returncode != 0 or final.get("phase") != "Rejoined":
-            raise ResumeDoesNotRecover(
-                f"--resume exited {resumed.returncode}, phase {final.get('phase')}: "
-                f"{resumed.stdout[-500:]}"
-            )
+        assert again.returncode == 0, (final.get("message"), again.stdout[-3000:])
+        assert final["phase"] == "Rejoined"
         assert final["backup"]["plainSha256"] == cut.scenario.backup.plain_sha256
         assert cut.scenario.restored_everywhere() == {vm.name: True for vm in cluster.vms}
         assert cluster.wait_healthy(timeout=60).ok
