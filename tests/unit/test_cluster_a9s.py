@@ -60,6 +60,7 @@ class FakeShell:
         self.vms["10.77.0.10"].in_recovery = "f"
         self.repmgr_rows = [_row(0, "primary", "* running"), _row(1, "standby", "  running"),
                             _row(2, "standby", "  running")]
+        self.repmgr_db_gone = False
         self.calls: list[tuple[str, list[str], str | None]] = []
 
     async def run_root(self, node: SshEndpoint, argv: Sequence[str], *,
@@ -97,6 +98,9 @@ class FakeShell:
                 vm.inactive_slots = 0
                 return CommandResult(0, "", "")
         if "cluster show" in joined:
+            if self.repmgr_db_gone:
+                return CommandResult(6, "", 'ERROR: connection to database failed\nDETAIL: '
+                                     'FATAL:  database "repmgr_cluster" does not exist\n')
             header = (" ID | Name | Role    | Status    | Upstream | Location | Priority | "
                       "Timeline | Connection string\n----+------\n")
             return CommandResult(0, header + "\n".join(self.repmgr_rows) + "\n", "")
@@ -151,6 +155,23 @@ async def test_probe_repmgr_disagrees(shell: FakeShell) -> None:
     shell.repmgr_rows = []
     with pytest.raises(PrimaryAmbiguous, match="no nodes"):
         await _ops(shell).probe_nodes()
+
+
+async def test_probe_without_repmgr_accepts_only_a_lone_running_primary(
+    shell: FakeShell,
+) -> None:
+    """An earlier recovery interrupted in Restoring: repmgr's database is gone. With the
+    standbys stopped (as Staging leaves them) the primary is unambiguous; with a standby
+    running, repmgr's word is missing and the probe refuses."""
+    shell.repmgr_db_gone = True
+    with pytest.raises(PrimaryAmbiguous, match=r"repmgr cannot confirm it .*pg/1"):
+        await _ops(shell).probe_nodes()
+    shell.vms["10.77.0.11"].pg_up = False
+    shell.vms["10.77.0.12"].pg_up = False
+    events: list[ProgressEvent] = []
+    view = await _ops(shell, events).probe_nodes()
+    assert view.primary == NODES[0]
+    assert any("repmgr unreadable" in e.message for e in events)
 
 
 async def test_probe_unreachable_node_fails_the_probe(shell: FakeShell) -> None:

@@ -222,10 +222,36 @@ class A9sOperations:
         primary = primaries[0]
         rows: list[repmgr.RepmgrNode] = []
         if check_repmgr:
-            rows = await repmgr.cluster_show(self.shell, primary, self.layout)
-            self._check_repmgr_agrees(primary, rows)
+            try:
+                rows = await repmgr.cluster_show(self.shell, primary, self.layout)
+            except RemoteCommandFailed as exc:
+                self._accept_without_repmgr(primary, views, exc)
+            else:
+                self._check_repmgr_agrees(primary, rows)
         standbys = tuple(n for n in self.nodes if n != primary)
         return ClusterView(primary, standbys, tuple(views), tuple(rows))
+
+    def _accept_without_repmgr(
+        self, primary: Node, views: list[NodeView], exc: RemoteCommandFailed
+    ) -> None:
+        """repmgr cannot be read on the primary: its database is gone when an earlier
+        recovery was interrupted in Restoring (the `--clean` dump drops it first). Decided:
+        the primary is still unambiguous when it is the ONLY running PostgreSQL — the standbys
+        stopped, as Staging leaves them — so a new recovery can repair such a cluster; with
+        another server running, repmgr's word is needed and its absence is ambiguous."""
+        first = str(exc).splitlines()[0][:300]
+        others = [v.node.name for v in views if v.node != primary and v.pg_running]
+        if others:
+            raise PrimaryAmbiguous(
+                f"{primary.name} is the PostgreSQL primary but repmgr cannot confirm it "
+                f"({first}) while PostgreSQL runs on {others}; fix repmgr by hand first"
+            ) from None
+        self._report(
+            "probe_nodes",
+            f"repmgr unreadable ({first}); the only running PostgreSQL, not in recovery, is "
+            "taken as the primary (an earlier recovery was interrupted?)",
+            primary,
+        )
 
     def _check_repmgr_agrees(self, primary: Node, rows: list[repmgr.RepmgrNode]) -> None:
         if not rows:

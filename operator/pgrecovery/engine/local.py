@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +140,10 @@ async def run_local(
             )
         raw = run.spec
         status = accept_or_reject(raw, RecoveryStatus(), 1)
+        # A run of its own, like a new object's uid in Kubernetes: the jobs it starts on the
+        # VMs are named after it, so a new run of the same manifest (after a Failed one, whose
+        # restore job may have vanished with a rebooted primary) never adopts the old jobs.
+        status = st.set_facts(status, localRunId=uuid.uuid4().hex[:8])
     reporter = FileReporter(status, raw, file, on_event)
     reporter.flush()
     cancel = cancel_event or asyncio.Event()
@@ -156,7 +161,9 @@ async def run_local(
         inputs = PlanInputs(
             name=run.name,
             namespace="local",
-            uid=run.name,
+            # Status files of earlier versions carry no localRunId: their jobs keep their names.
+            uid=f"{status.facts['localRunId']}-{run.name}" if "localRunId" in status.facts
+            else run.name,
             spec=spec,
             secrets=run.secrets,
             work_dir=str(run.work_dir),
