@@ -19,7 +19,6 @@ of the table, so the matrix is complete on its own.
 from __future__ import annotations
 
 import base64
-import socket
 import subprocess
 import time
 import uuid
@@ -31,6 +30,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.e2e.operator_harness import NAMESPACE, free_port, start_recovery_operator
 from tests.kubeapi.harness import KopfProcess, KubeAPI, Kubectl
 from tests.objectstores.servers import S3Server
 from tests.scenario import KEY_KEY, Scenario
@@ -40,19 +40,11 @@ from tests.simcluster.data import TableDigest, table_checksums, wait_for_replay
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.vms, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
-CRD = ROOT / "crds" / "pgrecovery.yaml"
-NAMESPACE = "pgrecovery"
 RESTORE_DIR = "/var/vcap/store/postgresql-restore"
 DESTRUCTIVE = ("Staging", "Restoring", "Rejoined")
 # Small parts so that the backup has a middle part to damage (≈ 5 parts for 300 rows).
 PART_SIZE = 16 * 1024
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # ----------------------------------------------------------------- the cluster, observed
@@ -140,22 +132,11 @@ def operator(
     kopf_operator_subprocess: Callable[..., KopfProcess],
     tmp_path: Path,
 ) -> Operator:
-    kube_api.create_namespace(NAMESPACE)
-    kube_api.install_crd(CRD)
-    process = kopf_operator_subprocess(
-        "pgrecovery.main",
-        namespace=NAMESPACE,
-        env={
-            "PGRECOVERY_WORK_DIR": str(tmp_path / "work"),
-            "PGRECOVERY_METRICS_PORT": str(_free_port()),
-            "PGRECOVERY_POLL_INTERVAL": "1",
-            "PGRECOVERY_GATE_RECHECK": "1",
-            # An unreachable standby is retryable: one retry after 1 s keeps the case short
-            # and still proves the retry-then-fail path.
-            "PGRECOVERY_RETRY_LIMIT": "1",
-            "PGRECOVERY_RETRY_BASE_DELAY": "1",
-        },
-        watching=("pgrecoveries",),
+    process = start_recovery_operator(
+        kube_api, kopf_operator_subprocess, tmp_path / "work", metrics_port=free_port(),
+        # An unreachable standby is retryable: one retry after 1 s keeps the case short and
+        # still proves the retry-then-fail path.
+        env={"PGRECOVERY_RETRY_LIMIT": "1", "PGRECOVERY_RETRY_BASE_DELAY": "1"},
     )
     return Operator(kubectl, process)
 

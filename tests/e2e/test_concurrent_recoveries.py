@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +30,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.e2e.operator_harness import NAMESPACE, free_port, start_recovery_operator
 from tests.kubeapi.harness import KopfProcess, KubeAPI, Kubectl
 from tests.objectstores.servers import S3Server
 from tests.scenario import DUMPALL_ARGS, Scenario
@@ -48,20 +48,12 @@ pytestmark = [
     pytest.mark.timeout(1800),
 ]
 
-ROOT = Path(__file__).resolve().parents[2]
-CRD = ROOT / "crds" / "pgrecovery.yaml"
-NAMESPACE = "pgrecovery"
 COUNT = int(os.environ.get("PGR_CONCURRENT_CLUSTERS", "20"))
 # Bring-up in parallel, but not 20 at once on two cores: initdb is CPU-bound.
 PREPARE_THREADS = 4
 DESTRUCTIVE = ("Staging", "Restoring", "Rejoined")
 LIST_PATH = f"/apis/pgrecovery.dev/v1alpha1/namespaces/{NAMESPACE}/pgrecoveries"
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _config(index: int) -> ClusterConfig:
@@ -170,21 +162,15 @@ def test_twenty_recoveries_at_once_through_one_operator(
     for index, scenario in enumerate(scenarios):
         scenario.deployment = clusters[index].config.deployment
 
-    kube_api.create_namespace(NAMESPACE)
-    kube_api.install_crd(CRD)
-    operator = kopf_operator_subprocess(
-        "pgrecovery.main",
-        namespace=NAMESPACE,
+    operator = start_recovery_operator(
+        kube_api, kopf_operator_subprocess, tmp_path / "work", metrics_port=free_port(),
         env={
-            "PGRECOVERY_WORK_DIR": str(tmp_path / "work"),
-            "PGRECOVERY_METRICS_PORT": str(_free_port()),
             "PGRECOVERY_POLL_INTERVAL": "2",
             "PGRECOVERY_GATE_RECHECK": "2",
             # kopf's worker limit counts objects being handled (a recovery between polls
             # keeps its worker); 21 objects at once are above the default of 20.
             "PGRECOVERY_WORKER_LIMIT": str(COUNT + 5),
         },
-        watching=("pgrecoveries",),
     )
     assert operator.pid is not None
     names = [f"restore-{i:02d}" for i in range(COUNT)]

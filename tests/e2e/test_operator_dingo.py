@@ -27,7 +27,7 @@ from tests.dingo.world import (
     manifest,
     table_digest,
 )
-from tests.e2e.test_operator_recovery import CRD, NAMESPACE, Operator, _free_port
+from tests.e2e.operator_harness import NAMESPACE, Operator, recovery_operator
 from tests.kubeapi.harness import KopfProcess, KubeAPI, Kubectl
 from tests.objectstores.servers import S3Server
 
@@ -41,21 +41,7 @@ def dingo_operator(
     kopf_operator_subprocess: Callable[..., KopfProcess],
     tmp_path: Path,
 ) -> Operator:
-    kube_api.create_namespace(NAMESPACE)
-    kube_api.install_crd(CRD)
-    port = _free_port()
-    process = kopf_operator_subprocess(
-        "pgrecovery.main",
-        namespace=NAMESPACE,
-        env={
-            "PGRECOVERY_WORK_DIR": str(tmp_path / "work"),
-            "PGRECOVERY_METRICS_PORT": str(port),
-            "PGRECOVERY_POLL_INTERVAL": "1",
-            "PGRECOVERY_GATE_RECHECK": "1",
-        },
-        watching=("pgrecoveries",),
-    )
-    return Operator(kube_api, kubectl, process, port)
+    return recovery_operator(kube_api, kubectl, kopf_operator_subprocess, tmp_path / "work")
 
 
 @pytest.fixture

@@ -39,7 +39,6 @@ proxy throttling each ranged GET to 1 MB/s, and the standbys re-clone one at a t
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.e2e.operator_harness import NAMESPACE, free_port, start_recovery_operator
 from tests.faults.proxy import FaultProxy, fault_proxy, throttle
 from tests.kubeapi.harness import KopfProcess, KubeAPI, Kubectl, log_problems
 from tests.objectstores.servers import S3Server
@@ -65,9 +65,6 @@ pytestmark = [
     pytest.mark.timeout(1200),
 ]
 
-ROOT = Path(__file__).resolve().parents[2]
-CRD = ROOT / "crds" / "pgrecovery.yaml"
-NAMESPACE = "pgrecovery"
 NAME = "kill-walk"
 OBJECT_PATH = f"/apis/pgrecovery.dev/v1alpha1/namespaces/{NAMESPACE}/pgrecoveries/{NAME}"
 ROWS = 250_000  # write_sample_data overflows int above ~270 000
@@ -119,12 +116,6 @@ REACHED = ("Running", *FINISHED)
 # ---------------------------------------------------------------------- the operator
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class Operator:
     def __init__(self, api: KubeAPI, kubectl: Kubectl, process: KopfProcess) -> None:
         self.api, self.kubectl, self.process = api, kubectl, process
@@ -155,18 +146,9 @@ def operator(
     kopf_operator_subprocess: Callable[..., KopfProcess],
     tmp_path: Path,
 ) -> Operator:
-    kube_api.create_namespace(NAMESPACE)
-    kube_api.install_crd(CRD)
-    process = kopf_operator_subprocess(
-        "pgrecovery.main",
-        namespace=NAMESPACE,
-        env={
-            "PGRECOVERY_WORK_DIR": str(tmp_path / "work"),
-            "PGRECOVERY_METRICS_PORT": str(_free_port()),
-            "PGRECOVERY_POLL_INTERVAL": POLL_INTERVAL,
-            "PGRECOVERY_GATE_RECHECK": "1",
-        },
-        watching=("pgrecoveries",),
+    process = start_recovery_operator(
+        kube_api, kopf_operator_subprocess, tmp_path / "work", metrics_port=free_port(),
+        env={"PGRECOVERY_POLL_INTERVAL": POLL_INTERVAL},
     )
     return Operator(kube_api, kubectl, process)
 

@@ -9,8 +9,6 @@ events or operator log.
 
 from __future__ import annotations
 
-import socket
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.e2e.operator_harness import NAMESPACE, Operator, recovery_operator
 from tests.kubeapi.harness import KopfProcess, KubeAPI, Kubectl, wait_for
 from tests.objectstores.servers import AzuriteServer, S3Server
 from tests.scenario import KEY_KEY, KEY_SECRET, Scenario
@@ -26,46 +25,6 @@ from tests.simcluster.data import table_checksums
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.vms]
 
-ROOT = Path(__file__).resolve().parents[2]
-CRD = ROOT / "crds" / "pgrecovery.yaml"
-NAMESPACE = "pgrecovery"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Operator:
-    def __init__(self, api: KubeAPI, kubectl: Kubectl, process: KopfProcess, port: int) -> None:
-        self.api, self.kubectl, self.process, self.port = api, kubectl, process, port
-
-    def apply(self, *objects: dict[str, Any]) -> None:
-        result = self.kubectl.apply(yaml.safe_dump_all(objects))
-        assert result.returncode == 0, result.stderr
-
-    def status(self, name: str) -> dict[str, Any]:
-        return self.kubectl.json("pgr", name, "-n", NAMESPACE).get("status") or {}  # type: ignore[no-any-return]
-
-    def wait(self, name: str, condition: str, timeout: int = 420) -> None:
-        result = self.kubectl.wait(
-            f"pgr/{name}", "-n", NAMESPACE, f"--for=condition={condition}", f"--timeout={timeout}s"
-        )
-        assert result.returncode == 0, (
-            f"{condition}: {result.stderr}\nstatus: {self.status(name)}\n"
-            f"log tail:\n{self.process.log_text()[-4000:]}"
-        )
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        items = self.kubectl.json("events", "-n", NAMESPACE)["items"]
-        return [e for e in items if e["involvedObject"]["name"] == name]
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as resp:
-            return resp.read().decode()
-
-
 @pytest.fixture
 def operator(
     kube_api: KubeAPI,
@@ -73,21 +32,7 @@ def operator(
     kopf_operator_subprocess: Callable[..., KopfProcess],
     tmp_path: Path,
 ) -> Operator:
-    kube_api.create_namespace(NAMESPACE)
-    kube_api.install_crd(CRD)
-    port = _free_port()
-    process = kopf_operator_subprocess(
-        "pgrecovery.main",
-        namespace=NAMESPACE,
-        env={
-            "PGRECOVERY_WORK_DIR": str(tmp_path / "work"),
-            "PGRECOVERY_METRICS_PORT": str(port),
-            "PGRECOVERY_POLL_INTERVAL": "1",
-            "PGRECOVERY_GATE_RECHECK": "1",
-        },
-        watching=("pgrecoveries",),
-    )
-    return Operator(kube_api, kubectl, process, port)
+    return recovery_operator(kube_api, kubectl, kopf_operator_subprocess, tmp_path / "work")
 
 
 def _assert_no_secret_leaked(op: Operator, scenario: Scenario, name: str) -> None:

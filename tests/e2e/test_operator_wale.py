@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.test_operator_recovery import CRD, NAMESPACE, Operator, _free_port
+from tests.e2e.operator_harness import NAMESPACE, Operator, recovery_operator
 from tests.kubeapi.harness import KopfProcess, KubeAPI, Kubectl
 from tests.simcluster.data import wait_for_replay
 from tests.wale import faults
@@ -35,21 +35,7 @@ def wale_operator(
     kopf_operator_subprocess: Callable[..., KopfProcess],
     tmp_path: Path,
 ) -> Operator:
-    kube_api.create_namespace(NAMESPACE)
-    kube_api.install_crd(CRD)
-    port = _free_port()
-    process = kopf_operator_subprocess(
-        "pgrecovery.main",
-        namespace=NAMESPACE,
-        env={
-            "PGRECOVERY_WORK_DIR": str(tmp_path / "work"),
-            "PGRECOVERY_METRICS_PORT": str(port),
-            "PGRECOVERY_POLL_INTERVAL": "1",
-            "PGRECOVERY_GATE_RECHECK": "1",
-        },
-        watching=("pgrecoveries",),
-    )
-    return Operator(kube_api, kubectl, process, port)
+    return recovery_operator(kube_api, kubectl, kopf_operator_subprocess, tmp_path / "work")
 
 
 def _secret(name: str, data: dict[str, bytes]) -> dict[str, Any]:
