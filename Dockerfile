@@ -17,9 +17,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     HOME=/tmp \
     PGRECOVERY_WORK_DIR=/var/lib/pgrecovery
-# No apt packages: SSH is asyncssh, decryption is `cryptography`, gzip is isal (all wheels).
+# One apt package: liblzo2 for WAL-E's lzop blocks (loaded through ctypes, see
+# backups/wale/lzop.py). SSH is asyncssh, decryption is `cryptography`, gzip is isal (wheels).
 COPY --from=build /wheels /wheels
-RUN pip install --no-index --find-links /wheels pgrecovery \
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends liblzo2-2 \
+    && rm -rf /var/lib/apt/lists/* \
+    && pip install --no-index --find-links /wheels pgrecovery \
     && rm -rf /wheels \
     && groupadd --system --gid 10001 pgrecovery \
     && useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent --no-create-home \

@@ -198,6 +198,9 @@ def test_dockerfile_runs_as_non_root_without_test_extras() -> None:
     entry = yaml.safe_load([a for w, a in final if w == "ENTRYPOINT"][-1])
     assert entry == ["kopf", "run", "-m", "pgrecovery.main"]
     assert shlex.split(runs)  # the shell lines at least tokenize
+    # The WAL-E reader loads liblzo2 through ctypes: the runtime stage must install it.
+    final_runs = " ".join(args for word, args in final if word == "RUN")
+    assert "liblzo2-2" in final_runs
 
 
 def test_dockerignore_keeps_tests_out() -> None:
