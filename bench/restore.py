@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +41,7 @@ from tests.localpg import PG_BINDIR, LocalPostgres, postgres_dir  # noqa: E402
 
 from pgrecovery.cluster.dump_index import index_file  # noqa: E402
 from pgrecovery.cluster.local_restore import run_local_restore  # noqa: E402
-from pgrecovery.cluster.restore_script import default_concurrency  # noqa: E402
+from pgrecovery.cluster.restore_script import Task, default_concurrency  # noqa: E402
 
 # Bytes of dump per row, measured on this generator (used to size the tables).
 _ROW_BYTES = {"items": 81, "events": 103, "notes": 130, "orders": 55, "small": 41}
@@ -160,6 +161,36 @@ def max_rss_kib(report: Path) -> int:
     return int(text[-1]) if text else 0
 
 
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs from /proc/stat (idle and iowait count as not busy)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal
+    return total - fields[3] - fields[4], total
+
+
+def phase_profile(tasks: Sequence[Task], progress: Path) -> str:
+    """Where the parallel restore's time went: per phase, the wall span from its first task's
+    start to its last task's end, and the psql-seconds spent in it (busy/span ≈ how many
+    sessions it kept running). Phases of different databases overlap."""
+    by_id = {t.id: t for t in tasks}
+    spans: dict[str, list[float]] = {}
+    busy: dict[str, float] = {}
+    text = progress.read_text() if progress.exists() else ""
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) != 5 or not parts[0].isdigit() or int(parts[0]) not in by_id:
+            continue
+        phase = by_id[int(parts[0])].phase
+        started, ended = float(parts[3]), float(parts[4])
+        lo_hi = spans.setdefault(phase, [started, ended])
+        lo_hi[0], lo_hi[1] = min(lo_hi[0], started), max(lo_hi[1], ended)
+        busy[phase] = busy.get(phase, 0.0) + ended - started
+    order = ["globals", "pre", "data", "index", "post", "serial"]
+    return "phases (wall span / psql-seconds): " + ", ".join(
+        f"{p} {spans[p][1] - spans[p][0]:.1f}/{busy[p]:.1f}" for p in order if p in spans
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="1G", help="approximate plain dump size (1G)")
@@ -206,12 +237,16 @@ def main() -> int:
         timed = ["/usr/bin/time", "-f", "%M", "-o", str(rss_file)]
         psql = str(PG_BINDIR / "psql")
         results: dict[str, list[tuple[float, int]]] = {"psql -f": [], "parallel": []}
+        # The machine's ceiling: a restore that keeps a fraction b of all CPUs busy can get at
+        # most 1/b faster by running more sessions on the same CPUs.
+        cpu_busy: dict[str, list[float]] = {"psql -f": [], "parallel": []}
         loads: list[str] = []
         ok = True
         for round_ in range(1, args.runs + 1):
             for name, runs in results.items():
                 target.reset_to(fresh)
                 rss_file.unlink(missing_ok=True)
+                cpu_before = cpu_times()
                 start = time.perf_counter()
                 if name == "psql -f":
                     res = subprocess.run(
@@ -231,9 +266,13 @@ def main() -> int:
                         env=target.env, run_as=[*timed, *target.prefix])
                     elapsed = time.perf_counter() - start
                     good = result.ok
+                    print("    " + phase_profile(result.plan.tasks, run_dir / "progress"))
                     if not good:
                         print(f"  parallel restore failed: exit {result.exit_code}, "
                               f"tasks {result.failed_tasks}, {result.report.summary()}")
+                cpu_after = cpu_times()
+                busy = (cpu_after[0] - cpu_before[0]) / max(1, cpu_after[1] - cpu_before[1])
+                cpu_busy[name].append(busy)
                 rss = max_rss_kib(rss_file)
                 load = os.getloadavg()[0]
                 loads.append(f"{load:.1f}")
@@ -244,7 +283,8 @@ def main() -> int:
                 runs.append((elapsed, rss))
                 print(f"  run {round_} {name:<9} {elapsed:7.2f}s  "
                       f"{dump_size / elapsed / 1e6:5.1f} MB/s  identical to source: "
-                      f"{'yes' if same else 'NO'} (checked in {check_s:.0f}s), load {load:.1f}",
+                      f"{'yes' if same else 'NO'} (checked in {check_s:.0f}s), load {load:.1f}, "
+                      f"CPUs busy {busy:.0%}",
                       flush=True)
         target.destroy()
 
@@ -259,6 +299,10 @@ def main() -> int:
                   f"{dump_size / medians[name] / 1e6:>8.1f}{rss:>8.0f} MiB")
         print(f"\nspeed-up (psql -f / parallel, medians, concurrency {concurrency}, "
               f"{nproc.strip()} CPUs): {medians['psql -f'] / medians['parallel']:.2f}x")
+        serial_busy = statistics.median(cpu_busy["psql -f"])
+        print(f"CPU busy (median, all {nproc.strip()} CPUs): psql -f {serial_busy:.0%}, parallel "
+              f"{statistics.median(cpu_busy['parallel']):.0%} -> ceiling for any parallel "
+              f"restore on this machine about {1 / max(serial_busy, 1e-6):.2f}x")
         uptime = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout
         print(f"load average at the end of each run: {' '.join(loads)}; uptime: {uptime.strip()}")
         print(f"every restore identical to the source (schema and checksums): "
