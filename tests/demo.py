@@ -13,6 +13,7 @@ CLI imports it from a source checkout.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, cast
 
 import yaml
 
@@ -83,7 +84,34 @@ def _follow(kubectl: Kubectl, operator: KopfProcess, out: TextIO) -> dict[str, o
     raise TimeoutError(f"the recovery did not finish within {TIMEOUT:.0f} s")
 
 
+class _Recorder(io.TextIOBase):
+    """Everything the demo shows, kept for the secrets audit at the end."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out, self.text = out, io.StringIO()
+
+    def write(self, text: str) -> int:
+        self.text.write(text)
+        return self.out.write(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def _secrets_audit(scenario: Scenario, texts: dict[str, str]) -> list[str]:
+    """Where a secret value of the recovery (key, SSH key, store credentials) appears."""
+    return [
+        where for where, text in texts.items()
+        if any(secret in text for secret in scenario.secret_strings())
+    ]
+
+
 def run_demo(out: TextIO = sys.stdout) -> int:
+    recorder = _Recorder(out)
+    return _run_demo(cast(TextIO, recorder), recorder)
+
+
+def _run_demo(out: TextIO, recorder: _Recorder) -> int:
     # The in-process S3 server logs every request at INFO; the demo shows the recovery instead.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     problems = missing_prerequisites()
@@ -170,13 +198,24 @@ def run_demo(out: TextIO = sys.stdout) -> int:
             f"   cluster healthy: {health.ok} (primary {health.primary}"
             f"{'; ' + '; '.join(health.problems) if health.problems else ''})",
         )
+        events = kubectl("get", "events", "-n", NAMESPACE, "-o", "json").stdout
+        pgr = kubectl("get", "pgr", NAME, "-n", NAMESPACE, "-o", "yaml").stdout
+        leaks = _secrets_audit(scenario, {
+            "demo output": recorder.text.getvalue(), "status": pgr, "events": events,
+            "operator log": operator.log_text(),
+        })
+        count = len(scenario.secret_strings())
+        _say(out, "   secrets: " + (
+            f"none of the {count} secret values appears in the demo output, the status, the "
+            "events or the operator log" if not leaks else f"LEAKED into {', '.join(leaks)}"
+        ))
         _say(out, "\n== time per phase")
         durations = status.get("phaseDurations", {})
         assert isinstance(durations, dict)
         for phase in ("Fetching", "Decrypting", "Staging", "Restoring", "Rejoined"):
             if phase in durations:
                 _say(out, f"   {phase:<11} {float(durations[phase]):6.1f} s")
-        ok = all(checks.values()) and health.ok
+        ok = all(checks.values()) and health.ok and not leaks
         _say(
             out,
             f"\n{'DEMO OK' if ok else 'DEMO FAILED'}: recovery {status.get('phase')}, "
