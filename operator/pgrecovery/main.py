@@ -13,7 +13,10 @@ from typing import Any
 import kopf
 
 from pgrecovery import metrics
-from pgrecovery.handlers import recovery  # noqa: F401 - importing registers the handlers
+from pgrecovery.handlers import (
+    poll_log,
+    recovery,  # noqa: F401 - importing registers the handlers
+)
 from pgrecovery.handlers.runtime import build_runtime
 from pgrecovery.settings import load_settings
 
@@ -38,6 +41,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # lines ("handler failed temporarily" on every poll) must not become Events.
     settings.posting.loggers = False
     settings.posting.level = logging.INFO
+    # ... and in the log they are DEBUG, not ERROR (handlers/poll_log.py).
+    poll_log.install()
     # Re-establish watches regularly: a silently dead watch connection would freeze the
     # phase chain (the next phase is triggered by a watch event of our own status patch).
     settings.watching.server_timeout = 300

@@ -534,7 +534,7 @@ def test_operator_killed_at_every_step_and_inside_long_steps_completes(
         f"  stage-dump: {facts.get('stagedBytes')}\n"
         f"  restore: {facts.get('restoreMode')}; {facts.get('restoreReport')}\n"
         f"  StepFailed events: {failed_steps or 'none'}; phase retries: {retries or 'none'}; "
-        f"operator log warnings/errors (besides kopf's poll-again): {problems[:5] or 'none'}"
+        f"operator log warnings/errors: {problems[:5] or 'none'}"
     )
     print("\n" + report)
 
