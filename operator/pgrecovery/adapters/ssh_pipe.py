@@ -58,6 +58,11 @@ async def pipe_to_root(
                 stdout = await proc.stdout.read()
                 stderr = await proc.stderr.read()
                 await proc.wait_closed()
+            # As in SshPool.upload: a channel torn down with the connection (VM power cut,
+            # sshd killed) has no exit status; that is an unreachable node (retryable), not
+            # a command that failed with 255 (fatal).
+            if proc.exit_status is None and proc.exit_signal is None:
+                raise asyncssh.ConnectionLost("the channel closed without an exit status")
             status = proc.exit_status if proc.exit_status is not None else 255
     except TimeoutError:
         pool.forget(node)
