@@ -325,6 +325,37 @@ async def test_job_cancel_and_lost(
     assert (await runner.poll_job(node, "lose-me")).state is JobState.ABSENT
 
 
+async def test_long_poll_returns_when_the_job_ends_not_at_the_interval(
+    pool: SshPool, local_sshd: LocalSshd, tmp_path: Path  # noqa: F811
+) -> None:
+    """`poll_job(wait=…)` waits on the VM: it answers within ~0.1 s of the job's end, and a
+    job that keeps running is reported RUNNING once the wait is over; a lost job at once."""
+    node = _node(local_sshd)
+    runner = JobRunner(pool, root=str(tmp_path / "jobs"))
+    await runner.start_job(node, "short", shell_script_argv("sleep 1; echo done"))
+    t = time.monotonic()
+    status = await runner.poll_job(node, "short", wait=20)
+    took = time.monotonic() - t
+    assert status.state is JobState.FINISHED and status.succeeded
+    assert took < 5, f"the long poll took {took:.1f}s for a 1 s job"
+
+    await runner.start_job(node, "long", ["sleep", "300"])
+    t = time.monotonic()
+    status = await runner.poll_job(node, "long", wait=1.0)
+    took = time.monotonic() - t
+    assert status.state is JobState.RUNNING
+    assert 0.9 <= took < 10, took
+    await runner.cancel_job(node, "long")
+
+    await runner.start_job(node, "lose-me", ["sleep", "300"])
+    pid = int((tmp_path / "jobs" / "lose-me" / "pid").read_text())
+    os.killpg(pid, signal.SIGKILL)
+    t = time.monotonic()
+    assert (await runner.poll_job(node, "lose-me", wait=20)).state is JobState.LOST
+    assert time.monotonic() - t < 5
+    assert (await runner.poll_job(node, "absent", wait=20)).state is JobState.ABSENT
+
+
 async def test_checksum_mismatch_keeps_the_partial_file(
     pool: SshPool, local_sshd: LocalSshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
 ) -> None:

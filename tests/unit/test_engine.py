@@ -135,6 +135,19 @@ def test_status_round_trips_through_the_wire_shape() -> None:
     assert RecoveryStatus.from_dict(wire) == s
 
 
+def test_a_finished_step_records_its_duration_to_a_tenth_of_a_second() -> None:
+    t0 = st.step_clock()
+    assert t0.microsecond % 1000 == 0
+    s = st.step_started(RecoveryStatus(), "ensure-x", t0)
+    s = st.step_finished(s, "ensure-x", t0 + timedelta(seconds=2, milliseconds=345))
+    record = s.step("ensure-x")
+    assert record is not None and record.seconds == 2.3
+    wire = s.to_dict()["steps"][0]
+    assert wire["seconds"] == 2.3
+    assert "." in wire["finishedAt"]  # sub-second times survive the wire shape
+    assert RecoveryStatus.from_dict(s.to_dict()) == s
+
+
 # --------------------------------------------------------------------------- lifecycle
 
 

@@ -90,7 +90,7 @@ class FakeJobs:
         self.started: list[tuple[str, list[str]]] = []
 
     async def poll_job(self, node: SshEndpoint, job_id: str, *,
-                       tail_bytes: int = 4096) -> JobStatus:
+                       tail_bytes: int = 4096, wait: float = 0.0) -> JobStatus:
         return self.status.get(job_id, JobStatus(job_id, JobState.ABSENT))
 
     async def start_job(self, node: SshEndpoint, job_id: str, argv: Sequence[str], *,

@@ -28,7 +28,7 @@ Decisions recorded here:
   shared 2-core machine against a local sshd (128 MiB of random data, sha256 on both sides
   included): exec+dd 92-100 MiB/s, SFTP sequential write 80-97 MiB/s. SSH encryption is the
   bottleneck either way, so the mechanism that works is also not slower.
-  The file is written as `<path>.part`, checked with `sha256sum` as root, and only then renamed
+  The file is written as `<path>.part`, checked with sha256 (openssl) as root, and only then renamed
   to `<path>`: a file at the final path is always complete and verified.
 * Resume: a `ReplayableSource` (e.g. `FileSource`, a local file) can restart at any offset, so
   an interrupted upload continues after the existing `.part` prefix once the prefix's sha256 on
@@ -91,6 +91,15 @@ UPLOAD_CHUNK = 1024 * 1024
 UPLOAD_STALL_TIMEOUT = 120.0
 # sha256sum of a multi-GB file on a BOSH persistent disk: ~200 MB/s, so allow 1 s per 100 MB.
 SHA256_SECONDS_PER_BYTE = 1 / 100e6
+# The digest of a file on the VM. `openssl dgst` uses the CPU's SHA extensions where coreutils'
+# sha256sum does not: 1 GB in 0.7 s instead of 2.3 s (measured on the test machine), and the
+# check of a staged dump is on the critical path of every recovery. Stemcells ship openssl;
+# sha256sum stays the fallback. Both print the hex digest first; the path is validated (it
+# starts with `/`), so it cannot be read as an option.
+_SHA256_OF = (
+    'if command -v openssl >/dev/null 2>&1; then openssl dgst -sha256 -r "$1"; '
+    'else sha256sum -- "$1"; fi'
+)
 
 STDERR_HEAD_LINES = 5
 STDERR_HEAD_CHARS = 600
@@ -554,15 +563,20 @@ class SshPool:
         """sha256 of a file on the VM, computed there as root."""
         validate_remote_path(path)
         res = await self.run_root(
-            node, ["sha256sum", "--", path], timeout=60 + size_hint * SHA256_SECONDS_PER_BYTE
+            node,
+            shell_script_argv(_SHA256_OF, path),
+            timeout=60 + size_hint * SHA256_SECONDS_PER_BYTE,
         )
         digest = res.stdout.split(maxsplit=1)[0] if res.stdout.strip() else ""
         if not re.fullmatch(r"[0-9a-f]{64}", digest):
-            raise RemoteCommandFailed(f"{node.label}: unexpected sha256sum output {res.stdout!r}")
+            raise RemoteCommandFailed(f"{node.label}: unexpected sha256 output {res.stdout!r}")
         return digest
 
     async def _partial_state(self, node: SshEndpoint, part: str) -> tuple[int, str | None]:
-        script = 'if [ -f "$1" ]; then stat -c %s -- "$1"; sha256sum -- "$1"; else echo 0; fi'
+        script = (
+            'sha() { ' + _SHA256_OF + '; }\n'
+            'if [ -f "$1" ]; then stat -c %s -- "$1"; sha "$1"; else echo 0; fi'
+        )
         res = await self.run_root(node, shell_script_argv(script, part), timeout=600)
         lines = res.stdout.split()
         size = int(lines[0]) if lines and lines[0].isdigit() else 0

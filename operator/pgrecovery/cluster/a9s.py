@@ -80,6 +80,8 @@ HBA_ORIG_SUFFIX = hba.ORIG_SUFFIX
 DEFAULT_CLONE_TIMEOUT = 3600.0
 DEFAULT_STREAMING_TIMEOUT = 300.0
 JOB_POLL_INTERVAL = 2.0
+# Between checks that a re-cloned standby streams (a few SSH round trips each).
+STREAMING_POLL_INTERVAL = 0.5
 
 
 @dataclass(frozen=True)
@@ -472,11 +474,12 @@ mv -f -- "$hba.pgrecovery-tmp" "$hba"
                 await self._restore_hba(primary, path)
                 raise ClusterError(f"{primary.name}: the blocking pg_hba.conf was rejected "
                                    f"({errors}); the original was put back")
-            await psql.execute(self.shell, primary, self.layout, "SELECT pg_reload_conf();")
             changed = True
-            # The postmaster applies the reload asynchronously; a moment later new
-            # connections see the new rules.
-            await asyncio.sleep(1.0)
+            # The postmaster applies the reload asynchronously: wait until new connections
+            # see the new rules, so the terminated clients cannot come back.
+            if not await psql.reload_config(self.shell, primary, self.layout):
+                raise NotReadyYet(f"{primary.name}: PostgreSQL did not apply the blocking "
+                                  "pg_hba.conf within seconds of the reload")
         terminate = (
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
             "WHERE pid <> pg_backend_pid() AND backend_type = 'client backend';"
@@ -592,8 +595,12 @@ done
             return int(out[0]), int(out[1])
         return None
 
-    async def poll_restore(self, view: ClusterView, backup_id: str, run_id: str) -> RestoreStatus:
+    async def poll_restore(
+        self, view: ClusterView, backup_id: str, run_id: str, *, wait: float = 0.0
+    ) -> RestoreStatus:
         """Running (with bytes of the dump read so far) or done with classified errors.
+
+        `wait`: a long poll, answering as soon as psql ends but after at most `wait` seconds.
 
         Raises RestoreFailed when psql failed, reported an unexpected error, or the job was
         lost (the VM restarted mid-restore: the database holds a partial restore).
@@ -601,7 +608,7 @@ done
         step = "poll_restore"
         dump = self.layout.dump_path(backup_id)
         job_id = self.restore_job_id(run_id)
-        status = await self.jobs.poll_job(view.primary.endpoint, job_id)
+        status = await self.jobs.poll_job(view.primary.endpoint, job_id, wait=wait)
         if status.state is JobState.ABSENT:
             raise RestoreFailed(f"{view.primary.name}: no restore job {job_id}; start it first")
         if status.state in (JobState.RUNNING, JobState.STARTING):
@@ -838,14 +845,16 @@ find "$d" -mindepth 1 -delete
             if time.monotonic() >= deadline:
                 raise NotReadyYet(f"{standby.name}: re-cloned but not streaming from "
                                   f"{view.primary.name} after {streaming_timeout:.0f}s")
-            await asyncio.sleep(JOB_POLL_INTERVAL)
+            await asyncio.sleep(STREAMING_POLL_INTERVAL)
         self._report(step, "streaming from the primary", standby)
         return StepResult(step, True, f"{standby.name} re-cloned and streaming")
 
     async def _wait_job(self, node: Node, job_id: str, timeout: float, step: str) -> JobStatus:
         deadline = time.monotonic() + timeout
         while True:
-            status = await self.jobs.poll_job(node.endpoint, job_id, tail_bytes=300)
+            asked = time.monotonic()
+            status = await self.jobs.poll_job(node.endpoint, job_id, tail_bytes=300,
+                                              wait=JOB_POLL_INTERVAL)
             if status.state not in (JobState.RUNNING, JobState.STARTING):
                 return status
             if time.monotonic() >= deadline:
@@ -853,7 +862,8 @@ find "$d" -mindepth 1 -delete
                                   f"{timeout:.0f}s")
             last = status.log_tail.strip().splitlines()[-1:] or [""]
             self._report(step, f"running: {last[0][:200]}", node)
-            await asyncio.sleep(JOB_POLL_INTERVAL)
+            # The poll waited remotely; sleep only if it came back early (still running).
+            await asyncio.sleep(max(0.0, JOB_POLL_INTERVAL - (time.monotonic() - asked)))
 
     async def cluster_health(self, view: ClusterView) -> ClusterHealth:
         problems: list[str] = []

@@ -141,12 +141,15 @@ async def poll_parallel_restore(
     view: ClusterView,
     backup_id: str,
     run_id: str,
+    *,
+    wait: float = 0.0,
 ) -> ParallelRestoreStatus:
-    """Running (bytes done / total) or done with classified errors; raises RestoreFailed."""
+    """Running (bytes done / total) or done with classified errors; raises RestoreFailed.
+    `wait`: a long poll, answering as soon as the job ends but after at most `wait` seconds."""
     primary = view.primary
     job_id = parallel_restore_job_id(run_id)
     ops.layout.dump_path(backup_id)  # validates the id, as poll_restore does
-    status = await ops.jobs.poll_job(primary.endpoint, job_id)
+    status = await ops.jobs.poll_job(primary.endpoint, job_id, wait=wait)
     if status.state is JobState.ABSENT:
         raise RestoreFailed(f"{primary.name}: no parallel restore job {job_id}; start it first")
     if status.state is JobState.LOST:

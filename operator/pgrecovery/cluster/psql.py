@@ -14,6 +14,7 @@ and become one argv element; identifiers and literals inside SQL go through `quo
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import re
@@ -121,3 +122,32 @@ def is_connection_failure(exc: RemoteCommandFailed) -> bool:
             "No such file or directory",
         )
     )
+
+
+RELOAD_WAIT_SECONDS = 5.0
+
+
+async def reload_config(
+    shell: RemoteShell, node: Node, layout: A9sLayout, *, wait: float = RELOAD_WAIT_SECONDS
+) -> bool:
+    """`pg_reload_conf()`, then wait until new connections get the new configuration.
+
+    The postmaster applies a reload asynchronously; backends forked after it report the new
+    `pg_conf_load_time()`, so each check is a fresh psql. Returns False when the change was
+    not seen within `wait` seconds (the reload still happens; callers that depend on it check
+    its effect themselves). Replaces a fixed one-second sleep: typically done in ~50 ms.
+    """
+    rows = await query(
+        shell, node, layout,
+        "SELECT extract(epoch FROM pg_conf_load_time())::text, pg_reload_conf();",
+    )
+    before = float(rows[0][0]) if rows and rows[0] else 0.0
+    deadline = asyncio.get_running_loop().time() + wait
+    while True:
+        rows = await query(shell, node, layout,
+                           "SELECT extract(epoch FROM pg_conf_load_time())::text;")
+        if rows and rows[0] and float(rows[0][0]) > before:
+            return True
+        if asyncio.get_running_loop().time() >= deadline:
+            return False
+        await asyncio.sleep(0.05)

@@ -101,6 +101,8 @@ class StepRecord(_Model):
     state: StepState
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    seconds: float | None = None
+    """Wall-clock time the step took (0.1 s resolution): where a recovery's time went."""
     message: str = ""
 
 
@@ -162,6 +164,13 @@ class RecoveryStatus(_Model):
 
 def now_utc() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
+
+
+def step_clock() -> datetime:
+    """Now, to the millisecond: step records carry sub-second times, since most steps take
+    less than a second and their durations are what an operator tunes by."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
 def _clip(message: str) -> str:
@@ -333,12 +342,14 @@ def step_finished(
     message: str = "",
 ) -> RecoveryStatus:
     old = status.step(name)
+    started = old.started_at if old and old.started_at else now
     record = StepRecord(
         name=name,
         phase=old.phase if old else status.phase,
         state=state,
-        started_at=old.started_at if old else now,
+        started_at=started,
         finished_at=now,
+        seconds=round(max(0.0, (now - started).total_seconds()), 1),
         message=_clip(message),
     )
     steps = tuple(record if s.name == name else s for s in status.steps)

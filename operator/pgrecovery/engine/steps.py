@@ -132,7 +132,7 @@ async def run_step(step: Step, ctx: StepContext) -> None:
     phase = ctx.status.phase
     ctx.raise_if_cancelled()
     if await step.check(ctx):
-        now = st.now_utc()
+        now = st.step_clock()
         previous = ctx.status.step(step.name)
         if previous is None or previous.state is not StepState.SUCCEEDED:
             await ctx.update(
@@ -145,7 +145,7 @@ async def run_step(step: Step, ctx: StepContext) -> None:
                 StepEvent(StepEventKind.SKIPPED, phase, step.name, "already in the wanted state")
             )
         return
-    now = st.now_utc()
+    now = st.step_clock()
     await ctx.update(lambda s: st.step_started(s, step.name, now))
     await ctx.reporter.event(StepEvent(StepEventKind.STARTED, phase, step.name))
     try:
@@ -157,7 +157,7 @@ async def run_step(step: Step, ctx: StepContext) -> None:
                 reason="StepNotEffective",
             )
     except Exception as exc:
-        now = st.now_utc()
+        now = st.step_clock()
         message = str(exc) or exc.__class__.__name__
         reason = getattr(exc, "reason", exc.__class__.__name__)
         await ctx.update(
@@ -167,7 +167,7 @@ async def run_step(step: Step, ctx: StepContext) -> None:
             StepEvent(StepEventKind.FAILED, phase, step.name, message, reason=reason)
         )
         raise
-    now = st.now_utc()
+    now = st.step_clock()
     await ctx.update(lambda s: st.touch(st.step_finished(s, step.name, now), now))
     await ctx.reporter.event(StepEvent(StepEventKind.FINISHED, phase, step.name))
 

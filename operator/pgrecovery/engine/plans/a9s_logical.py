@@ -479,10 +479,15 @@ class A9sLogicalRecovery:
             await ops.start_restore(view, backup_id, run_id)
         while True:
             ctx.raise_if_cancelled()
+            # Long polls: each returns as soon as the restore ends, or after the interval with
+            # its progress; so no sleep between them (unless one came back early).
+            asked = time.monotonic()
             polled = (
-                await poll_parallel_restore(ops, view, backup_id, run_id)
+                await poll_parallel_restore(
+                    ops, view, backup_id, run_id, wait=RESTORE_POLL_INTERVAL
+                )
                 if sessions > 1
-                else await ops.poll_restore(view, backup_id, run_id)
+                else await ops.poll_restore(view, backup_id, run_id, wait=RESTORE_POLL_INTERVAL)
             )
             if polled.done:
                 break
@@ -504,7 +509,7 @@ class A9sLogicalRecovery:
                     f"{view.primary.name}",
                     reason="RestoreTimeout",
                 )
-            await asyncio.sleep(RESTORE_POLL_INTERVAL)
+            await asyncio.sleep(max(0.0, RESTORE_POLL_INTERVAL - (time.monotonic() - asked)))
         report = polled.report
         if report is None or not report.ok:
             summary = report.summary() if report is not None else "no report"
