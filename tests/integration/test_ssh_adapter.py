@@ -325,6 +325,14 @@ async def test_job_cancel_and_lost(
     assert (await runner.poll_job(node, "lose-me")).state is JobState.ABSENT
 
 
+async def test_connections_prefer_aes_gcm(pool: SshPool, local_sshd: LocalSshd) -> None:  # noqa: F811
+    """The dump upload's cipher: AES-GCM (AES-NI, one call per packet), not asyncssh's
+    default chacha20-poly1305; see CIPHER_PREFERENCE."""
+    conn = await pool._connection(_node(local_sshd))
+    assert conn.get_extra_info("send_cipher") == "aes128-gcm@openssh.com"
+    assert conn.get_extra_info("recv_cipher") == "aes128-gcm@openssh.com"
+
+
 async def test_long_poll_returns_when_the_job_ends_not_at_the_interval(
     pool: SshPool, local_sshd: LocalSshd, tmp_path: Path  # noqa: F811
 ) -> None:
@@ -336,7 +344,8 @@ async def test_long_poll_returns_when_the_job_ends_not_at_the_interval(
     t = time.monotonic()
     status = await runner.poll_job(node, "short", wait=20)
     took = time.monotonic() - t
-    assert status.state is JobState.FINISHED and status.succeeded
+    assert status.state is JobState.FINISHED
+    assert status.succeeded
     assert took < 5, f"the long poll took {took:.1f}s for a 1 s job"
 
     await runner.start_job(node, "long", ["sleep", "300"])

@@ -141,7 +141,8 @@ def test_a_finished_step_records_its_duration_to_a_tenth_of_a_second() -> None:
     s = st.step_started(RecoveryStatus(), "ensure-x", t0)
     s = st.step_finished(s, "ensure-x", t0 + timedelta(seconds=2, milliseconds=345))
     record = s.step("ensure-x")
-    assert record is not None and record.seconds == 2.3
+    assert record is not None
+    assert record.seconds == 2.3
     wire = s.to_dict()["steps"][0]
     assert wire["seconds"] == 2.3
     assert "." in wire["finishedAt"]  # sub-second times survive the wire shape

@@ -88,6 +88,19 @@ DEFAULT_COMMAND_TIMEOUT = 120.0
 # Upload: 1 MiB writes keep the SSH channel window full; an upload making no progress for
 # this long is treated as a dead connection.
 UPLOAD_CHUNK = 1024 * 1024
+# Ciphers in order of preference. asyncssh's default puts chacha20-poly1305 first, which it
+# runs as three library calls per packet; AES-GCM is one call with AES-NI. Measured on the
+# test machine, 400 MiB through `cat > /dev/null`: the client spends about half the CPU
+# (0.43-0.67 s instead of 0.85-1.5 s), and sshd's side is cheaper too, which matters because
+# the dump upload shares the CPUs with decryption and decompression. All four are standard
+# OpenSSH ciphers (sshd on stemcells offers them all); the server's list decides among them.
+CIPHER_PREFERENCE = (
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "chacha20-poly1305@openssh.com",
+    "aes256-ctr",
+    "aes128-ctr",
+)
 UPLOAD_STALL_TIMEOUT = 120.0
 # sha256sum of a multi-GB file on a BOSH persistent disk: ~200 MB/s, so allow 1 s per 100 MB.
 SHA256_SECONDS_PER_BYTE = 1 / 100e6
@@ -410,6 +423,7 @@ class SshPool:
                         config=None,
                         password=None,
                         kbdint_auth=False,
+                        encryption_algs=CIPHER_PREFERENCE,
                         keepalive_interval=KEEPALIVE_INTERVAL,
                         keepalive_count_max=KEEPALIVE_COUNT_MAX,
                         connect_timeout=self._connect_timeout,
