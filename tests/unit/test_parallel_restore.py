@@ -5,16 +5,25 @@ which tests/integration/test_parallel_restore.py proves on the simulated VMs."""
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from pathlib import Path
 
 import pytest
 
 from pgrecovery.adapters.jobs import JobState, JobStatus
-from pgrecovery.adapters.ssh import CommandResult, ReplayableSource, SshEndpoint, UploadResult
+from pgrecovery.adapters.ssh import (
+    CommandResult,
+    ReplayableSource,
+    SshEndpoint,
+    UploadResult,
+    shell_script_argv,
+)
 from pgrecovery.cluster.a9s import A9sOperations
 from pgrecovery.cluster.dump_index import DumpIndexer
 from pgrecovery.cluster.nodes import ClusterView, Node, ProgressEvent
 from pgrecovery.cluster.parallel_restore import (
+    _READ_LOGS,
     ParallelRestoreStatus,
     poll_parallel_restore,
     start_parallel_restore,
@@ -69,10 +78,18 @@ class FakeShell:
 
     def stream_root_lines(self, node: SshEndpoint, argv: Sequence[str], *,
                           timeout: float | None = None) -> AsyncIterator[str]:
-        text = self.files.get(argv[-1], b"").decode()
+        assert argv[0] == "bash", argv
+        assert "pgrecovery task" in argv[2], argv
+        work, ids = argv[4], argv[5:]
+        text = ""
+        for i in ids:  # what the script prints: a header with the line count, then the log
+            log = self.files.get(f"{work}/t{i}.log", b"").decode()
+            if log and not log.endswith("\n"):
+                log += "\n"
+            text += f"--- pgrecovery task {i}: {log.count(chr(10))} lines\n{log}"
 
         async def lines() -> AsyncIterator[str]:
-            for line in text.splitlines(keepends=True):
+            for line in text.split("\n")[:-1]:  # as asyncssh yields them: without "\n"
                 yield line
         return lines()
 
@@ -227,3 +244,20 @@ async def test_poll_fails_when_the_task_list_is_gone() -> None:
     del shell.files[f"{work_dir(ops, RUN_ID)}/plan.json"]
     with pytest.raises(RestoreFailed, match="cannot be judged"):
         await poll_parallel_restore(ops, VIEW, BACKUP_ID, RUN_ID)
+
+
+def test_the_log_reader_frames_every_log_whatever_it_holds(tmp_path: Path) -> None:
+    """The remote script that reads all task logs at once, run by bash as on the VM: a log
+    without a final newline, an empty or missing log, and a log line that looks like a
+    header all come back intact, each under its own task."""
+    (tmp_path / "t0.log").write_bytes(b"ERROR:  a\n--- pgrecovery task 1: 99 lines\n")
+    (tmp_path / "t1.log").write_bytes(b"no final newline")
+    (tmp_path / "t2.log").write_bytes(b"")
+    argv = shell_script_argv(_READ_LOGS, str(tmp_path), "0", "1", "2", "3")
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    assert out.split("\n") == [
+        "--- pgrecovery task 0: 2 lines", "ERROR:  a", "--- pgrecovery task 1: 99 lines",
+        "--- pgrecovery task 1: 1 lines", "no final newline",
+        "--- pgrecovery task 2: 0 lines",
+        "--- pgrecovery task 3: 0 lines", "",
+    ]
