@@ -1,7 +1,7 @@
 """SIGKILL the operator at every step of a real recovery and inside the long steps; it completes.
 
 A real `kopf run -m pgrecovery.main` (the real a9s plan) restores the simulated 3-VM a9s-pg
-cluster from a real S3 server. The test walks the plan's 20 steps in order: for each it waits
+cluster from a real S3 server. The test walks the plan's 22 steps in order: for each it waits
 until the step is seen `Running` or finished in the resource's status, SIGKILLs the operator
 (`KopfProcess.kill()`, as a node loss or an OOM kill would) and starts it again. It also kills
 inside each long step: twice while the dump streams (download → decrypt → gunzip → upload to
@@ -90,7 +90,10 @@ PLAN: tuple[tuple[str, tuple[str, ...]], ...] = (
             "ensure-startup-locks-clear",
         ),
     ),
-    ("Restoring", ("restore-dump",)),
+    (
+        "Restoring",
+        ("ensure-bulk-load-settings", "restore-dump", "ensure-bulk-load-settings-reverted"),
+    ),
     (
         "Rejoined",
         (

@@ -483,6 +483,10 @@ def test_primary_power_cut_during_restore_fails_then_a_new_run_completes(
         assert final["backup"]["plainSha256"] == cut.scenario.backup.plain_sha256
         assert cut.scenario.restored_everywhere() == {vm.name: True for vm in cluster.vms}
         assert cluster.wait_healthy(timeout=60).ok
+        # Whether or not the failed run could put the checkpoint settings back (its primary
+        # had no power), the new run leaves the server's own values.
+        assert final["facts"]["bulkLoadSettings"] == "reverted", final["facts"]
+        assert cluster.primary().psql("SHOW max_wal_size;") == "256MB"
     finally:
         # The next tests need a healthy cluster. A primary without repmgr_cluster does not heal
         # by waiting, so rebuild at once rather than after heal()'s 30 s of waiting.

@@ -68,11 +68,23 @@ def test_local_recover_restores_the_backup_on_every_node(
     assert "restoredSerially" not in facts
     assert "fetched " in facts["stagedBytes"]
     assert scenario.restored_everywhere() == {vm.name: True for vm in healthy_sim_cluster.vms}
+    # Fewer checkpoints while the dump loaded, and the server's own settings back afterwards,
+    # on the primary and (through the re-clone) on the standbys.
+    assert facts["bulkLoadSettings"] == "reverted", facts
+    _assert_checkpoint_settings_original(healthy_sim_cluster)
     assert healthy_sim_cluster.wait_healthy(timeout=30).ok  # agent heartbeat: 3 s
     # no secret in what the user saw or what was written down
     for secret in scenario.secret_strings():
         assert secret not in result.stdout + result.stderr
         assert secret not in status_file.read_text()
+
+
+def _assert_checkpoint_settings_original(cluster: SimCluster) -> None:
+    for vm in cluster.vms:
+        assert vm.psql("SHOW max_wal_size; SHOW checkpoint_timeout;") == "256MB\n5min", vm.name
+        auto_conf = vm.host_path("/var/vcap/store/postgresql15/postgresql.auto.conf")
+        assert "max_wal_size" not in auto_conf.read_text(), vm.name
+        assert not vm.host_path("/var/vcap/store/pgrecovery/bulk-load-settings").exists()
 
 
 def test_local_recover_killed_mid_phase_resumes_and_completes(
@@ -194,3 +206,8 @@ def test_restore_error_fails_restoring_with_the_error_text_and_state(
     assert steps["ensure-connections-blocked"] == "Succeeded"
     assert steps["restore-dump"] == "Failed"
     assert not any(name.startswith("ensure-standbys-recloned") for name in steps)
+    # The checkpoint settings raised for the restore were put back when it failed.
+    assert status["facts"]["bulkLoadSettings"] == "reverted after the failed restore"  # type: ignore[index]
+    primary = healthy_sim_cluster.primary()
+    assert primary.psql("SHOW max_wal_size;") == "256MB"
+    assert not primary.host_path("/var/vcap/store/pgrecovery/bulk-load-settings").exists()

@@ -45,6 +45,7 @@ from pgrecovery.backups.listing import Backup, list_backups, select_backup
 from pgrecovery.backups.pipeline import check_key
 from pgrecovery.backups.sources import StorePartsSource
 from pgrecovery.backups.stores import open_azure_store, open_s3_store
+from pgrecovery.cluster import bulk_load
 from pgrecovery.cluster.a9s import A9sOperations, StepResult, estimate_needed_bytes
 from pgrecovery.cluster.dump_index import DumpIndex, DumpIndexer
 from pgrecovery.cluster.nodes import A9sLayout, ClusterView, Node, ProgressEvent, run_id_for
@@ -452,11 +453,43 @@ class A9sLogicalRecovery:
 
     # ------------------------------------------------------------------ Restoring
 
+    async def apply_bulk_load_settings(self, ctx: StepContext) -> None:
+        """Fewer checkpoints while the dump loads (`cluster.bulk_load`): the outcome is the
+        fact `bulkLoadSettings`."""
+        ops = await self.ops(ctx)
+        outcome = await bulk_load.apply(ops.shell, self.view(ctx).primary, ops.layout)
+        await ctx.fact(bulkLoadSettings=outcome[:400])
+
+    async def revert_bulk_load_settings(self, ctx: StepContext) -> None:
+        ops = await self.ops(ctx)
+        if await bulk_load.revert(ops.shell, self.view(ctx).primary, ops.layout):
+            await ctx.fact(bulkLoadSettings="reverted")
+
     async def restore_dump(self, ctx: StepContext) -> None:
         """Load the staged dump into the primary: in parallel sessions when the dump's index
         is known and `spec.parallelism.restoreConnections` allows it, else one psql as in the
         runbook. The choice is pinned in status (`restoreMode`) before the job starts, so a
-        resumed run re-attaches to the same kind of job."""
+        resumed run re-attaches to the same kind of job.
+
+        When the restore fails for good, the bulk-load settings are put back (best effort)
+        before the error is reported: a failed recovery must not leave a primary with its
+        checkpoint settings changed behind the person who repairs it.
+        """
+        try:
+            await self._restore_dump(ctx)
+        except FatalError:
+            ops = await self.ops(ctx)
+            try:
+                if await bulk_load.revert(ops.shell, self.view(ctx).primary, ops.layout):
+                    await ctx.fact(bulkLoadSettings="reverted after the failed restore")
+            except Exception as exc:  # noqa: BLE001 - the restore's error is the one to report
+                log.warning("could not put back the checkpoint settings after the failed "
+                            "restore: %s", exc)
+                await ctx.fact(bulkLoadSettings=f"NOT reverted after the failed restore: "
+                                                f"{str(exc)[:200]}")
+            raise
+
+    async def _restore_dump(self, ctx: StepContext) -> None:
         ops = await self.ops(ctx)
         view = self.view(ctx)
         backup_id = ctx.status.backup.id
@@ -719,6 +752,8 @@ async def build_a9s_logical_plan(inputs: PlanInputs) -> Plan:
             ),
         ],
         Phase.RESTORING: [
+            FunctionStep("ensure-bulk-load-settings", r.restore_done, r.apply_bulk_load_settings,
+                         verify_after=False),
             FunctionStep("restore-dump", r.restore_done, r.restore_dump),
         ],
         Phase.REJOINED: [],
@@ -727,6 +762,11 @@ async def build_a9s_logical_plan(inputs: PlanInputs) -> Plan:
         steps[Phase.RESTORING].append(
             FunctionStep("apply-site-roles", _never, r.apply_roles_sql, verify_after=False)
         )
+    # Before Rejoined: the standbys' clones must get the original postgresql.auto.conf.
+    steps[Phase.RESTORING].append(
+        FunctionStep("ensure-bulk-load-settings-reverted", _never, r.revert_bulk_load_settings,
+                     verify_after=False)
+    )
 
     def run_id_step(
         name: str, op: Callable[[A9sOperations, ClusterView, str], Awaitable[StepResult]]
