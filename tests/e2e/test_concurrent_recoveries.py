@@ -24,6 +24,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -125,9 +126,16 @@ def _conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {c["type"]: c for c in (obj.get("status") or {}).get("conditions", [])}
 
 
-def _destructive_window(status: dict[str, Any]) -> tuple[str, str]:
+def _destructive_window(status: dict[str, Any]) -> tuple[datetime, datetime]:
+    """First start and last finish of the destructive steps (times parsed: step times carry
+    milliseconds, and a time on a whole second has no fraction, so strings do not sort)."""
     steps = [s for s in status["steps"] if s["phase"] in DESTRUCTIVE and s.get("startedAt")]
-    return min(s["startedAt"] for s in steps), max(s["finishedAt"] for s in steps)
+    return (min(_time(s["startedAt"]) for s in steps),
+            max(_time(s["finishedAt"]) for s in steps))
+
+
+def _time(stamp: str) -> datetime:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
 
 
 def test_twenty_recoveries_at_once_through_one_operator(

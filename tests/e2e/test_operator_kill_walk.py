@@ -176,8 +176,11 @@ def _steps(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _epoch(stamp: str | None) -> float:
-    """Status timestamps have whole seconds (`2026-01-01T10:00:00Z`)."""
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp() if stamp else 0.0
+    """A status time in whole seconds. Step times carry milliseconds; the kill is known to the
+    second, so "written after the kill" means "in a later second", as before."""
+    if not stamp:
+        return 0.0
+    return float(int(datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()))
 
 
 def _written_after(record: dict[str, Any], second: float) -> bool:

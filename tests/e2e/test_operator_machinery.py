@@ -12,6 +12,7 @@ and failure; confirm gating, dry run, and frozen spec.
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import socket
 from collections.abc import Callable
@@ -294,4 +295,10 @@ def test_two_recoveries_of_one_deployment_never_overlap_destructively(world: Wor
     second_staging = next(
         s for s in world.status("second")["steps"] if s["name"] == "staging-1"
     )
-    assert second_staging["startedAt"] >= first_done
+    # Steps carry milliseconds, completedAt whole seconds: compare at whole seconds.
+    assert _second(second_staging["startedAt"]) >= _second(first_done)
+
+
+def _second(stamp: str) -> int:
+    """An RFC 3339 status time (with or without a fraction) as whole epoch seconds."""
+    return int(datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp())
