@@ -235,19 +235,3 @@ async def _classify(ops: A9sOperations, view: ClusterView, work: str,
         raise RemoteCommandFailed(f"{view.primary.name}: the restore logs in {work} ended "
                                   f"{left} line(s) early")
     return merge_reports([classify_task_log(by_id[i], lines) for i, lines in logs.items()])
-
-
-async def remove_parallel_restore_work(ops: A9sOperations, view: ClusterView,
-                                       run_id: str) -> bool:
-    """Remove this run's work directory (script, task list, task logs) from the primary once
-    the recovery no longer needs it (idempotent; True if it was there).
-
-    The task logs can quote rows of the dump (psql prints the key of a duplicate row), so they
-    go with the staged dump rather than piling up run after run; what they said is in status
-    (`restoreReport`)."""
-    res = await ops.shell.run_root(
-        view.primary.endpoint,
-        shell_script_argv('if [ -d "$1" ]; then rm -rf -- "$1"; echo removed; fi',
-                          work_dir(ops, run_id)),
-        timeout=120)
-    return res.stdout.strip() == "removed"

@@ -52,7 +52,6 @@ from pgrecovery.cluster.nodes import A9sLayout, ClusterView, Node, ProgressEvent
 from pgrecovery.cluster.parallel_restore import (
     ParallelRestoreStatus,
     poll_parallel_restore,
-    remove_parallel_restore_work,
     start_parallel_restore,
 )
 from pgrecovery.cluster.restore_script import default_concurrency
@@ -461,16 +460,6 @@ class A9sLogicalRecovery:
         outcome = await bulk_load.apply(ops.shell, self.view(ctx).primary, ops.layout)
         await ctx.fact(bulkLoadSettings=outcome[:400])
 
-    async def remove_staged_files(self, ctx: StepContext) -> None:
-        """The staged dump, and the parallel restore's work directory of this run."""
-        ops = await self.ops(ctx)
-        view = self.view(ctx)
-        await self.note(ctx, await ops.ensure_staging_file_removed(
-            view, ctx.status.backup.id or ""))
-        if await remove_parallel_restore_work(ops, view, self.run_id(ctx)):
-            await self.note(ctx, StepResult("ensure_staging_file_removed", True,
-                                            "parallel restore work directory removed"))
-
     async def revert_bulk_load_settings(self, ctx: StepContext) -> None:
         ops = await self.ops(ctx)
         if await bulk_load.revert(ops.shell, self.view(ctx).primary, ops.layout):
@@ -805,7 +794,12 @@ async def build_a9s_logical_plan(inputs: PlanInputs) -> Plan:
     steps[Phase.REJOINED] += [
         FunctionStep("verify-cluster", _never, r.verify_cluster, verify_after=False),
         FunctionStep(
-            "ensure-staging-file-removed", _never, r.remove_staged_files, verify_after=False
+            "ensure-staging-file-removed",
+            _never,
+            _apply_with(
+                r, lambda o, v, ctx: o.ensure_staging_file_removed(v, ctx.status.backup.id or "")
+            ),
+            verify_after=False,
         ),
         r.cluster_step(
             "ensure-connections-unblocked", lambda o, v: o.ensure_connections_unblocked(v)
@@ -813,3 +807,13 @@ async def build_a9s_logical_plan(inputs: PlanInputs) -> Plan:
     ]
     return Plan(steps=steps, closers=[recovery.close])
 
+
+def _apply_with(
+    r: A9sLogicalRecovery,
+    op: Callable[[A9sOperations, ClusterView, StepContext], Awaitable[StepResult]],
+) -> Callable[[StepContext], Awaitable[None]]:
+    async def apply(ctx: StepContext) -> None:
+        ops = await r.ops(ctx)
+        await r.note(ctx, await op(ops, r.view(ctx), ctx))
+
+    return apply
