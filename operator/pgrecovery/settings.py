@@ -73,6 +73,12 @@ class OperatorSettings(BaseSettings):
         "Each running recovery holds SSH connections and a download pipeline.",
     )
 
+    breakpoint_dir: Path | None = Field(
+        default=None,
+        description="Tests only: a directory of breakpoint files (`engine.breakpoints`) that "
+        "stop a phase before a named step until released. Unset in production (no effect).",
+    )
+
     @field_validator("plan_factory")
     @classmethod
     def _looks_like_import_path(cls, value: str) -> str:

@@ -11,7 +11,8 @@ How it works: `FaultProxy` listens on 127.0.0.1 (its own thread and event loop, 
 under test can be async or a subprocess) and forwards each HTTP request to the upstream server.
 Every request is matched against the programmed `Fault`s (method, path regex, ranged or not;
 skip the first N matches; apply M times or forever) and is then forwarded, answered with an
-error, cut after K body bytes, closed, held open without an answer, or forwarded slowly.
+error, cut after K body bytes, closed, held open without an answer, forwarded slowly, or held
+at a gate until the test opens it.
 Every request is recorded, so tests can count retries.
 
 Decisions:
@@ -46,6 +47,7 @@ class FaultKind(StrEnum):
     CLOSE = "close"  # read the request, close without any answer
     HANG = "hang"  # read the request, never answer (until the client gives up)
     THROTTLE = "throttle"  # forward the response body at `rate` bytes per second
+    GATE = "gate"  # hold the request until the test opens the gate, then forward it
 
 
 @dataclass
@@ -68,6 +70,8 @@ class Fault:
     after_bytes: int = 0
     rst: bool = True
     rate: float = 0.0
+    opened: bool = field(default=False, init=False)
+    """GATE only: held requests go on once the test sets this (`FaultProxy.open`)."""
     matched: int = field(default=0, init=False)
     applied: int = field(default=0, init=False)
 
@@ -159,6 +163,12 @@ def hang(*, times: int | None = 1, **match: object) -> Fault:
 def throttle(rate: float, *, times: int | None = None, **match: object) -> Fault:
     """Forward response bodies at `rate` bytes per second."""
     return Fault(FaultKind.THROTTLE, times=times, rate=rate, **match)  # type: ignore[arg-type]
+
+
+def gate(*, times: int | None = None, **match: object) -> Fault:
+    """Hold matching requests (unanswered) until `FaultProxy.open(fault)`; then forward them.
+    A test stops a download at a chosen point with it, deterministically."""
+    return Fault(FaultKind.GATE, times=times, **match)  # type: ignore[arg-type]
 
 
 def closed_port() -> int:
@@ -256,6 +266,11 @@ class FaultProxy:
         with self._lock:
             self._faults.extend(faults)
         return self
+
+    def open(self, fault: Fault) -> None:
+        """Let the requests a GATE fault holds (and every later match) through."""
+        with self._lock:
+            fault.opened = True
 
     def clear(self) -> None:
         """Remove every fault (requests keep being recorded)."""
@@ -378,6 +393,11 @@ class FaultProxy:
             while await reader.read(READ_CHUNK):  # until the client closes
                 pass
             return
+        if fault is not None and kind is FaultKind.GATE:
+            # Polled: the gate is opened from the test's thread, not this loop's.
+            while not fault.opened:
+                await asyncio.sleep(0.02)
+            fault = None
         if fault is not None and kind is FaultKind.ERROR:
             answer = [
                 *fault.headers,

@@ -325,6 +325,36 @@ async def test_job_cancel_and_lost(
     assert (await runner.poll_job(node, "lose-me")).state is JobState.ABSENT
 
 
+async def test_hold_file_keeps_a_job_at_its_start_until_removed(
+    pool: SshPool, local_sshd: LocalSshd, tmp_path: Path  # noqa: F811
+) -> None:
+    """`<root>/hold-<prefix>` holds the jobs whose id starts with the prefix (running, their
+    command not started); other jobs run; removing the file lets the held job go; a held job
+    can be cancelled."""
+    node = _node(local_sshd)
+    root = tmp_path / "jobs"
+    root.mkdir()
+    runner = JobRunner(pool, root=str(root))
+    marker = tmp_path / "ran"
+    (root / "hold-restore").touch()
+    await runner.start_job(node, "restore-run1", shell_script_argv('touch "$1"', str(marker)))
+    await runner.start_job(node, "clone-pg-1-run1", ["true"])
+    assert await _wait(runner, node, "clone-pg-1-run1") is JobState.FINISHED  # not held
+    await asyncio.sleep(0.5)
+    held = await runner.poll_job(node, "restore-run1")
+    assert held.state is JobState.RUNNING
+    assert not marker.exists()
+    (root / "hold-restore").unlink()
+    assert await _wait(runner, node, "restore-run1") is JobState.FINISHED
+    assert marker.exists()
+
+    (root / "hold-restore").touch()
+    await runner.start_job(node, "restore-run2", ["true"])
+    cancelled = await runner.cancel_job(node, "restore-run2")
+    assert cancelled.cancelled
+    assert cancelled.exit_code == 143
+
+
 async def test_connections_prefer_aes_gcm(pool: SshPool, local_sshd: LocalSshd) -> None:  # noqa: F811
     """The dump upload's cipher: AES-GCM (AES-NI, one call per packet), not asyncssh's
     default chacha20-poly1305; see CIPHER_PREFERENCE."""

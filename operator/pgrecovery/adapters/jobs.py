@@ -17,6 +17,12 @@ whose process vanished without writing `exit` (power cut, OOM kill) is reported 
 `cancel_job` signals the whole process group (TERM, then KILL after a grace period) and writes
 exit 143 with a `cancelled` flag.
 
+A job is held at its start (already running, its command not yet) while a file
+`<root>/hold-<prefix>` exists whose prefix begins the job id (`hold-restore` holds
+`restore-<run>`): tests stop a job at a chosen point with it (the kill walk), and a person can use
+it to look at a VM before a restore or a clone begins. Nothing creates such a file but a person or
+a test; `cancel_job` ends a held job like any other.
+
 Job ids are `[a-z0-9-]+` (validated), so the directory name is always safe. The argv is stored
 in the job directory for people debugging on the VM; by contract it never holds a secret
 (secrets travel via stdin files or pipes).
@@ -52,6 +58,14 @@ printf '%s\n' "$@" > "$dir/argv"
 setsid -f nohup sh -c '
   dir=$1; stdin=$2; shift 2
   echo $$ > "$dir/pid.tmp" && mv "$dir/pid.tmp" "$dir/pid"
+  held() {
+    for h in "${dir%/*}"/hold-*; do
+      [ -e "$h" ] || continue
+      case "${dir##*/}" in "${h##*/hold-}"*) return 0 ;; esac
+    done
+    return 1
+  }
+  while held; do sleep 0.1; done
   "$@" >> "$dir/log" 2>&1 < "$stdin"
   rc=$?
   echo $rc > "$dir/exit.tmp" && mv "$dir/exit.tmp" "$dir/exit"

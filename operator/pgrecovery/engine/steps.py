@@ -21,6 +21,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from pgrecovery.engine import status as st
+from pgrecovery.engine.breakpoints import NO_BREAKPOINTS, Breakpoints, before_step
 from pgrecovery.engine.phases import Phase
 from pgrecovery.engine.status import RecoveryStatus, StepState
 from pgrecovery.errors import Cancelled, FatalError
@@ -71,6 +72,8 @@ class StepContext:
 
     reporter: Reporter
     cancel_event: asyncio.Event = field(default_factory=asyncio.Event)
+    # Test-only stopping points (`engine.breakpoints`); production has none.
+    breakpoints: Breakpoints = NO_BREAKPOINTS
 
     @property
     def status(self) -> RecoveryStatus:
@@ -130,6 +133,8 @@ class FunctionStep:
 async def run_step(step: Step, ctx: StepContext) -> None:
     """check → apply → check for one step, with its events and status records."""
     phase = ctx.status.phase
+    ctx.raise_if_cancelled()
+    await ctx.breakpoints.reach(before_step(step.name))
     ctx.raise_if_cancelled()
     if await step.check(ctx):
         now = st.step_clock()

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from pgrecovery.engine import status as st
+from pgrecovery.engine.breakpoints import NO_BREAKPOINTS, Breakpoints
 from pgrecovery.engine.phases import Phase, is_destructive, next_phase
 from pgrecovery.engine.plan import Plan, PlanFactory, PlanInputs
 from pgrecovery.engine.spec import RecoverySpec
@@ -219,8 +220,10 @@ class Supervisor:
         stall_after: float,
         gate_recheck: float,
         retry: RetryPolicy,
+        breakpoints: Breakpoints = NO_BREAKPOINTS,
     ) -> None:
         self._plan_factory = plan_factory
+        self._breakpoints = breakpoints
         self._poll_interval = poll_interval
         self._stall_after = stall_after
         self._gate_recheck = gate_recheck
@@ -265,7 +268,9 @@ class Supervisor:
     def _start(self, key: str, phase: Phase, status: RecoveryStatus, inputs: PlanInputs) -> _Run:
         reporter = MemoryReporter(status)
         cancel_event = asyncio.Event()
-        ctx = StepContext(reporter=reporter, cancel_event=cancel_event)
+        ctx = StepContext(
+            reporter=reporter, cancel_event=cancel_event, breakpoints=self._breakpoints
+        )
         task = asyncio.create_task(
             self._run_phase(phase, inputs, ctx), name=f"pgrecovery:{key}:{phase.value}"
         )

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pgrecovery.adapters.kube import KubeSecrets
+from pgrecovery.engine.breakpoints import Breakpoints
 from pgrecovery.engine.lifecycle import effective_spec
 from pgrecovery.engine.locks import DeploymentClaims
 from pgrecovery.engine.plan import PlanInputs, SecretSource, load_plan_factory
@@ -56,6 +57,7 @@ def build_runtime(settings: OperatorSettings) -> Runtime:
             base_delay=settings.retry_base_delay,
             max_delay=settings.retry_max_delay,
         ),
+        breakpoints=Breakpoints(settings.breakpoint_dir),
     )
     secrets_cache: dict[str, SecretSource] = {}
 

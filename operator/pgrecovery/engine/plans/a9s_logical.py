@@ -510,6 +510,9 @@ class A9sLogicalRecovery:
             await start_parallel_restore(ops, view, backup_id, run_id, index, sessions)
         else:
             await ops.start_restore(view, backup_id, run_id)
+        # Progress from the start (or the re-attach): a restore shorter than one long poll
+        # would otherwise show none at all.
+        await ctx.progress(0, plain or None, f"restored 0 B of {_human(plain)} (job running)")
         while True:
             ctx.raise_if_cancelled()
             # Long polls: each returns as soon as the restore ends, or after the interval with
