@@ -366,6 +366,20 @@ def inside_reclone(world: World) -> Point:
                  reattached=reattached, nudge=nudge)
 
 
+def inside_cleanup(world: World) -> Point:
+    """After the VMs were cleaned, before the work volume: the journal and job records the
+    earlier Rejoined steps resume from are gone, so the restarted operator must not run them
+    again (it would truncate repmgr and wipe the standbys a second time)."""
+    name = "inside-ensure-recovery-files-removed"
+    world.arm(name)
+    return Point(
+        name=name,
+        step="ensure-recovery-files-removed",
+        reached=lambda _s, _a: "VMs cleaned, work volume not yet" if world.reached(name) else None,
+        release=lambda: world.disarm(name),
+    )
+
+
 def points_for(plan: tuple[tuple[str, tuple[str, ...]], ...], world: World,
                backup_parts: list[str]) -> list[Point]:
     """Every step boundary in plan order, with the inside points after their step's start.
@@ -384,6 +398,8 @@ def points_for(plan: tuple[tuple[str, tuple[str, ...]], ...], world: World,
                 points.append(inside_restore(world))
             elif step == "ensure-standbys-recloned":
                 points.append(inside_reclone(world))
+            elif step == "ensure-recovery-files-removed":
+                points.append(inside_cleanup(world))
     return points
 
 
@@ -448,6 +464,21 @@ class Walk:
 
 
 # ---------------------------------------------------------------------- the test
+
+
+def leftover_scan(cluster: SimCluster, work_root: Path) -> list[str]:
+    """pgrecovery's files on every VM (state dir, clone markers, staged dumps) and on the
+    operator's work volume."""
+    found: list[str] = []
+    for vm in cluster.vms:
+        out = vm.run(
+            "find /var/vcap/store -path '*pgrecovery*' 2>/dev/null; "
+            "find /var/vcap/store/postgresql-restore -type f 2>/dev/null; true"
+        ).stdout.split()
+        found += [f"{vm.name}:{path}" for path in out]
+    found += [str(p) for p in work_root.rglob("*") if p.is_file()]
+    return found
+
 
 
 def _line(kill: Kill) -> str:
@@ -541,9 +572,21 @@ def test_operator_killed_at_every_step_and_inside_long_steps_completes(
     assert not failed_steps, report
     assert not retries, report
     assert not problems, report
-    # The holds are gone: no job of the walk is left held on a VM.
-    for vm in healthy_sim_cluster.vms:
-        assert not vm.run(f"ls {JOBS_ROOT}/hold-* 2>/dev/null; true").stdout.strip(), vm.name
+    # Nothing of the recovery is left on any VM (hold files of the walk included) nor on the
+    # operator's work volume; the steps before the cleanup ran once (kills resumed them, the
+    # kill inside the cleanup did not make them run again).
+    scan = leftover_scan(healthy_sim_cluster, tmp_path / "work")
+    print("leftover scan:", scan or "nothing")
+    assert not scan, f"{scan}\n{report}"
+    cleanup_at = plan_steps.index("ensure-recovery-files-removed")
+    reran = [
+        e["message"] for e in events
+        if e["reason"] == "StepStarted"
+        and _epoch(e.get("lastTimestamp") or e.get("eventTime")) >= walk.restarted
+        and any(f"Rejoined/{step}" == e["message"] for step in plan_steps[:cleanup_at])
+    ]
+    assert walk.kills[-1].point == "inside-ensure-recovery-files-removed", report
+    assert not reran, f"steps ran again after the kill inside the cleanup: {reran}\n{report}"
 
     texts = {
         "status": yaml.safe_dump(again),

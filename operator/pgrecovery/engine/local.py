@@ -100,6 +100,9 @@ class FileReporter:
         self.flush()
         self._on_event(event, self._status)
 
+    async def persisted(self) -> None:
+        self.flush()
+
     def flush(self) -> None:
         self._file.save(self._spec, self._status)
         self._last_write = time.monotonic()

@@ -60,6 +60,10 @@ class Reporter(Protocol):
         """A step started, finished, was skipped or failed."""
         ...
 
+    async def persisted(self) -> None:
+        """Return once every change so far is durable (in the API server / the status file)."""
+        ...
+
     @property
     def status(self) -> RecoveryStatus:
         """The latest status (after all updates so far)."""
@@ -88,6 +92,12 @@ class StepContext:
 
     async def fact(self, **facts: str) -> None:
         await self.reporter.update(lambda s: st.set_facts(s, **facts))
+
+    async def checkpoint(self) -> None:
+        """Wait until the status so far is durable: a step that is about to remove what the
+        resume of earlier steps relies on records that first, and makes sure it survives a
+        crash (`Reporter.persisted`)."""
+        await self.reporter.persisted()
 
     def raise_if_cancelled(self) -> None:
         """Call at safe points only: between steps and inside long steps where stopping is safe."""

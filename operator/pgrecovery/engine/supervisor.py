@@ -63,6 +63,13 @@ class MemoryReporter:
     def __init__(self, status: RecoveryStatus) -> None:
         self._status = status
         self._events: list[StepEvent] = []
+        # Durability: every update has a number; each poll hands the status out (the handler
+        # patches it), and kopf applies that patch before it calls the handler again. So at a
+        # poll, what the previous poll handed out is in the API server.
+        self._version = 0
+        self._handed_out = 0
+        self._durable = 0
+        self._durable_changed = asyncio.Event()
 
     @property
     def status(self) -> RecoveryStatus:
@@ -70,7 +77,20 @@ class MemoryReporter:
 
     async def update(self, change: StatusChange) -> RecoveryStatus:
         self._status = change(self._status)
+        self._version += 1
         return self._status
+
+    def handed_out(self) -> None:
+        """A poll is handing the current status to the handler (see `persisted`)."""
+        self._durable, self._handed_out = self._handed_out, self._version
+        self._durable_changed.set()
+
+    async def persisted(self) -> None:
+        """Return once the status as of now is in the API server: two polls from now."""
+        target = self._version
+        while self._durable < target:
+            self._durable_changed.clear()
+            await self._durable_changed.wait()
 
     async def event(self, event: StepEvent) -> None:
         self._events.append(event)
@@ -291,6 +311,7 @@ class Supervisor:
             status = st.check_stalled(run.reporter.status, now, self._stall_after)
             # Keep the computed Stalled condition in the run so the next change builds on it.
             run.reporter._status = status
+            run.reporter.handed_out()
             return Outcome(
                 OutcomeKind.RUNNING, status, delay=self._poll_interval, events=run.reporter.drain()
             )

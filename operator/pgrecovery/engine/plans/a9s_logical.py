@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import shutil
 import time
@@ -48,6 +49,7 @@ from pgrecovery.backups.stores import open_azure_store, open_s3_store
 from pgrecovery.cluster import bulk_load
 from pgrecovery.cluster.a9s import A9sOperations, StepResult, estimate_needed_bytes
 from pgrecovery.cluster.dump_index import DumpIndex, DumpIndexer
+from pgrecovery.cluster.leftovers import remove_leftovers
 from pgrecovery.cluster.nodes import A9sLayout, ClusterView, Node, ProgressEvent, run_id_for
 from pgrecovery.cluster.parallel_restore import (
     ParallelRestoreStatus,
@@ -627,6 +629,45 @@ class A9sLogicalRecovery:
         done = [o.message for o in outcomes if isinstance(o, StepResult)]
         await ctx.update(lambda s: st.set_message(s, "; ".join(done) or "no standbys"))
 
+    async def remove_recovery_files(self, ctx: StepContext) -> None:
+        """The last step: everything this recovery put on any VM (job directories and logs,
+        journal, parallel-restore work, clone markers, the staged dump) and on the operator's
+        work volume (downloaded parts, dump index) is removed (`cluster.leftovers`).
+
+        Kill-safe: the earlier Rejoined steps resume from the journal and the job records this
+        step deletes, so it first records `cleanup: started` and waits until that is durable;
+        from then on those steps check as done (`_unless_cleaning`) and a restarted operator
+        comes straight back here.
+        """
+        if not _cleaning(ctx):
+            await ctx.fact(cleanup="started")
+            await ctx.checkpoint()
+        ops = await self.ops(ctx)
+        removed = await remove_leftovers(ops.shell, self.nodes, ops.layout,
+                                         ctx.status.backup.id)
+        await ctx.breakpoints.reach("inside-ensure-recovery-files-removed")
+        local = await asyncio.to_thread(self._remove_work_files)
+        what = [str(r) for r in removed] + local
+        await ctx.fact(cleanup=f"done; removed {len(what)}: {'; '.join(what)}"[:900])
+        await ctx.update(lambda s: st.set_message(
+            s, f"recovery files removed from {len(self.nodes)} node(s) and the work volume"))
+
+    def _remove_work_files(self) -> list[str]:
+        """Only what this plan writes there (the work dir may be a user's, in local mode)."""
+        gone: list[str] = []
+        parts, index = self.parts_dir(), self.index_path()
+        if parts.exists():
+            size = sum(f.stat().st_size for f in parts.rglob("*") if f.is_file())
+            shutil.rmtree(parts)
+            gone.append(f"{parts} ({size} B)")
+        for path in (index, index.with_name(index.name + ".tmp")):
+            if path.exists():
+                gone.append(f"{path} ({path.stat().st_size} B)")
+                path.unlink()
+        with contextlib.suppress(OSError):
+            self.work_dir.rmdir()  # only when empty
+        return gone
+
     async def verify_cluster(self, ctx: StepContext) -> None:
         ops = await self.ops(ctx)
         view = self.view(ctx)
@@ -808,7 +849,32 @@ async def build_a9s_logical_plan(inputs: PlanInputs) -> Plan:
             "ensure-connections-unblocked", lambda o, v: o.ensure_connections_unblocked(v)
         ),
     ]
+    steps[Phase.REJOINED] = [
+        *(_unless_cleaning(step) for step in steps[Phase.REJOINED]),
+        FunctionStep("ensure-recovery-files-removed", _cleaned, r.remove_recovery_files,
+                     verify_after=False),
+    ]
     return Plan(steps=steps, closers=[recovery.close])
+
+
+def _cleaning(ctx: StepContext) -> bool:
+    return ctx.status.facts.get("cleanup", "").startswith(("started", "done"))
+
+
+async def _cleaned(ctx: StepContext) -> bool:
+    return ctx.status.facts.get("cleanup", "").startswith("done")
+
+
+def _unless_cleaning(step: Step) -> Step:
+    """The step checks as done once the cleanup has begun (its resume records are gone)."""
+    if not isinstance(step, FunctionStep):
+        return step
+    original = step.check_fn
+
+    async def check(ctx: StepContext) -> bool:
+        return _cleaning(ctx) or await original(ctx)
+
+    return dataclasses.replace(step, check_fn=check)
 
 
 def _apply_with(
