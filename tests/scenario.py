@@ -258,3 +258,19 @@ def local_recover_argv(
         "--work-dir", str(directory / "work"),
     ]
     return argv, status_file
+
+
+def leftover_scan(cluster: SimCluster, work_root: Path) -> list[str]:
+    """pgrecovery's files on every VM (its state directory with jobs, journal and restore work,
+    clone markers, staged dumps) and on the work volume: what must be gone after a success."""
+    found: list[str] = []
+    for vm in cluster.vms:
+        out = vm.run(
+            "find /var/vcap/store -path '*pgrecovery*' 2>/dev/null; "
+            "find /var/vcap/store/postgresql-restore -type f 2>/dev/null; true"
+        ).stdout.split()
+        found += [f"{vm.name}:{path}" for path in out]
+    if work_root.exists():
+        found += [str(p) for p in work_root.rglob("*") if p.is_file()]
+    return found
+

@@ -51,7 +51,7 @@ from tests.e2e.operator_harness import NAMESPACE, free_port, start_recovery_oper
 from tests.faults.proxy import Fault, FaultProxy, fault_proxy, gate
 from tests.kubeapi.harness import KopfProcess, KubeAPI, Kubectl, log_problems
 from tests.objectstores.servers import S3Server
-from tests.scenario import Scenario
+from tests.scenario import Scenario, leftover_scan
 from tests.simcluster.cluster import SimCluster, SimVM
 
 pytestmark = [
@@ -464,21 +464,6 @@ class Walk:
 
 
 # ---------------------------------------------------------------------- the test
-
-
-def leftover_scan(cluster: SimCluster, work_root: Path) -> list[str]:
-    """pgrecovery's files on every VM (state dir, clone markers, staged dumps) and on the
-    operator's work volume."""
-    found: list[str] = []
-    for vm in cluster.vms:
-        out = vm.run(
-            "find /var/vcap/store -path '*pgrecovery*' 2>/dev/null; "
-            "find /var/vcap/store/postgresql-restore -type f 2>/dev/null; true"
-        ).stdout.split()
-        found += [f"{vm.name}:{path}" for path in out]
-    found += [str(p) for p in work_root.rglob("*") if p.is_file()]
-    return found
-
 
 
 def _line(kill: Kill) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.objectstores.servers import S3Server
-from tests.scenario import Scenario, local_recover_argv
+from tests.scenario import Scenario, leftover_scan, local_recover_argv
 from tests.simcluster.cluster import SimCluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.vms]
@@ -73,6 +73,11 @@ def test_local_recover_restores_the_backup_on_every_node(
     assert facts["bulkLoadSettings"] == "reverted", facts
     _assert_checkpoint_settings_original(healthy_sim_cluster)
     assert healthy_sim_cluster.wait_healthy(timeout=30).ok  # agent heartbeat: 3 s
+    # Nothing of the recovery is left on the VMs or in the work directory; the status file
+    # (the report, no secret in it) stays.
+    assert facts["cleanup"].startswith("done; removed "), facts
+    assert leftover_scan(healthy_sim_cluster, tmp_path / "work") == []
+    assert status_file.exists()
     # no secret in what the user saw or what was written down
     for secret in scenario.secret_strings():
         assert secret not in result.stdout + result.stderr
