@@ -58,10 +58,20 @@ class Outcome:
 
 
 class MemoryReporter:
-    """Keeps the latest status and the step events in memory until the next poll drains them."""
+    """Keeps the latest status and the step events in memory until the next poll drains them.
+
+    It also keeps the latest status that still describes the running phase (`live`): the
+    phase's last change (Failed, Succeeded, the next phase) is made before the plan is closed,
+    and until the task has ended only `live` may be handed out — a final status in a Running
+    report would make the handler stop polling and lose the outcome (its Event, metric and the
+    deployment claim's release).
+    """
 
     def __init__(self, status: RecoveryStatus) -> None:
         self._status = status
+        self._phase = status.phase
+        self._live = status
+        self._live_version = 0
         self._events: list[StepEvent] = []
         # Durability: every update has a number; each poll hands the status out (the handler
         # patches it), and kopf applies that patch before it calls the handler again. So at a
@@ -75,14 +85,24 @@ class MemoryReporter:
     def status(self) -> RecoveryStatus:
         return self._status
 
+    @property
+    def live(self) -> RecoveryStatus:
+        """The latest status of the running phase: neither finished nor of another phase."""
+        return self._live
+
+    def _settle(self) -> None:
+        if self._status.phase is self._phase and not self._status.finished:
+            self._live, self._live_version = self._status, self._version
+
     async def update(self, change: StatusChange) -> RecoveryStatus:
         self._status = change(self._status)
         self._version += 1
+        self._settle()
         return self._status
 
     def handed_out(self) -> None:
-        """A poll is handing the current status to the handler (see `persisted`)."""
-        self._durable, self._handed_out = self._handed_out, self._version
+        """A poll is handing the live status to the handler (see `persisted`)."""
+        self._durable, self._handed_out = self._handed_out, self._live_version
         self._durable_changed.set()
 
     async def persisted(self) -> None:
@@ -98,6 +118,14 @@ class MemoryReporter:
     def replace(self, status: RecoveryStatus) -> None:
         """Set the status directly (a change decided outside the running steps)."""
         self._status = status
+        self._settle()
+
+    def replace_live(self, status: RecoveryStatus) -> None:
+        """Replace the live status (a condition computed at a poll, e.g. Stalled); the
+        current status too while it is the live one."""
+        if self._status is self._live:
+            self._status = status
+        self._live = status
 
     def drain(self) -> list[StepEvent]:
         events, self._events = self._events, []
@@ -308,9 +336,11 @@ class Supervisor:
     def _report(self, key: str, run: _Run) -> Outcome:
         now = st.now_utc()
         if not run.task.done():
-            status = st.check_stalled(run.reporter.status, now, self._stall_after)
+            # Never the phase's final status while the task still runs (it may be closing the
+            # plan): that belongs to the outcome the next poll reports once the task is done.
+            status = st.check_stalled(run.reporter.live, now, self._stall_after)
             # Keep the computed Stalled condition in the run so the next change builds on it.
-            run.reporter._status = status
+            run.reporter.replace_live(status)
             run.reporter.handed_out()
             return Outcome(
                 OutcomeKind.RUNNING, status, delay=self._poll_interval, events=run.reporter.drain()
