@@ -44,7 +44,7 @@ from pgrecovery.backups.listing import Backup, BackupListing, list_backups, sele
 from pgrecovery.backups.localstore import LocalDirStore
 from pgrecovery.backups.naming import guess_guid, parse_backup_id, validate_guid
 from pgrecovery.backups.progress import Progress, human_size
-from pgrecovery.cli_recover import register_demo, register_recover
+from pgrecovery.cli_recover import register_cleanup, register_demo, register_recover
 from pgrecovery.errors import ConfigurationError, RecoveryError, SecretError
 
 EX_TEMPFAIL = 75
@@ -423,6 +423,7 @@ def _register_backups(groups: argparse._SubParsersAction[argparse.ArgumentParser
 GROUPS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _register_backups,
     register_recover,
+    register_cleanup,
     register_demo,
 ]
 

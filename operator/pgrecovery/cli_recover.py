@@ -21,7 +21,7 @@ from typing import Any, TextIO
 import yaml
 
 from pgrecovery.adapters.local_secrets import LocalSecrets
-from pgrecovery.engine.local import LocalRun, run_local
+from pgrecovery.engine.local import LocalRun, cleanup_local, run_local
 from pgrecovery.engine.plan import load_plan_factory
 from pgrecovery.engine.status import ConditionType, RecoveryStatus
 from pgrecovery.engine.steps import StepEvent, StepEventKind
@@ -151,6 +151,48 @@ def register_recover(groups: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     p.add_argument("--plan-factory", default=DEFAULT_PLAN_FACTORY, help=argparse.SUPPRESS)
     p.set_defaults(func=_recover)
+
+
+async def _cleanup(args: argparse.Namespace) -> int:
+    name, spec = load_recovery_file(Path(args.file))
+    status_file = Path(args.status_file or f"{name}.status.json")
+    if not status_file.is_file():  # noqa: ASYNC240 - once, before any work
+        raise ConfigurationError(f"--status-file {status_file} does not exist: cleanup removes "
+                                 "what the run recorded there")
+    secrets_dir = Path(args.secrets_dir) if args.secrets_dir else None
+    if secrets_dir is not None and not secrets_dir.is_dir():
+        raise ConfigurationError(f"--secrets-dir {secrets_dir} is not a directory")
+    run = LocalRun(
+        name=name,
+        spec=spec,
+        status_file=status_file,
+        work_dir=Path(args.work_dir or f"{name}.work"),
+        secrets=LocalSecrets(secrets_dir),
+        plan_factory=load_plan_factory(args.plan_factory),
+    )
+    removed = await cleanup_local(run)
+    for entry in removed:
+        print(f"removed {entry}", file=sys.stdout)
+    print(f"cleanup done: {len(removed)} removed; {status_file} kept as the record",
+          file=sys.stdout)
+    return 0
+
+
+def register_cleanup(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = groups.add_parser(
+        "cleanup",
+        help="remove what a local recovery left on the VMs and in its work directory",
+        description="After a failed or abandoned local recovery: stop its jobs on the VMs "
+        "(a restore or a clone still running) and remove the staged dump, job records and "
+        "logs, clone markers and the downloaded parts. The status file stays. A new "
+        "`pgrecovery recover` does not need this: it continues from whatever state it finds.",
+    )
+    p.add_argument("-f", "--file", required=True, help="PgRecovery manifest (YAML)")
+    p.add_argument("--status-file", help="status JSON of the run (default: <name>.status.json)")
+    p.add_argument("--work-dir", help="the run's work directory (default: <name>.work)")
+    p.add_argument("--secrets-dir", help="directory with <secret-name>/<key> files")
+    p.add_argument("--plan-factory", default=DEFAULT_PLAN_FACTORY, help=argparse.SUPPRESS)
+    p.set_defaults(func=_cleanup)
 
 
 def _demo(_args: argparse.Namespace) -> int:

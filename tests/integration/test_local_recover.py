@@ -193,6 +193,18 @@ def test_restore_error_fails_restoring_with_the_error_text_and_state(
         result, status = _run_recover(
             tmp_path, scenario, "no-clean", restore_connections=sessions
         )
+        # What the failed run keeps is listed in its status; `pgrecovery cleanup` removes it.
+        listed = str(status["facts"]["leftovers"])  # type: ignore[index]
+        assert f"{scenario.backup.backup_id}.dump (" in listed, listed
+        assert leftover_scan(healthy_sim_cluster, tmp_path / "work")
+        argv, status_file = local_recover_argv(scenario, tmp_path, "no-clean")
+        argv[argv.index("recover")] = "cleanup"
+        cleanup = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True,
+                                 timeout=300, check=False)
+        assert cleanup.returncode == 0, cleanup.stdout + cleanup.stderr
+        assert "cleanup done: " in cleanup.stdout, cleanup.stdout
+        assert leftover_scan(healthy_sim_cluster, tmp_path / "work") == []
+        assert status_file.exists()
     finally:
         # The failed recovery leaves standbys stopped and connections blocked, as it must;
         # put the shared cluster back for the tests after this one.

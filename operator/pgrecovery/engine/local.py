@@ -23,6 +23,7 @@ from typing import Any
 from pgrecovery.engine import status as st
 from pgrecovery.engine.lifecycle import accept_or_reject, effective_spec
 from pgrecovery.engine.plan import PlanFactory, PlanInputs, SecretSource
+from pgrecovery.engine.spec import RecoverySpec
 from pgrecovery.engine.status import RecoveryStatus
 from pgrecovery.engine.steps import StatusChange, StepContext, StepEvent
 from pgrecovery.engine.supervisor import (
@@ -161,17 +162,7 @@ async def run_local(
                 break  # waiting for a person: the status file says what to set, then --resume
             continue
         status = await reporter.update(lambda s: st.unblock(s, st.now_utc()))
-        inputs = PlanInputs(
-            name=run.name,
-            namespace="local",
-            # Status files of earlier versions carry no localRunId: their jobs keep their names.
-            uid=f"{status.facts['localRunId']}-{run.name}" if "localRunId" in status.facts
-            else run.name,
-            spec=spec,
-            secrets=run.secrets,
-            work_dir=str(run.work_dir),
-        )
-        plan = await run.plan_factory(inputs)
+        plan = await run.plan_factory(_inputs(run, spec, status))
         ctx = StepContext(reporter=reporter, cancel_event=cancel)
         try:
             outcome = await execute_phase(status.phase, plan, ctx, run.retry, spec)
@@ -190,3 +181,35 @@ async def run_local(
             await asyncio.sleep(outcome.delay)
     reporter.flush()
     return reporter.status
+
+
+def _inputs(run: LocalRun, spec: RecoverySpec, status: RecoveryStatus) -> PlanInputs:
+    return PlanInputs(
+        name=run.name,
+        namespace="local",
+        # Status files of earlier versions carry no localRunId: their jobs keep their names.
+        uid=f"{status.facts['localRunId']}-{run.name}" if "localRunId" in status.facts
+        else run.name,
+        spec=spec,
+        secrets=run.secrets,
+        work_dir=str(run.work_dir),
+    )
+
+
+async def cleanup_local(run: LocalRun) -> list[str]:
+    """`pgrecovery cleanup`: stop the run's remote work and remove what it left on the VMs and
+    in its work directory (after a failure, or an interrupted run given up). The status file
+    stays: it is the record of what happened, and it holds no secret."""
+    file = StatusFile(run.status_file)
+    stored_spec, status = file.load()
+    if status.facts.get("cleanup", "").startswith("done"):
+        return []
+    plan = await run.plan_factory(_inputs(run, effective_spec(stored_spec, status), status))
+    try:
+        removed = await plan.leftovers.remove(status) if plan.leftovers is not None else []
+    finally:
+        await plan.close()
+    file.save(stored_spec, st.set_facts(status, cleanup=f"done by pgrecovery cleanup; removed "
+                                                        f"{len(removed)}"))
+    return removed
+

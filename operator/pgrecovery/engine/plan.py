@@ -16,6 +16,7 @@ from typing import Protocol
 
 from pgrecovery.engine.phases import Phase
 from pgrecovery.engine.spec import RecoverySpec, SecretKeyRef, SecretRef
+from pgrecovery.engine.status import RecoveryStatus
 from pgrecovery.engine.steps import Step
 from pgrecovery.errors import ConfigurationError
 
@@ -32,12 +33,30 @@ class SecretSource(Protocol):
         ...
 
 
+class Leftovers(Protocol):
+    """What a recovery keeps on the VMs and the work volume between its runs.
+
+    After a failure it is listed in status (the next run continues from it); on deletion, or
+    `pgrecovery cleanup`, it is removed. Entries are `<where>:<path> (<bytes> B)`."""
+
+    async def find(self, status: RecoveryStatus) -> list[str]:
+        """What is there now (read-only)."""
+        ...
+
+    async def remove(self, status: RecoveryStatus) -> list[str]:
+        """Stop this recovery's remote work, then remove everything; returns what was removed.
+        Idempotent. Raises RetryableError when a node cannot be reached."""
+        ...
+
+
 @dataclass
 class Plan:
     """The steps of each phase for one recovery, plus what to close when it ends."""
 
     steps: Mapping[Phase, Sequence[Step]]
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    leftovers: Leftovers | None = None
+    """None: this kind of recovery leaves nothing outside its status."""
 
     def for_phase(self, phase: Phase) -> Sequence[Step]:
         return self.steps.get(phase, ())

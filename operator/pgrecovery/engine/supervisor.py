@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -183,10 +185,7 @@ async def execute_phase(
         reason, text = exc.reason, str(exc)
         attempts = int(ctx.status.facts.get(_retry_key(phase), "0")) + 1
         if attempts > retry.limit:
-            now = st.now_utc()
-            message = f"{text} (gave up after {retry.limit} retries)"
-            failed = await ctx.update(lambda s: st.fail(s, reason, message, now))
-            return Outcome(OutcomeKind.FAILED, failed)
+            return await _fail(plan, ctx, reason, f"{text} (gave up after {retry.limit} retries)")
         delay = exc.delay if exc.delay is not None else retry.delay(attempts)
         message = f"{text}; retry {attempts}/{retry.limit} in {int(delay)}s"
         status = await ctx.update(
@@ -194,18 +193,34 @@ async def execute_phase(
         )
         return Outcome(OutcomeKind.RETRYING, status, delay=delay)
     except RecoveryError as exc:  # FatalError, or an unclassified one: treat as fatal
-        reason, text, now = exc.reason, str(exc), st.now_utc()
-        failed = await ctx.update(lambda s: st.fail(s, reason, text, now))
-        return Outcome(OutcomeKind.FAILED, failed)
+        return await _fail(plan, ctx, exc.reason, str(exc))
     except Exception as exc:
         # A bug or an unmapped library error. Failing is safer than looping on unknown state;
         # the step records in status say exactly how far the recovery got.
         log.exception("unexpected error in %s", phase.value)
-        now = st.now_utc()
-        message = f"internal error ({exc.__class__.__name__}): {exc}"
-        failed = await ctx.update(lambda s: st.fail(s, "InternalError", message, now))
-        return Outcome(OutcomeKind.FAILED, failed)
+        return await _fail(plan, ctx, "InternalError",
+                           f"internal error ({exc.__class__.__name__}): {exc}")
     return await finish_phase(phase, ctx, spec)
+
+
+# Listing what a failed run keeps is one SSH command per node; a node that does not answer must
+# not keep the failure from being reported.
+LEFTOVER_LISTING_TIMEOUT = 60.0
+
+
+async def _fail(plan: Plan, ctx: StepContext, reason: str, message: str) -> Outcome:
+    """Failed, with what the run keeps on the VMs and the work volume listed in status
+    (`facts.leftovers`): it stays for the next run, and goes when the PgRecovery is deleted."""
+    now = st.now_utc()
+    failed = await ctx.update(lambda s: st.fail(s, reason, message, now))
+    if plan.leftovers is not None:
+        try:
+            found = await asyncio.wait_for(plan.leftovers.find(failed), LEFTOVER_LISTING_TIMEOUT)
+            listed = "; ".join(found) if found else "nothing"
+        except Exception as exc:  # noqa: BLE001 - the failure is what must be reported
+            listed = f"could not be listed: {exc}"
+        failed = await ctx.update(lambda s: st.set_facts(s, leftovers=listed[:1500]))
+    return Outcome(OutcomeKind.FAILED, failed)
 
 
 async def finish_phase(phase: Phase, ctx: StepContext, spec: RecoverySpec) -> Outcome:
@@ -277,6 +292,22 @@ class Supervisor:
         self._gate_recheck = gate_recheck
         self._retry = retry
         self._runs: dict[str, _Run] = {}
+
+    async def remove_leftovers(self, inputs: PlanInputs, status: RecoveryStatus) -> list[str]:
+        """Deletion: stop the recovery's remote work and remove what it left on the VMs and
+        the work volume (`Plan.leftovers`). Errors propagate: the caller keeps the finalizer
+        and tries again."""
+        plan = await self._plan_factory(inputs)
+        try:
+            removed = await plan.leftovers.remove(status) if plan.leftovers is not None else []
+        finally:
+            await plan.close()
+        # The operator's work directory of this recovery is its own, whatever the plan kept in
+        # it (WAL segments, parts): it goes as a whole.
+        if await asyncio.to_thread(os.path.isdir, inputs.work_dir):
+            await asyncio.to_thread(shutil.rmtree, inputs.work_dir, ignore_errors=True)
+            removed.append(f"operator:{inputs.work_dir}")
+        return removed
 
     def running(self, key: str) -> bool:
         run = self._runs.get(key)

@@ -20,6 +20,7 @@ from typing import Any
 import kopf
 
 from pgrecovery import metrics
+from pgrecovery.engine import status as st
 from pgrecovery.engine.lifecycle import accept_or_reject, spec_change
 from pgrecovery.engine.locks import RecoveryRef, deployment_gate
 from pgrecovery.engine.phases import WORKING_PHASES, Phase, is_destructive
@@ -140,6 +141,10 @@ def _make_phase_handler(phase: Phase) -> Any:
         status = RecoveryStatus.from_dict(body.get("status"))
         if status.finished or status.phase is not phase:
             return
+        if meta.get("deletionTimestamp"):
+            # Being deleted: the delete handler stops the work and cleans up; a poll arriving
+            # now must not start the phase again behind its back.
+            return
         runtime = _runtime(memo)
         me = RecoveryRef(
             uid=meta["uid"],
@@ -206,26 +211,70 @@ async def spec_changed(body: Any, meta: Any, patch: Any, memo: Any, **_: Any) ->
         kopf.event(body, type="Warning", reason="SpecChangeIgnored", message=ignored.message)
 
 
+# Set to "true" on a PgRecovery being deleted to release it although its files could not be
+# removed from the VMs (a node that is gone for good); the event says what stays behind.
+FORCE_DELETE_ANNOTATION = f"{GROUP}/force-delete"
+
+
+def _has_leftovers(status: RecoveryStatus) -> bool:
+    """A step ran that writes to the VMs or the work volume, and no cleanup finished since."""
+    if status.facts.get("cleanup", "").startswith("done"):
+        return False
+    return any(step.phase is Phase.DECRYPTING or is_destructive(step.phase)
+               for step in status.steps)
+
+
 @kopf.on.delete(GROUP, VERSION, PLURAL, id="cancel")
-async def cancel(body: Any, meta: Any, memo: Any, **_: Any) -> None:
-    """Stop running work at the next safe point; say what state the cluster was left in."""
+async def cancel(body: Any, meta: Any, memo: Any, patch: Any, retry: int, **_: Any) -> None:
+    """Stop running work at the next safe point, say what state the cluster was left in, then
+    remove what the recovery left on the VMs and the work volume; kopf keeps the finalizer
+    (and calls again) until that worked or the force-delete annotation is set."""
     runtime = _runtime(memo)
     status = RecoveryStatus.from_dict(body.get("status"))
     stopped = await runtime.supervisor.cancel(meta["uid"], runtime.settings.cancel_grace)
     runtime.claims.release(meta["uid"])
     final = stopped or status
+    if retry == 0:
+        _post_deleted_event(body, final, stopped is not None)
+    if _has_leftovers(final):
+        await _remove_leftovers(body, meta, patch, runtime, final)
+    metrics.forget(f"{meta['namespace']}/{meta['name']}")
+
+
+async def _remove_leftovers(
+    body: Any, meta: Any, patch: Any, runtime: Runtime, status: RecoveryStatus
+) -> None:
+    if (meta.get("annotations") or {}).get(FORCE_DELETE_ANNOTATION) == "true":
+        kopf.event(body, type="Warning", reason="LeftoversAbandoned",
+                   message=(f"{FORCE_DELETE_ANNOTATION}=true: released without cleanup; left: "
+                            f"{status.facts.get('leftovers', 'not listed')}")[:1024])
+        return
+    try:
+        removed = await runtime.supervisor.remove_leftovers(runtime.inputs(body, status), status)
+    except Exception as exc:  # noqa: BLE001 - any failure keeps the finalizer, visibly
+        text = (f"cleanup after deletion failed: {exc}; the finalizer stays and the cleanup is "
+                f"retried; to release it anyway: kubectl annotate pgr {meta['name']} "
+                f"{FORCE_DELETE_ANNOTATION}=true (the files then stay on the VMs)")
+        _write_status(patch, st.set_message(status, text))
+        kopf.event(body, type="Warning", reason="CleanupBlocked", message=text[:1024])
+        raise kopf.TemporaryError(text, delay=runtime.settings.retry_base_delay) from None
+    kopf.event(body, type="Normal", reason="CleanedUp",
+               message=(f"removed {len(removed)}: {'; '.join(removed) or 'nothing was left'}"
+                        )[:1024])
+
+
+def _post_deleted_event(body: Any, final: RecoveryStatus, stopped: bool) -> None:
     done = [s.name for s in final.steps if s.state.value == "Succeeded"]
     message = (
         f"deleted during {final.phase.value}"
-        + (" (work stopped at a safe point)" if stopped is not None else "")
+        + (" (work stopped at a safe point)" if stopped else "")
         + f"; steps completed: {', '.join(done) or 'none'}"
         + "; nodes: "
         + (", ".join(f"{n.name}={n.role}/{n.state or '?'}" for n in final.nodes) or "not probed")
     )
     kopf.event(
         body,
-        type="Warning" if stopped is not None else "Normal",
+        type="Warning" if stopped else "Normal",
         reason="Deleted",
         message=message[:1024],
     )
-    metrics.forget(f"{meta['namespace']}/{meta['name']}")

@@ -49,10 +49,11 @@ from pgrecovery.backups.stores import open_azure_store, open_s3_store
 from pgrecovery.cluster import bulk_load
 from pgrecovery.cluster.a9s import A9sOperations, StepResult, estimate_needed_bytes
 from pgrecovery.cluster.dump_index import DumpIndex, DumpIndexer
-from pgrecovery.cluster.leftovers import remove_leftovers
+from pgrecovery.cluster.leftovers import list_leftovers, remove_leftovers
 from pgrecovery.cluster.nodes import A9sLayout, ClusterView, Node, ProgressEvent, run_id_for
 from pgrecovery.cluster.parallel_restore import (
     ParallelRestoreStatus,
+    parallel_restore_job_id,
     poll_parallel_restore,
     start_parallel_restore,
 )
@@ -62,12 +63,13 @@ from pgrecovery.engine.phases import Phase
 from pgrecovery.engine.plan import Plan, PlanInputs
 from pgrecovery.engine.plans.dump_stream import ReplayableDump, StageCounters, Tap
 from pgrecovery.engine.spec import RecoverySpec
-from pgrecovery.engine.status import BackupInfo, NodeState
+from pgrecovery.engine.status import BackupInfo, NodeState, RecoveryStatus
 from pgrecovery.engine.steps import FunctionStep, Step, StepContext
 from pgrecovery.errors import (
     FatalError,
     InsufficientSpace,
     NotReadyYet,
+    RecoveryError,
     RestoreFailed,
     SecretError,
 )
@@ -207,6 +209,9 @@ class A9sLogicalRecovery:
 
     async def ops(self, ctx: StepContext) -> A9sOperations:
         self._ctx = ctx
+        return await self._cluster_ops()
+
+    async def _cluster_ops(self) -> A9sOperations:
         if self._ops is None:
             ssh = self.spec.target.ssh
             key = await self.inputs.secrets.get_key(ssh.private_key_secret_ref)
@@ -652,6 +657,52 @@ class A9sLogicalRecovery:
         await ctx.update(lambda s: st.set_message(
             s, f"recovery files removed from {len(self.nodes)} node(s) and the work volume"))
 
+    # ------------------------------------------------------------------ leftovers (Plan)
+
+    async def find(self, status: RecoveryStatus) -> list[str]:
+        """What this recovery has on the VMs and the work volume now (read-only)."""
+        ops = await self._cluster_ops()
+        found = await list_leftovers(ops.shell, self.nodes, ops.layout, status.backup.id)
+        return [str(f) for f in found] + await asyncio.to_thread(self._work_files)
+
+    async def remove(self, status: RecoveryStatus) -> list[str]:
+        """Deletion / `pgrecovery cleanup`: cancel this run's jobs (a restore or a clone still
+        running), then remove everything (`cluster.leftovers`, the work files)."""
+        ops = await self._cluster_ops()
+        if status.backup.id is not None:
+            run_id = run_id_for(status.backup.id, self.inputs.uid.replace("-", "")[:8])
+            jobs = [(self.nodes, ops.restore_job_id(run_id)),
+                    (self.nodes, parallel_restore_job_id(run_id))]
+            jobs += [((node,), ops.clone_job_id(node, run_id)) for node in self.nodes]
+            for nodes, job_id in jobs:
+                for node in nodes:
+                    await ops.jobs.cancel_job(node.endpoint, job_id)
+        notes: list[str] = []
+        primary = next((n for n in self.nodes if n.name == status.primary), None)
+        if primary is not None:
+            # The checkpoint settings of a restore are ours to give back; the blocked pg_hba
+            # stays (a half-restored primary must not take application writes) with its
+            # original beside it, for the next run.
+            try:
+                if await bulk_load.revert(ops.shell, primary, ops.layout):
+                    notes.append(f"{primary.name}: checkpoint settings reverted")
+            except RecoveryError as exc:
+                notes.append(f"{primary.name}: checkpoint settings NOT reverted, marker kept "
+                             f"for the next run ({exc})")
+        removed = await remove_leftovers(ops.shell, self.nodes, ops.layout, status.backup.id)
+        return ([str(r) for r in removed] + await asyncio.to_thread(self._remove_work_files)
+                + notes)
+
+    def _work_files(self) -> list[str]:
+        found: list[str] = []
+        parts, index = self.parts_dir(), self.index_path()
+        if parts.exists():
+            size = sum(f.stat().st_size for f in parts.rglob("*") if f.is_file())
+            found.append(f"operator:{parts} ({size} B)")
+        if index.exists():
+            found.append(f"operator:{index} ({index.stat().st_size} B)")
+        return found
+
     def _remove_work_files(self) -> list[str]:
         """Only what this plan writes there (the work dir may be a user's, in local mode)."""
         gone: list[str] = []
@@ -659,10 +710,10 @@ class A9sLogicalRecovery:
         if parts.exists():
             size = sum(f.stat().st_size for f in parts.rglob("*") if f.is_file())
             shutil.rmtree(parts)
-            gone.append(f"{parts} ({size} B)")
+            gone.append(f"operator:{parts} ({size} B)")
         for path in (index, index.with_name(index.name + ".tmp")):
             if path.exists():
-                gone.append(f"{path} ({path.stat().st_size} B)")
+                gone.append(f"operator:{path} ({path.stat().st_size} B)")
                 path.unlink()
         with contextlib.suppress(OSError):
             self.work_dir.rmdir()  # only when empty
@@ -854,7 +905,7 @@ async def build_a9s_logical_plan(inputs: PlanInputs) -> Plan:
         FunctionStep("ensure-recovery-files-removed", _cleaned, r.remove_recovery_files,
                      verify_after=False),
     ]
-    return Plan(steps=steps, closers=[recovery.close])
+    return Plan(steps=steps, closers=[recovery.close], leftovers=recovery)
 
 
 def _cleaning(ctx: StepContext) -> bool:
