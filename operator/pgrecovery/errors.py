@@ -176,3 +176,26 @@ class RestoreFailed(ClusterError):
 
 class Cancelled(FatalError):
     reason = "Cancelled"
+
+
+# Every word that can end up in `status.failureReason` (and so in the `reason` label of
+# `pgrecovery_failures_total`): the classes' reasons above and in backups/wale, the reasons
+# given by keyword where an error is raised, and `InternalError` (an unexpected exception).
+# The operator exports each at 0 from its start so an alert on `increase(...)` sees the first
+# failure of a reason; tests/unit/test_alert_rules.py fails when a reason is missing here.
+FAILURE_REASONS: tuple[str, ...] = (
+    # the tree above
+    "RecoveryError", "Retrying", "StoreUnavailable", "NodeUnreachable", "RemoteCommandTimeout",
+    "NotReadyYet", "Failed", "InvalidSpec", "ConfigurationError", "SecretError", "BackupError",
+    "BackupNotFound", "BackupIncomplete", "WrongKey", "BackupCorrupt", "StoreAccessDenied",
+    "ClusterError", "HostKeyMismatch", "AuthenticationFailed", "PrimaryAmbiguous",
+    "InsufficientSpace", "RemoteCommandFailed", "ChecksumMismatch", "RestoreFailed", "Cancelled",
+    "ClusterToolsMismatch",
+    # WAL-E / point in time
+    "TargetOutsideWindow", "SystemIdMismatch",
+    # given by keyword where raised
+    "InternalError", "RestoreTimeout", "StepNotEffective",
+    # Dingo targets
+    "ContainerNotFound", "ContainerMismatch", "ContainerAmbiguous", "ContainerReplaced",
+    "NoDataVolume", "EtcdUnknown", "ArchiveMismatch", "ArchiveNotEmpty", "UnsafeDataDir",
+)

@@ -24,6 +24,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from pgrecovery.errors import FAILURE_REASONS
+
 if TYPE_CHECKING:
     from pgrecovery.engine.status import RecoveryStatus
 
@@ -100,6 +102,15 @@ STEP_EVENTS = Counter(
 )
 
 _WORKING = ("Fetching", "Decrypting", "Staging", "Restoring", "Rejoined")
+RESULTS = ("succeeded", "failed", "dry_run")
+
+# Every result and failure reason is exported at 0 from the start: a counter series that first
+# appears already at 1 has no increase to alert on (`increase()` needs two samples), so the
+# first failure of a reason after an operator start would not fire PgRecoveryFailed.
+for _result in RESULTS:
+    RECOVERIES.labels(result=_result)
+for _reason in FAILURE_REASONS:
+    FAILURES.labels(reason=_reason)
 _lock = threading.Lock()
 _phase_of: dict[str, str] = {}
 

@@ -341,6 +341,27 @@ def test_rendered_prometheus_rule_passes_promtool(tmp_path: Path) -> None:
     assert "SUCCESS" in test.stdout
 
 
+def test_prometheus_rule_runbooks_follow_runbook_base_url_and_jobs_match_the_service() -> None:
+    mirror = "https://git.example.org/ops/pgrecovery/-/blob/v1/README.md"
+    values = {"metrics": {"serviceMonitor": {"enabled": True},
+                          "prometheusRule": {"enabled": True, "runbookBaseUrl": mirror}}}
+    objects = render(values)
+    (rule,) = of_kind(objects, "PrometheusRule")
+    rules = rule["spec"]["groups"][0]["rules"]
+    assert {r["annotations"]["runbook_url"] for r in rules} == {
+        f"{mirror}#alert-{r['alert'].lower()}" for r in rules
+    }
+    # Prometheus Operator names a ServiceMonitor's job after the Service it selects: the
+    # operator-down alerts match it by `job=~".*pgrecovery.*"`.
+    (service,) = of_kind(objects, "Service")
+    (monitor,) = of_kind(objects, "ServiceMonitor")
+    assert "jobLabel" not in monitor["spec"]
+    assert re.fullmatch(r".*pgrecovery.*", service["metadata"]["name"])
+    down = {r["alert"]: r["expr"] for r in rules}
+    assert 'job=~".*pgrecovery.*"' in down["PgRecoveryOperatorDown"]
+    assert 'job=~".*pgrecovery.*"' in down["PgRecoveryOperatorAbsent"]
+
+
 # ---------------------------------------------------------------- dashboard
 
 METRIC = re.compile(r"\bpgrecovery_[a-z_]+\b")
