@@ -9,6 +9,7 @@ means; the environment prefix is `PGRECOVERY_` (e.g. `PGRECOVERY_WORK_DIR`).
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 from pydantic import Field, ValidationError, field_validator
@@ -73,6 +74,20 @@ class OperatorSettings(BaseSettings):
         "Each running recovery holds SSH connections and a download pipeline.",
     )
 
+    lease_duration: float = Field(
+        default=30.0,
+        ge=3,
+        le=600,
+        description="Seconds of the executor Lease each recovery has (one replica runs it). "
+        "Renewed every third of it; another replica takes over a recovery only after its Lease "
+        "went unrenewed this long, so this is also the fail-over delay after a replica dies.",
+    )
+    executor_id: str = Field(
+        default="",
+        description="This replica's name in the executor Leases. Empty: the POD_ID variable "
+        "(the pod name in the chart), else the host name. Must differ between replicas and stay "
+        "the same across restarts of one (a restarted replica then renews its own Leases).",
+    )
     breakpoint_dir: Path | None = Field(
         default=None,
         description="Tests only: a directory of breakpoint files (`engine.breakpoints`) that "
@@ -107,3 +122,9 @@ def load_settings(*, check_work_dir: bool = True) -> OperatorSettings:
         if not os.access(settings.work_dir, os.W_OK):
             raise ConfigurationError(f"PGRECOVERY_WORK_DIR {settings.work_dir} is not writable")
     return settings
+
+
+def executor_identity(settings: OperatorSettings) -> str:
+    """`executor_id`, or the pod name, or the host name."""
+    return settings.executor_id or os.environ.get("POD_ID") or socket.gethostname()
+

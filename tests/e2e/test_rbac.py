@@ -66,6 +66,8 @@ def _env(work: Path) -> dict[str, str]:
         "PGRECOVERY_GATE_RECHECK": "0.5",
         "PGRECOVERY_TEST_STEP_SECONDS": "0.2",
         "PGRECOVERY_TEST_SLOW_SECONDS": "8",
+        # Renewed every second, so the slow recovery renews its executor Lease (update).
+        "PGRECOVERY_LEASE_DURATION": "3",
     }
 
 
@@ -201,6 +203,7 @@ def test_standalone_operator_is_granted_exactly_what_it_uses(
     assert ("get", "", "secrets", None, NAMESPACE) in requests
     assert ("patch", "pgrecovery.dev", "pgrecoveries", "status", NAMESPACE) in requests
     assert ("create", "", "events", None, NAMESPACE) in requests
+    assert ("update", "coordination.k8s.io", "leases", None, NAMESPACE) in requests
     assert not any(r[2] == "secrets" and r[0] != "get" for r in requests)
 
     assert_least_privilege(_rules_of(chart.render()), requests, "the chart (namespace scope)")

@@ -69,6 +69,11 @@ kopf's peering when HA). `peeringResource` is kopfpeerings, clusterkopfpeerings 
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get]
+# One executor per recovery: the Lease `pgrecovery-<uid>` (engine/executor.py), taken, renewed
+# and released by the replica that runs it; read by the others.
+- apiGroups: [coordination.k8s.io]
+  resources: [leases]
+  verbs: [get, create, update, delete]
 {{- with .peeringResource }}
 # kopf peering (replicaCount > 1): read and keep alive the peering object.
 - apiGroups: [kopf.dev]

@@ -27,6 +27,7 @@ from pgrecovery.engine.phases import WORKING_PHASES, Phase, is_destructive
 from pgrecovery.engine.status import ConditionType, RecoveryStatus
 from pgrecovery.engine.steps import StepEvent, StepEventKind
 from pgrecovery.engine.supervisor import Outcome, OutcomeKind
+from pgrecovery.errors import RecoveryError
 from pgrecovery.handlers.runtime import Runtime
 
 GROUP = "pgrecovery.dev"
@@ -134,6 +135,19 @@ def by_deployment(body: Any, meta: Any, **_: Any) -> dict[str, RecoveryRef]:
     return {deployment: ref}
 
 
+async def _claim_executor(runtime: Runtime, meta: Any, doing: str) -> None:
+    """Go on only if this replica executes the recovery (its Lease, `engine.executor`); else
+    ask kopf to call again later, without touching the status the executor writes."""
+    try:
+        holder = await runtime.executor.claim(meta["namespace"], meta["uid"])
+    except RecoveryError as exc:
+        raise kopf.TemporaryError(f"{doing}: executor lease: {exc}",
+                                  delay=runtime.settings.gate_recheck) from None
+    if holder is not None:
+        raise kopf.TemporaryError(f"{doing}: executed by replica {holder}",
+                                  delay=runtime.settings.gate_recheck)
+
+
 def _make_phase_handler(phase: Phase) -> Any:
     async def handle_phase(
         body: Any, meta: Any, patch: Any, memo: Any, by_deployment: Any, **_: Any
@@ -146,6 +160,7 @@ def _make_phase_handler(phase: Phase) -> Any:
             # now must not start the phase again behind its back.
             return
         runtime = _runtime(memo)
+        await _claim_executor(runtime, meta, phase.value)
         me = RecoveryRef(
             uid=meta["uid"],
             name=f"{meta['namespace']}/{meta['name']}",
@@ -164,6 +179,7 @@ def _make_phase_handler(phase: Phase) -> Any:
         )
         if outcome.kind in (OutcomeKind.SUCCEEDED, OutcomeKind.FAILED, OutcomeKind.CANCELLED):
             runtime.claims.release(meta["uid"])
+            await runtime.executor.drop(meta["namespace"], meta["uid"])
         _write_status(patch, outcome.status)
         for event in outcome.events:
             _post_step_event(body, event)
@@ -231,6 +247,9 @@ async def cancel(body: Any, meta: Any, memo: Any, patch: Any, retry: int, **_: A
     (and calls again) until that worked or the force-delete annotation is set."""
     runtime = _runtime(memo)
     status = RecoveryStatus.from_dict(body.get("status"))
+    # The replica that executes the recovery stops it and cleans up; another one waits (and
+    # takes over if the executor is gone for a whole lease duration).
+    await _claim_executor(runtime, meta, "deletion")
     stopped = await runtime.supervisor.cancel(meta["uid"], runtime.settings.cancel_grace)
     runtime.claims.release(meta["uid"])
     final = stopped or status
@@ -238,6 +257,7 @@ async def cancel(body: Any, meta: Any, memo: Any, patch: Any, retry: int, **_: A
         _post_deleted_event(body, final, stopped is not None)
     if _has_leftovers(final):
         await _remove_leftovers(body, meta, patch, runtime, final)
+    await runtime.executor.drop(meta["namespace"], meta["uid"])
     metrics.forget(f"{meta['namespace']}/{meta['name']}")
 
 

@@ -12,13 +12,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pgrecovery.adapters.kube import KubeSecrets
+from pgrecovery.adapters.lease import KubeLeases
 from pgrecovery.engine.breakpoints import Breakpoints
+from pgrecovery.engine.executor import ExecutorGuard
 from pgrecovery.engine.lifecycle import effective_spec
 from pgrecovery.engine.locks import DeploymentClaims
 from pgrecovery.engine.plan import PlanInputs, SecretSource, load_plan_factory
 from pgrecovery.engine.status import RecoveryStatus
 from pgrecovery.engine.supervisor import RetryPolicy, Supervisor
-from pgrecovery.settings import OperatorSettings
+from pgrecovery.settings import OperatorSettings, executor_identity
 
 
 @dataclass
@@ -26,6 +28,7 @@ class Runtime:
     settings: OperatorSettings
     supervisor: Supervisor
     secrets_for: Callable[[str], SecretSource]
+    executor: ExecutorGuard
     claims: DeploymentClaims = field(default_factory=DeploymentClaims)
 
     def inputs(self, body: Any, status: RecoveryStatus) -> PlanInputs:
@@ -42,6 +45,7 @@ class Runtime:
         )
 
     async def close(self) -> None:
+        await self.executor.close()
         await self.supervisor.close()
 
 
@@ -66,4 +70,11 @@ def build_runtime(settings: OperatorSettings) -> Runtime:
             secrets_cache[namespace] = KubeSecrets(namespace)
         return secrets_cache[namespace]
 
-    return Runtime(settings=settings, supervisor=supervisor, secrets_for=secrets_for)
+    async def lost(uid: str) -> None:
+        # Stop at once: another replica may take over one lease duration after our last
+        # renewal, and a third of it is what is left.
+        await supervisor.cancel(uid, settings.lease_duration / 3)
+
+    leases = KubeLeases(executor_identity(settings), settings.lease_duration)
+    return Runtime(settings=settings, supervisor=supervisor, secrets_for=secrets_for,
+                   executor=ExecutorGuard(leases, lost))
