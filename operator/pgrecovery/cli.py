@@ -455,8 +455,39 @@ def main(argv: list[str] | None = None) -> int:
         print("pgrecovery: interrupted", file=sys.stderr)
         return 130
     except RecoveryError as exc:
-        print(f"pgrecovery: {exc.reason}: {exc}", file=sys.stderr)
+        text = str(exc) if args.group != "backups" else in_cli_words(str(exc))
+        print(f"pgrecovery: {exc.reason}: {text}", file=sys.stderr)
         return EX_TEMPFAIL if exc.retryable else 1
+
+
+# The backups layer words its advice for the manifest (`spec.…`); a `pgrecovery backups` user
+# typed flags and environment variables instead. Longest first: one field may prefix another.
+_SPEC_TO_CLI = sorted(
+    {
+        "spec.source.backupGuid": "--guid",
+        "spec.source.backupId": "--backup-id",
+        "spec.source.encryption.keySecretRef": "--key-file / --key-env",
+        "spec.source.encryption.digest": "--digest",
+        "spec.source.s3.bucket": "--s3-bucket",
+        "spec.source.s3.prefix": "--prefix",
+        "spec.source.s3.endpoint": "--endpoint-url",
+        "spec.source.azure.container": "--azure-container",
+        "spec.source.azure.accountUrl": "--account-url",
+        "spec.source.s3.credentialsSecretRef": "the AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+                                               "variables",
+        "spec.source.azure.credentialsSecretRef": "AZURE_STORAGE_KEY, AZURE_STORAGE_SAS_TOKEN "
+                                                  "or AZURE_STORAGE_CONNECTION_STRING",
+        "spec.source.*.credentialsSecretRef": "the store's credential variables",
+    }.items(),
+    key=lambda kv: -len(kv[0]),
+)
+
+
+def in_cli_words(text: str) -> str:
+    """A message of the backups layer with the spec fields it names replaced by the flags."""
+    for field, flag in _SPEC_TO_CLI:
+        text = text.replace(field, flag)
+    return text
 
 
 if __name__ == "__main__":  # pragma: no cover

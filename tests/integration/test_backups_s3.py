@@ -51,6 +51,7 @@ SHA_GUID = "5aa0a0a0-0000-4000-8000-00000000a256"
 GAP_GUID = "6bb0b0b0-0000-4000-8000-0000000000ga"
 FLIP_GUID = "7cc0c0c0-0000-4000-8000-00000000f11b"
 TRUNC_GUID = "8dd0d0d0-0000-4000-8000-0000000000cu"
+TAIL_GUID = "9ee0e0e0-0000-4000-8000-00000000ta11"
 KEY = b"NYHD8MVmA55HEqoaYHpQaxfwEMcQ1wkI"
 PART_SIZE = 16 * 1024  # ~250 KiB compressed -> 15+ parts, so -10 sorts after -9
 
@@ -65,6 +66,7 @@ class Corpus:
     gap: MadeBackup
     flip: MadeBackup
     trunc: MadeBackup
+    tail: MadeBackup
     expected: bytes
     expected_old: bytes
 
@@ -92,6 +94,9 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
     flip.files[6].write_bytes(damaged)
     trunc = make_backup(plain, store, f"{TRUNC_GUID}-1740000000000", key_file, part_size=PART_SIZE)
     trunc.files[-1].write_bytes(trunc.files[-1].read_bytes()[:-100])
+    # The last part never arrived; its metadata says how many there are.
+    tail = make_backup(plain, store, f"{TAIL_GUID}-1740000000000", key_file, part_size=PART_SIZE)
+    tail.files[-1].unlink()
     manual_decrypt(latest.files, key_file, root / "expected.sql")
     manual_decrypt(old.files, key_file, root / "expected_old.sql")
     expected = (root / "expected.sql").read_bytes()
@@ -99,14 +104,17 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
     return Corpus(
         root, key_file, latest, old, sha,
         MadeBackup(gap.backup_id, tuple(f for f in gap.files if f.exists()), gap.metadata),
-        flip, trunc, expected, (root / "expected_old.sql").read_bytes(),
+        flip, trunc,
+        MadeBackup(tail.backup_id, tuple(f for f in tail.files if f.exists()), tail.metadata),
+        expected, (root / "expected_old.sql").read_bytes(),
     )  # fmt: skip
 
 
 def _upload_all(server: S3Server, corpus: Corpus, *, prefix: str = "") -> str:
     bucket = server.new_bucket()
     client = server.client()
-    for made in (corpus.latest, corpus.old, corpus.sha, corpus.gap, corpus.flip, corpus.trunc):
+    for made in (corpus.latest, corpus.old, corpus.sha, corpus.gap, corpus.flip, corpus.trunc,
+                 corpus.tail):
         upload_s3(client, bucket, made, prefix=prefix)
     for junk in (f"{GUID}-notes.txt", f"{GUID}-1740130000123-x", "README"):
         client.put_object(Bucket=bucket, Key=prefix + junk, Body=b"not a backup")
@@ -194,7 +202,9 @@ async def test_sha256_backup_auto_and_explicit_md5(
         await store.close()
 
 
-async def test_bad_inputs_with_clear_messages(moto_s3: S3Server, moto_bucket: str) -> None:
+async def test_bad_inputs_with_clear_messages(
+    moto_s3: S3Server, moto_bucket: str, corpus: Corpus
+) -> None:
     store = await _store(moto_s3, moto_bucket)
     try:
         listing = await list_backups(store, GUID)
@@ -215,6 +225,16 @@ async def test_bad_inputs_with_clear_messages(moto_s3: S3Server, moto_bucket: st
             select_backup(await list_backups(store, GAP_GUID))
         with pytest.raises(BackupIncomplete, match=r"not 16 \+ a multiple of 16.*is truncated"):
             select_backup(await list_backups(store, TRUNC_GUID))
+        # A missing last part is named as missing (the metadata says how many), not as a
+        # truncated second-to-last one.
+        with pytest.raises(BackupIncomplete) as tail:
+            select_backup(await list_backups(store, TAIL_GUID))
+        found = len(corpus.tail.files)
+        assert (
+            f"the last 1 part(s) missing: {TAIL_GUID}-1740000000000.json lists {found + 1} "
+            f"parts, found {found} (missing: {TAIL_GUID}-1740000000000-{found})"
+        ) in str(tail.value), str(tail.value)
+        assert "truncated" not in str(tail.value)
         flip = select_backup(await list_backups(store, FLIP_GUID))
         with pytest.raises(BackupCorrupt, match="damaged in storage or in transfer") as corrupt:
             await _collect(decrypt_stream(StorePartsSource(store, flip), _key()))
@@ -398,6 +418,9 @@ def test_cli_list_fetch_decrypt(
     )  # fmt: skip
     assert wrong.returncode == 1
     assert b"WrongKey: the encryption key does not decrypt this backup" in wrong.stderr
+    # The CLI user is told the flags they typed, not the manifest's fields.
+    assert b"check --key-file / --key-env" in wrong.stderr, wrong.stderr
+    assert b"spec." not in wrong.stderr
     assert not (tmp_path / "x").exists()
 
     nokey = _cli("backups", "decrypt", "--from-dir", str(tmp_path / "dl"), env={}, cwd=tmp_path)

@@ -7,7 +7,14 @@ from datetime import UTC, datetime
 import pytest
 
 from pgrecovery.adapters.objectstore import ObjectInfo
-from pgrecovery.backups.listing import BackupListing, build_listing, select_backup
+from pgrecovery.backups.listing import (
+    BackupListing,
+    BackupMetadata,
+    build_listing,
+    check_against_metadata,
+    parse_metadata,
+    select_backup,
+)
 from pgrecovery.backups.naming import (
     BackupId,
     ParsedKey,
@@ -143,8 +150,36 @@ def test_truncated_last_part_is_found_from_sizes() -> None:
 
 def test_incomplete_latest_points_to_newest_complete() -> None:
     objects = [*_parts(1700000000000, [0, 1]), *_parts(1700000100000, [0, 2])]
-    with pytest.raises(BackupIncomplete, match=f"newest complete backup is {G}-1700000000000"):
+    with pytest.raises(
+        BackupIncomplete,
+        match=f"newest backup with all parts present is {G}-1700000000000 \\(not yet decrypted",
+    ):
         select_backup(build_listing(G, objects))
+
+
+def test_metadata_names_missing_trailing_parts_instead_of_a_truncated_one() -> None:
+    # Two of four parts present; the sizes alone say "the last part is truncated".
+    backup = build_listing(G, _parts(1700000000000, [0, 1], last=1000)).backups[0]
+    assert any("truncated" in p for p in backup.problems)
+    checked = check_against_metadata(backup, parse_metadata(b'{"parts": 4, "size": 123}'))
+    assert not any("truncated" in p for p in checked.problems), checked.problems
+    assert checked.problems[-1].startswith(
+        f"the last 2 part(s) missing: {G}-1700000000000.json lists 4 parts, found 2 (missing: "
+        f"{G}-1700000000000-2, {G}-1700000000000-3)"), checked.problems
+
+
+def test_metadata_size_mismatch_and_what_is_not_understood() -> None:
+    backup = build_listing(G, _parts(1700000000000, [0, 1])).backups[0]
+    total = backup.total_size
+    assert check_against_metadata(backup, parse_metadata(
+        f'{{"parts": 2, "size": {total}}}'.encode())).problems == ()
+    wrong = check_against_metadata(backup, parse_metadata(b'{"size": 7}'))
+    assert "says 7" in wrong.problems[0]
+    for raw in (b"not json", b"[1, 2]", b'{"parts": true, "size": "big"}', b"{}"):
+        assert parse_metadata(raw) == BackupMetadata(), raw
+        assert check_against_metadata(backup, parse_metadata(raw)) == backup
+    assert parse_metadata(b'{"files": ["a-0", "a-1", "a-2"]}').parts is None
+    assert parse_metadata(b'{"parts": ["a-0", "a-1", "a-2"]}').parts == 3
 
 
 def test_metadata_only_backup_is_incomplete() -> None:

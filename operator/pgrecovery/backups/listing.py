@@ -12,10 +12,16 @@ Rules (see reference/formats.md):
 - The ciphertext is `Salted__` + 8-byte salt + whole 16-byte AES blocks, so a total size that
   is not a multiple of 16 means the last part is truncated, detectable from sizes alone.
 - Names that do not parse are reported in `BackupListing.ignored`, never fatal.
+- The `<id>.json` metadata object's schema is not public [U]: it is read when present, a part
+  count and a total size are taken from it when it plainly has them (`parse_metadata`), and
+  they only ever add problems (a trailing part missing, a size that differs) — a metadata
+  object that says nothing usable changes nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -52,6 +58,7 @@ class Backup:
     id: BackupId
     parts: tuple[BackupPart, ...]
     metadata_key: str | None = None
+    metadata_size: int = 0
     problems: tuple[str, ...] = ()
     """Reasons this backup cannot be restored (missing parts, truncation…)."""
     notes: tuple[str, ...] = ()
@@ -133,7 +140,8 @@ def _assemble(backup_id: BackupId, objs: list[tuple[ParsedKey, ObjectInfo, str]]
         for p, o, name in objs
         if p.kind in ("part", "blob")
     ]
-    metadata = next((o.key for p, o, _ in objs if p.kind == "metadata"), None)
+    metadata_info = next((o for p, o, _ in objs if p.kind == "metadata"), None)
+    metadata = metadata_info.key if metadata_info is not None else None
     problems: list[str] = []
     notes: list[str] = []
     numbered = sorted((p for p in parts if p.index is not None), key=lambda p: p.index or 0)
@@ -182,9 +190,90 @@ def _assemble(backup_id: BackupId, objs: list[tuple[ParsedKey, ObjectInfo, str]]
         id=backup_id,
         parts=tuple(parts),
         metadata_key=metadata,
+        metadata_size=metadata_info.size if metadata_info is not None else 0,
         problems=tuple(problems),
         notes=tuple(notes),
     )
+
+
+@dataclass(frozen=True)
+class BackupMetadata:
+    """What a backup's `<id>.json` plainly says about its parts (None: it does not say)."""
+
+    parts: int | None = None
+    size: int | None = None
+
+
+# Keys under which a part count or the encrypted size may appear; the schema is not public, so
+# only unambiguous integer values (or a list of part names) are taken.
+_COUNT_KEYS = ("parts", "part_count", "parts_count", "number_of_parts", "num_parts", "chunks")
+_SIZE_KEYS = ("size", "total_size", "size_bytes", "encrypted_size", "bytes")
+# Metadata larger than this is not a small JSON document: not read.
+METADATA_READ_LIMIT = 1024 * 1024
+
+
+def parse_metadata(raw: bytes) -> BackupMetadata:
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return BackupMetadata()
+    if not isinstance(doc, dict):
+        return BackupMetadata()
+
+    def count() -> int | None:
+        for key in _COUNT_KEYS:
+            value = doc.get(key)
+            if isinstance(value, bool):
+                continue
+            if isinstance(value, int) and value > 0:
+                return value
+            if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+                return len(value)
+        return None
+
+    def size() -> int | None:
+        for key in _SIZE_KEYS:
+            value = doc.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return None
+
+    return BackupMetadata(parts=count(), size=size())
+
+
+def check_against_metadata(backup: Backup, meta: BackupMetadata) -> Backup:
+    """Add what the metadata reveals: trailing parts missing (which sizes alone report as
+    "the last part is truncated"), or a total size that differs. Numbered parts only."""
+    numbered = [p for p in backup.parts if p.index is not None]
+    if not numbered or (meta.parts is None and meta.size is None):
+        return backup
+    name = backup.metadata_key or f"{backup.backup_id}.json"
+    problems = list(backup.problems)
+    notes = list(backup.notes)
+    first = numbered[0].index or 0
+    last = numbered[-1].index or 0
+    if meta.parts is not None and len(numbered) < meta.parts and not any(
+        "missing" in p for p in problems
+    ):
+        expected_last = first + meta.parts - 1
+        if expected_last > last:
+            missing = list(range(last + 1, expected_last + 1))
+            stem = numbered[-1].name[: -len(str(last))]
+            shown = ", ".join(f"{stem}{i}" for i in missing[:5]) + (" …" if len(missing) > 5
+                                                                     else "")
+            # The sizes-only verdict blamed the last part found; the metadata names the cause.
+            problems = [p for p in problems if "is truncated" not in p]
+            problems.append(
+                f"the last {len(missing)} part(s) missing: {name} lists {meta.parts} parts, "
+                f"found {len(numbered)} (missing: {shown})"
+            )
+    total = sum(p.size for p in numbered)
+    if meta.size is not None and total != meta.size and not problems:
+        problems.append(f"the parts hold {total} bytes but {name} says {meta.size}: a part "
+                        "is incomplete or was replaced")
+    if meta.parts is not None:
+        notes = [n for n in notes if n != "no metadata object"]
+    return dataclasses.replace(backup, problems=tuple(problems), notes=tuple(notes))
 
 
 def build_listing(
@@ -225,7 +314,7 @@ async def list_backups(
     )
     listing = build_listing(guid, objects, prefix=prefix, location=store.description)
     if listing.backups:
-        return listing
+        return await _with_metadata(store, listing, policy)
     sample = await retry_async(
         lambda: store.list(prefix, limit=_HINT_SCAN_LIMIT),
         policy,
@@ -240,6 +329,25 @@ async def list_backups(
         other_guids=tuple(others),
         store_empty=not sample,
     )
+
+
+# The metadata of the newest backups is read (one small GET each): enough for "latest" and for
+# the "newest complete backup" hint, bounded for a GUID with years of backups.
+METADATA_NEWEST = 10
+
+
+async def _with_metadata(store: ObjectStore, listing: BackupListing,
+                         policy: RetryPolicy) -> BackupListing:
+    checked = list(listing.backups)
+    for i in range(max(0, len(checked) - METADATA_NEWEST), len(checked)):
+        backup = checked[i]
+        key, size = backup.metadata_key, backup.metadata_size
+        if key is None or not 0 < size <= METADATA_READ_LIMIT:
+            continue
+        raw = await retry_async(lambda k=key, n=size: store.read_range(k, 0, n),  # type: ignore[misc]
+                                policy, what=f"read {key}")
+        checked[i] = check_against_metadata(backup, parse_metadata(raw))
+    return dataclasses.replace(listing, backups=tuple(checked))
 
 
 def select_backup(listing: BackupListing, backup_id: str | None = None) -> Backup:
@@ -276,8 +384,8 @@ def select_backup(listing: BackupListing, backup_id: str | None = None) -> Backu
             complete = [b for b in listing.backups if b.complete]
             if complete:
                 advice = (
-                    f"; the newest complete backup is {complete[-1].backup_id} "
-                    "(set spec.source.backupId to use it)"
+                    f"; the newest backup with all parts present is {complete[-1].backup_id} "
+                    "(not yet decrypted: set spec.source.backupId to try it)"
                 )
         raise BackupIncomplete(
             f"backup {backup.backup_id} in {where}: {'; '.join(backup.problems)}{advice}"
