@@ -23,7 +23,7 @@ import yaml
 from pgrecovery.adapters.local_secrets import LocalSecrets
 from pgrecovery.engine.local import LocalRun, cleanup_local, run_local
 from pgrecovery.engine.plan import load_plan_factory
-from pgrecovery.engine.status import ConditionType, RecoveryStatus
+from pgrecovery.engine.status import WARNING_CONDITIONS, ConditionType, RecoveryStatus
 from pgrecovery.engine.steps import StepEvent, StepEventKind
 from pgrecovery.errors import ConfigurationError, InvalidSpec
 
@@ -119,6 +119,10 @@ async def _recover(args: argparse.Namespace) -> int:
                 loop.remove_signal_handler(sig)
     reporter._clear()
     print(f"status written to {status_file}", file=out)
+    for kind in WARNING_CONDITIONS:
+        warning = final.condition(kind)
+        if warning is not None and warning.status == "True":
+            print(f"WARNING {kind.value}: {warning.message}", file=out)
     if final.is_true(ConditionType.SUCCEEDED):
         durations = ", ".join(f"{k} {v:.1f}s" for k, v in final.phase_durations.items())
         print(f"recovery complete: {final.message} ({durations})", file=out)

@@ -27,6 +27,8 @@ specific class below; the engine and the handlers decide only on `retryable` and
         │   ├── AuthenticationFailed      SSH key refused, sudo refused
         │   ├── PrimaryAmbiguous          zero or two primaries, repmgr disagrees with PG
         │   ├── InsufficientSpace         not enough room in /var/vcap/store on the primary
+        │   ├── ClusterToolsMismatch      a helper, function, monit service or program the
+        │   │                             destructive phases call is missing or undeterminable
         │   ├── RemoteCommandFailed       a remote command exited non-zero unexpectedly
         │   ├── ChecksumMismatch          the staged dump on the VM differs from the stream
         │   └── RestoreFailed             psql reported an error not on the expected list
@@ -155,6 +157,13 @@ class PrimaryAmbiguous(ClusterError):
 
 class InsufficientSpace(ClusterError):
     reason = "InsufficientSpace"
+
+
+class ClusterToolsMismatch(ClusterError):
+    """Found in Fetching, before anything changed: the job's helpers, monit services or
+    programs differ from what the destructive phases will call (node, path, function named)."""
+
+    reason = "ClusterToolsMismatch"
 
 
 class RemoteCommandFailed(ClusterError):

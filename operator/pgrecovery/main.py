@@ -7,6 +7,8 @@ deliberately — each with the reason it is set.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -18,6 +20,7 @@ from pgrecovery.handlers import (
     recovery,  # noqa: F401 - importing registers the handlers
 )
 from pgrecovery.handlers.runtime import build_runtime
+from pgrecovery.liveness import Liveness
 from pgrecovery.settings import load_settings
 
 log = logging.getLogger(__name__)
@@ -58,13 +61,22 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
 
     runtime = build_runtime(ours)
     memo["runtime"] = runtime
+    # /healthz fails when the event loop is blocked or the watch no longer brings the running
+    # recoveries' polls (pgrecovery/liveness.py); the chart's livenessProbe restarts the pod.
+    liveness = Liveness(runtime.supervisor.overdue)
+    memo["liveness_task"] = asyncio.create_task(liveness.run(), name="pgrecovery:liveness")
     if ours.metrics_port:
-        memo["metrics_server"] = metrics.serve(ours.metrics_port, healthy=lambda: True)
+        memo["metrics_server"] = metrics.serve(ours.metrics_port, healthy=liveness.verdict)
     log.info("pgrecovery operator configured (work dir %s)", ours.work_dir)
 
 
 @kopf.on.cleanup()
 async def shutdown(memo: kopf.Memo, **_: Any) -> None:
+    beating = memo.get("liveness_task")
+    if beating is not None:
+        beating.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beating
     runtime = memo.get("runtime")
     if runtime is not None:
         await runtime.close()

@@ -183,16 +183,19 @@ def exposition() -> bytes:
     return generate_latest(REGISTRY)
 
 
-def serve(port: int, healthy: Callable[[], bool]) -> ThreadingHTTPServer:
-    """Serve /metrics and /healthz on `port` in a daemon thread; returns the server to close."""
+def serve(port: int, healthy: Callable[[], tuple[bool, str]]) -> ThreadingHTTPServer:
+    """Serve /metrics and /healthz on `port` in a daemon thread; returns the server to close.
+
+    `healthy` gives /healthz its verdict and reason (pgrecovery.liveness); it is called on the
+    server's thread, so it must not need the event loop — a blocked loop is what it reports."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path.split("?")[0] == "/metrics":
                 body, code, ctype = exposition(), 200, CONTENT_TYPE_LATEST
             elif self.path.split("?")[0] == "/healthz":
-                ok = healthy()
-                body = b"ok\n" if ok else b"unhealthy\n"
+                ok, why = healthy()
+                body = why.encode() + b"\n"
                 code, ctype = (200 if ok else 503), "text/plain"
             else:
                 body, code, ctype = b"not found\n", 404, "text/plain"

@@ -73,10 +73,25 @@ def _wait_status(op: Operator, name: str, seen: Callable[[dict[str, Any]], bool]
 def test_success_leaves_nothing_on_the_vms_or_the_work_volume(
     operator: Operator, healthy_sim_cluster: SimCluster, moto_s3: S3Server, tmp_path: Path
 ) -> None:
+    """Also: restoring a backup older than the newest one warns of ghost deployments (the a9s
+    runbook's "Limitations"), in a condition and a Warning Event."""
     scenario = Scenario.prepare(healthy_sim_cluster, moto_s3, part_size=64 * 1024)
-    operator.apply(*scenario.kube_secrets(NAMESPACE), scenario.manifest("clean-ok", NAMESPACE))
+    # A newer backup of the same GUID, two hours later (its first part is enough to list it).
+    newer = f"{scenario.backup.guid}-{scenario.backup.timestamp_ms + 2 * 3600 * 1000}"
+    moto_s3.client().put_object(Bucket=scenario.backup.bucket, Key=f"{newer}-0",
+                                Body=b"Salted__" + bytes(24))
+    manifest = scenario.manifest("clean-ok", NAMESPACE)
+    manifest["spec"]["source"]["backupId"] = scenario.backup.backup_id
+    operator.apply(*scenario.kube_secrets(NAMESPACE), manifest)
     operator.wait("clean-ok", "Succeeded")
     status = operator.status("clean-ok")
+    ghost = next(c for c in status["conditions"] if c["type"] == "GhostDeploymentsPossible")
+    assert ghost["status"] == "True", ghost
+    assert f"2.0 h older than the newest backup {newer}" in ghost["message"], ghost
+    warnings = [e for e in operator.events("clean-ok")
+                if e["reason"] == "GhostDeploymentsPossible"]
+    assert len(warnings) == 1, warnings
+    assert warnings[0]["type"] == "Warning"
     scan = leftover_scan(healthy_sim_cluster, tmp_path / "work")
     print("scan after success:", scan or "nothing")
     assert scan == []
@@ -153,6 +168,9 @@ def test_deletion_mid_restore_stops_the_job_cleans_up_and_a_new_recovery_repairs
     # A new PgRecovery for the deployment continues from the half-restored cluster.
     operator.apply(scenario.manifest("clean-again", NAMESPACE))
     operator.wait("clean-again", "Succeeded")
+    # The newest backup was restored: no ghost-deployment warning.
+    assert not [c for c in operator.status("clean-again")["conditions"]
+                if c["type"] == "GhostDeploymentsPossible"]
     assert scenario.restored_everywhere() == {vm.name: True for vm in healthy_sim_cluster.vms}
     assert healthy_sim_cluster.wait_healthy(timeout=30).ok
     scan = leftover_scan(healthy_sim_cluster, tmp_path / "work")

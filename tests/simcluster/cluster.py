@@ -832,6 +832,7 @@ class SimCluster:
                 "store_size_bytes": self.config.store_size_bytes,
                 "monit_cycle_s": self.config.monit_cycle_s,
                 "failover": self.config.failover,
+                "helper_privileges": self.config.helper_privileges,
             },
             "passwords": self.passwords,
             "vms": {vm.name: {"init_pid": vm.init_pid} for vm in self.vms},
@@ -858,6 +859,7 @@ class SimCluster:
             store_size_bytes=c["store_size_bytes"],
             monit_cycle_s=c["monit_cycle_s"],
             failover=c["failover"],
+            helper_privileges=c.get("helper_privileges", "caller"),
         )
         cluster = cls(config)
         cluster.passwords = state["passwords"]

@@ -19,6 +19,7 @@ _SUBNET_RE = re.compile(r"^(?:\d{1,3}\.){2}\d{1,3}$")
 
 PG_MAJOR = 15
 PG_BINDIR = f"/usr/lib/postgresql/{PG_MAJOR}/bin"
+HELPER_PRIVILEGES = ("caller", "helper")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,14 @@ class ClusterConfig:
     clone_wait_s: int = 120
     """How long a standby's pre-start waits for a registered primary before failing."""
 
+    helper_privileges: str = "caller"
+    """Who drops privileges around the job's helper functions (repmgr_utils.sh), the two
+    conventions a9s-pg clusters are seen with: `caller` — the functions run repmgr/psql bare
+    and are called as postgres:vcap (the runbook's `chpst -u postgres:vcap bash -c 'source …;
+    register_master_node'`); `helper` — each function wraps its repmgr/psql call in
+    `chpst -u postgres:vcap` itself and must be called as root (as postgres, chpst fails with
+    `unable to setgroups`). The job's own scripts call them accordingly."""
+
     role_passwords: dict[str, str] = field(default_factory=dict)
     """Passwords of the roles the job's SQL creates; empty means random per cluster."""
 
@@ -76,6 +85,8 @@ class ClusterConfig:
             raise ValueError("between 1 and 9 VMs")
         if self.failover not in ("manual", "automatic"):
             raise ValueError("failover is 'manual' or 'automatic'")
+        if self.helper_privileges not in HELPER_PRIVILEGES:
+            raise ValueError(f"helper_privileges is one of {HELPER_PRIVILEGES}")
         for role, password in self.role_passwords.items():
             # Role names go into SQL unquoted; passwords into SQL literals and a pgpass line.
             if not _ROLE_RE.match(role):

@@ -27,6 +27,8 @@ REPMGR_CONFIG = f"{JOB_DIR}/config/repmgr.conf"
 MONIT = "/var/vcap/bosh/bin/monit"
 VARS_SH = f"{JOB_DIR}/helpers/vars.sh"
 WAL_ARCHIVE_CONF = "wal-archive.conf"
+# repmgr_utils.sh per helper convention (ClusterConfig.helper_privileges).
+UTILS = {"caller": "repmgr_utils.sh", "helper": "repmgr_utils_self_dropping.sh"}
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,8 @@ export NODE_ADDRESS={address}
 export PEER_ADDRESSES={q(peers)}
 export BOOTSTRAP={"true" if index == 0 else "false"}
 export CLONE_WAIT_S={config.clone_wait_s}
+# Who drops privileges around the helpers (the job's scripts read it; see ClusterConfig).
+export HELPER_PRIVILEGES={config.helper_privileges}
 """
 
     failover_lines = ""
@@ -269,7 +273,7 @@ MaxStartups 100:30:200
         VMFile(f"{job}/bin/postgresql-ha_ctl", _static("postgresql-ha_ctl"), 0o755),
         VMFile(f"{job}/bin/repmgr_ctl", _static("repmgr_ctl"), 0o755),
         VMFile(f"{job}/helpers/vars.sh", vars_sh, 0o644),
-        VMFile(f"{job}/helpers/repmgr_utils.sh", _static("repmgr_utils.sh"), 0o644),
+        VMFile(f"{job}/helpers/repmgr_utils.sh", _static(UTILS[config.helper_privileges]), 0o644),
         VMFile(f"{job}/config/repmgr.conf", repmgr_conf, 0o640, g, v),
         VMFile(f"{job}/config/postgresql.conf", postgresql_conf, 0o640, g, v),
         VMFile(f"{job}/config/pg_hba.conf", pg_hba, 0o640, g, v),

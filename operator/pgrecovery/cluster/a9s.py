@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from pgrecovery.adapters.jobs import JobRunner, JobState, JobStatus
 from pgrecovery.adapters.ssh import RemoteShell, ReplayableSource, UploadResult, shell_script_argv
-from pgrecovery.cluster import hba, monit, psql, repmgr
+from pgrecovery.cluster import hba, monit, psql, repmgr, tools
 from pgrecovery.cluster.monit import ServiceState
 from pgrecovery.cluster.nodes import (
     A9sLayout,
@@ -53,6 +53,7 @@ from pgrecovery.cluster.restore_errors import ConnectMap, RestoreReport, classif
 from pgrecovery.errors import (
     BackupError,
     ClusterError,
+    ClusterToolsMismatch,
     FatalError,
     InsufficientSpace,
     NotReadyYet,
@@ -277,6 +278,36 @@ class A9sOperations:
             raise PrimaryAmbiguous(
                 f"repmgr also lists {[r.name for r in others]} as running primaries"
             )
+
+    async def check_cluster_tools(
+        self, primary: Node, *, new_site: bool = False
+    ) -> tuple[tools.NodeTools, ...]:
+        """Every node: the helpers, functions, monit services and programs the destructive
+        phases will call are there, and how the helpers expect to be called is determined
+        (`cluster.tools`). Read-only. Returns the verdicts, the primary's first; raises
+        ClusterToolsMismatch naming node, path and function for any mismatch."""
+        step = "check_cluster_tools"
+        verdicts: list[tools.NodeTools] = []
+        ordered = [primary, *(n for n in self.nodes if n != primary)]
+        for result in await self._gather([
+            tools.inspect_node(self.shell, n, self.layout, new_site=new_site) for n in ordered
+        ]):
+            if not isinstance(result, tools.NodeTools):  # pragma: no cover - raised already
+                raise TypeError(result)
+            verdicts.append(result)
+            node = next(n for n in ordered if n.name == result.node)
+            self._report(step, "ok: " + (result.convention.value if result.convention
+                                         else "undetermined") if result.ok
+                         else "; ".join(result.problems), node)
+        problems = [p for v in verdicts for p in v.problems]
+        if problems:
+            raise ClusterToolsMismatch(
+                "the cluster's tools differ from what the recovery would call (nothing was "
+                "changed): " + "; ".join(problems)
+                + ". Fix the job on the named node(s) or describe it (paths, service names), "
+                "then create a new recovery"
+            )
+        return tuple(verdicts)
 
     async def check_free_space(self, primary: Node, needed_bytes: int) -> FreeSpace:
         """Enough room in the store of the primary? (`df -B1`.) Read-only."""
@@ -707,22 +738,33 @@ END $$;
         row = repmgr.match_row(rows, view.primary)
         return row is not None and row.role == "primary" and row.status == "running"
 
-    async def ensure_primary_registered(self, view: ClusterView) -> StepResult:
-        """`register_master_node` from repmgr_utils.sh, exactly as the runbook runs it."""
+    async def ensure_primary_registered(
+        self,
+        view: ClusterView,
+        convention: tools.Convention | None = None,
+        repmgr_config: str | None = None,
+    ) -> StepResult:
+        """`register_master_node` from repmgr_utils.sh, called the way the job's helpers
+        expect (`convention`, as found in Fetching: as postgres, as root, or — no such
+        helper — the standard `repmgr primary register --force -f <config>`). Without a
+        convention it is determined on the primary now."""
         step = "ensure_primary_registered"
         if await self._primary_registered(view):
             return StepResult(step, False, "primary already registered")
-        script = r"""
-exec chpst -u postgres:vcap \
-  bash -c 'source "$1"; source "$2"; register_master_node;' register "$1" "$2"
-"""
-        await self._script(view.primary, script, self.layout.vars_sh,
-                           self.layout.repmgr_utils_sh, timeout=120)
+        if convention is None:
+            found = await tools.inspect_node(self.shell, view.primary, self.layout)
+            if found.convention is None:
+                raise ClusterToolsMismatch("; ".join(found.problems) or found.evidence)
+            convention, repmgr_config = found.convention, found.repmgr_config
+        how = tools.describe(convention, repmgr_config or self.layout.repmgr_config)
+        await self._root(view.primary,
+                         tools.register_primary_argv(self.layout, convention, repmgr_config),
+                         timeout=120)
         if not await self._primary_registered(view):
-            raise RemoteCommandFailed(f"{view.primary.name}: register_master_node ran but "
-                                      "repmgr does not show the node as a running primary")
-        self._report(step, "registered as repmgr primary", view.primary)
-        return StepResult(step, True, "primary registered")
+            raise RemoteCommandFailed(f"{view.primary.name}: {how} ran but repmgr does not "
+                                      "show the node as a running primary")
+        self._report(step, f"registered as repmgr primary ({how})", view.primary)
+        return StepResult(step, True, f"primary registered: {how}")
 
     async def ensure_repmgr_running_on_primary(self, view: ClusterView) -> StepResult:
         step = "ensure_repmgr_running_on_primary"

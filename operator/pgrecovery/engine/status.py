@@ -53,6 +53,13 @@ class ConditionType(StrEnum):
     FAILED = "Failed"
     BLOCKED = "Blocked"
     SPEC_CHANGE_IGNORED = "SpecChangeIgnored"
+    GHOST_DEPLOYMENTS_POSSIBLE = "GhostDeploymentsPossible"
+    """The restored backup is older than the newest one: service instances created in between
+    may be unknown to an a9s framework restored from it (the runbook's "Limitations")."""
+
+
+#: Conditions that are warnings: the handler posts a Warning Event when one turns True.
+WARNING_CONDITIONS = (ConditionType.GHOST_DEPLOYMENTS_POSSIBLE,)
 
 
 class StepState(StrEnum):

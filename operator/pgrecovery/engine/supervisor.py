@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import shutil
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -270,6 +271,9 @@ class _Run:
     reporter: MemoryReporter
     cancel_event: asyncio.Event
     task: asyncio.Task[Outcome]
+    # When kopf last polled this run (monotonic): a running phase that is no longer polled
+    # means kopf's watch is dead (`overdue`, read by the liveness probe).
+    polled_at: float = field(default_factory=time.monotonic)
 
 
 class Supervisor:
@@ -364,8 +368,14 @@ class Supervisor:
         finally:
             await plan.close()
 
+    def overdue(self, limit: float) -> list[str]:
+        """Keys of the runs that kopf has not polled for more than `limit` seconds."""
+        now = time.monotonic()
+        return [key for key, run in self._runs.items() if now - run.polled_at > limit]
+
     def _report(self, key: str, run: _Run) -> Outcome:
         now = st.now_utc()
+        run.polled_at = time.monotonic()
         if not run.task.done():
             # Never the phase's final status while the task still runs (it may be closing the
             # plan): that belongs to the outcome the next poll reports once the task is done.

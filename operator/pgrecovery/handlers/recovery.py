@@ -24,7 +24,7 @@ from pgrecovery.engine import status as st
 from pgrecovery.engine.lifecycle import accept_or_reject, spec_change
 from pgrecovery.engine.locks import RecoveryRef, deployment_gate
 from pgrecovery.engine.phases import WORKING_PHASES, Phase, is_destructive
-from pgrecovery.engine.status import ConditionType, RecoveryStatus
+from pgrecovery.engine.status import WARNING_CONDITIONS, ConditionType, RecoveryStatus
 from pgrecovery.engine.steps import StepEvent, StepEventKind
 from pgrecovery.engine.supervisor import Outcome, OutcomeKind
 from pgrecovery.errors import RecoveryError
@@ -53,6 +53,14 @@ def _post_step_event(body: Any, event: StepEvent) -> None:
         message += f": {event.message}"
     kopf.event(body, type=kind, reason=event.kind.value, message=message[:1024])
     metrics.record_step_event(event.phase.value, event.kind.value)
+
+
+def _post_warning_events(body: Any, before: RecoveryStatus, after: RecoveryStatus) -> None:
+    """A Warning Event when a warning condition (`status.WARNING_CONDITIONS`) turns True."""
+    for kind in WARNING_CONDITIONS:
+        condition = after.condition(kind)
+        if condition is not None and condition.status == "True" and not before.is_true(kind):
+            kopf.event(body, type="Warning", reason=kind.value, message=condition.message[:1024])
 
 
 def _post_outcome_event(body: Any, outcome: Outcome, phase: Phase) -> None:
@@ -183,6 +191,7 @@ def _make_phase_handler(phase: Phase) -> Any:
         _write_status(patch, outcome.status)
         for event in outcome.events:
             _post_step_event(body, event)
+        _post_warning_events(body, status, outcome.status)
         _post_outcome_event(body, outcome, phase)
         _record_metrics(body, outcome, phase)
         if outcome.again:

@@ -46,7 +46,7 @@ from pgrecovery.backups.listing import Backup, list_backups, select_backup
 from pgrecovery.backups.pipeline import check_key
 from pgrecovery.backups.sources import StorePartsSource
 from pgrecovery.backups.stores import open_azure_store, open_s3_store
-from pgrecovery.cluster import bulk_load
+from pgrecovery.cluster import bulk_load, tools
 from pgrecovery.cluster.a9s import A9sOperations, StepResult, estimate_needed_bytes
 from pgrecovery.cluster.dump_index import DumpIndex, DumpIndexer
 from pgrecovery.cluster.leftovers import list_leftovers, remove_leftovers
@@ -63,7 +63,7 @@ from pgrecovery.engine.phases import Phase
 from pgrecovery.engine.plan import Plan, PlanInputs
 from pgrecovery.engine.plans.dump_stream import ReplayableDump, StageCounters, Tap
 from pgrecovery.engine.spec import RecoverySpec
-from pgrecovery.engine.status import BackupInfo, NodeState, RecoveryStatus
+from pgrecovery.engine.status import BackupInfo, ConditionType, NodeState, RecoveryStatus
 from pgrecovery.engine.steps import FunctionStep, Step, StepContext
 from pgrecovery.errors import (
     FatalError,
@@ -163,6 +163,7 @@ class A9sLogicalRecovery:
     _pool: SshPool | None = None
     _ops: A9sOperations | None = None
     _backup: Backup | None = None
+    _newest: Backup | None = None
     _key: EncryptionKey | None = None
     _ctx: StepContext | None = None
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
@@ -261,6 +262,7 @@ class A9sLogicalRecovery:
             for ignored in listing.ignored[:20]:
                 log.warning("ignored object in backup store: %s", ignored)
             self._backup = select_backup(listing, pinned or self.spec.source.backup_id)
+            self._newest = listing.latest
         return self._backup
 
     def view(self, ctx: StepContext) -> ClusterView:
@@ -299,6 +301,12 @@ class A9sLogicalRecovery:
                 f"{backup.part_count} part(s), {_human(backup.total_size)}",
             )
         )
+        newest = self._newest
+        if newest is not None and newest.taken_at > backup.taken_at:
+            warning = ghost_deployment_warning(backup, newest)
+            now = st.now_utc()
+            await ctx.update(lambda s: st.set_condition(
+                s, ConditionType.GHOST_DEPLOYMENTS_POSSIBLE, True, "OlderBackup", warning, now))
 
     async def check_encryption_key(self, ctx: StepContext) -> None:
         backup = await self.backup(ctx)
@@ -320,6 +328,39 @@ class A9sLogicalRecovery:
         )
         await ctx.update(lambda s: st.set_nodes(s, states))
         await ctx.update(lambda s: s.model_copy(update={"primary": view.primary.name}))
+
+    async def check_cluster_tools(self, ctx: StepContext) -> None:
+        """Before anything destructive: every node has the helpers, functions, monit services
+        and programs the later phases call, and how to call the helpers is pinned in status
+        (`helperConvention`), so a resumed run calls them the same way (`cluster.tools`)."""
+        ops = await self.ops(ctx)
+        verdicts = await ops.check_cluster_tools(self.view(ctx).primary,
+                                                 new_site=self.spec.target.new_site)
+        primary = verdicts[0]
+        if primary.convention is None:  # pragma: no cover - check_cluster_tools raised
+            raise FatalError("helper convention undetermined", reason="InternalError")
+        how = tools.describe(primary.convention, primary.repmgr_config)
+        await ctx.fact(
+            helperConvention=primary.convention.value,
+            registerPrimaryVia=how[:400],
+            repmgrConfig=primary.repmgr_config,
+            clusterTools=tools.summarize(verdicts)[:900],
+        )
+        await ctx.update(lambda s: st.set_message(
+            s, f"cluster tools checked on {len(verdicts)} node(s); {primary.node}: {how}"))
+
+    async def register_primary(self, ctx: StepContext) -> None:
+        """`register_master_node` the way the Fetching check found (fact `helperConvention`);
+        a status from before that check decides on the primary now and records it."""
+        ops = await self.ops(ctx)
+        facts = ctx.status.facts
+        pinned = facts.get("helperConvention")
+        convention = tools.Convention(pinned) if pinned else None
+        result = await ops.ensure_primary_registered(self.view(ctx), convention,
+                                                     facts.get("repmgrConfig"))
+        if convention is None and result.changed:
+            await ctx.fact(registerPrimaryVia=result.message[:400])
+        await self.note(ctx, result)
 
     async def check_free_space(self, ctx: StepContext) -> None:
         ops = await self.ops(ctx)
@@ -753,6 +794,11 @@ async def _never(_ctx: StepContext) -> bool:
     return False
 
 
+async def _tools_checked(ctx: StepContext) -> bool:
+    """Pinned once: a resumed run keeps the convention the first check found."""
+    return "helperConvention" in ctx.status.facts
+
+
 def _s3_credentials(secret: str, values: dict[str, bytes] | Any) -> S3Credentials:
     from pydantic import SecretStr  # noqa: PLC0415
 
@@ -824,6 +870,8 @@ async def build_a9s_logical_plan(inputs: PlanInputs) -> Plan:
                 "check-encryption-key", key_checked, r.check_encryption_key, verify_after=False
             ),
             FunctionStep("probe-cluster", _never, r.probe_cluster, verify_after=False),
+            FunctionStep("check-cluster-tools", _tools_checked, r.check_cluster_tools,
+                         verify_after=False),
             FunctionStep("check-free-space", _never, r.check_free_space, verify_after=False),
         ],
         Phase.DECRYPTING: [
@@ -877,7 +925,8 @@ async def build_a9s_logical_plan(inputs: PlanInputs) -> Plan:
             "ensure-repmgr-schema-truncated",
             lambda o, v, run: o.ensure_repmgr_schema_truncated(v, run),
         ),
-        r.cluster_step("ensure-primary-registered", lambda o, v: o.ensure_primary_registered(v)),
+        FunctionStep("ensure-primary-registered", _never, r.register_primary,
+                     verify_after=False),
         r.cluster_step(
             "ensure-repmgr-running-on-primary", lambda o, v: o.ensure_repmgr_running_on_primary(v)
         ),
@@ -906,6 +955,21 @@ async def build_a9s_logical_plan(inputs: PlanInputs) -> Plan:
                      verify_after=False),
     ]
     return Plan(steps=steps, closers=[recovery.close], leftovers=recovery)
+
+
+def ghost_deployment_warning(restored: Backup, newest: Backup) -> str:
+    """What to tell when an older backup than the newest is restored (a9s runbook,
+    "Limitations"): the framework's database forgets what was created since."""
+    hours = (newest.taken_at - restored.taken_at).total_seconds() / 3600
+    return (
+        f"restoring backup {restored.backup_id} taken {restored.taken_at:%Y-%m-%d %H:%M}Z, "
+        f"{hours:.1f} h older than the newest backup {newest.backup_id} "
+        f"({newest.taken_at:%Y-%m-%d %H:%M}Z{'' if newest.complete else ', incomplete'}). If "
+        "this a9s-pg backs the a9s framework (service broker, deployer), service instances "
+        f"created after {restored.taken_at:%Y-%m-%d %H:%M}Z stay deployed but unknown to it "
+        "(ghost deployments): compare `bosh deployments` with the broker's instances after the "
+        "recovery (README, 'Ghost deployments')"
+    )
 
 
 def _cleaning(ctx: StepContext) -> bool:

@@ -75,6 +75,7 @@ from pgrecovery.engine.plans.a9s_logical import (
     _never,
     _ProgressHolder,
     _pumping,
+    _tools_checked,
 )
 from pgrecovery.engine.status import BackupInfo, NodeState
 from pgrecovery.engine.steps import FunctionStep, Step, StepContext
@@ -540,6 +541,8 @@ async def build_wale_physical_plan(inputs: PlanInputs) -> Plan:
             FunctionStep("verify-base-backup", r.sysid_checked, r.verify_base_backup),
             FunctionStep("fetch-wal", wal_fetched, r.fetch_wal),
             FunctionStep("probe-cluster", _never, r.probe_cluster, verify_after=False),
+            FunctionStep("check-cluster-tools", _tools_checked, r.check_cluster_tools,
+                         verify_after=False),
             FunctionStep("plan-disk-space", _never, r.plan_space, verify_after=False),
         ],
         Phase.DECRYPTING: [
@@ -577,8 +580,8 @@ async def build_wale_physical_plan(inputs: PlanInputs) -> Plan:
                 "ensure-repmgr-schema-truncated",
                 lambda o, v, run: o.ensure_repmgr_schema_truncated(v, run),
             ),
-            r.cluster_step("ensure-primary-registered",
-                           lambda o, v: o.ensure_primary_registered(v)),
+            FunctionStep("ensure-primary-registered", _never, r.register_primary,
+                         verify_after=False),
             r.cluster_step(
                 "ensure-repmgr-running-on-primary",
                 lambda o, v: o.ensure_repmgr_running_on_primary(v),
