@@ -30,7 +30,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pytest
 import yaml
@@ -214,7 +214,18 @@ def _operator_env(kubeconfig: Path, extra: Mapping[str, str] | None) -> dict[str
     return env
 
 
-def wait_watching(api: KubeAPI, *, user: str, namespace: str, since: int,
+class RecordingAPI(Protocol):
+    """What `KopfProcess` needs of an API server: the emulator (`KubeAPI`) or the real one
+    (`tests.realkube.server.RealKubeAPI`, whose request log is its audit log)."""
+
+    def user_kubeconfig(self, user: str, namespace: str = "default") -> Path: ...
+
+    def mark(self) -> int: ...
+
+    def records(self, *, since: int = 0, **match: Any) -> list[RequestRecord]: ...
+
+
+def wait_watching(api: RecordingAPI, *, user: str, namespace: str, since: int,
                    resources: Sequence[str], timeout: float,
                    alive: Callable[[], bool]) -> None:
     def ready() -> bool:
@@ -229,15 +240,18 @@ def wait_watching(api: KubeAPI, *, user: str, namespace: str, since: int,
 class KopfProcess:
     """A real `kopf run` subprocess against the emulator."""
 
-    def __init__(self, api: KubeAPI, module: str, *, namespace: str, user: str, log_path: Path,
-                 env: Mapping[str, str] | None = None, args: Sequence[str] = (),
-                 watching: Sequence[str] = (), ready_timeout: float = 60.0) -> None:
+    def __init__(self, api: RecordingAPI, module: str, *, namespace: str, user: str,
+                 log_path: Path, env: Mapping[str, str] | None = None, args: Sequence[str] = (),
+                 watching: Sequence[str] = (), ready_timeout: float = 60.0,
+                 kubeconfig: Path | None = None) -> None:
+        """`kubeconfig`: given, the operator speaks with it (e.g. a ServiceAccount token) and
+        `user` must be the name the server records for it; else one is made for `user`."""
         self.api = api
         self.module = module
         self.namespace = namespace
         self.user = user
         self.log_path = log_path
-        self.kubeconfig = api.user_kubeconfig(user, namespace)
+        self.kubeconfig = kubeconfig or api.user_kubeconfig(user, namespace)
         self.env = _operator_env(self.kubeconfig, env)
         self.args = list(args)
         self.watching = tuple(watching)
