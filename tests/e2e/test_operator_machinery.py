@@ -1,12 +1,14 @@
-"""The operator's machinery end to end: a real `kopf run -m pgrecovery.main` against the API
-emulator, driven by the real kubectl, with the test-only plan (tests/e2e/plan_for_tests.py).
+"""The operator's machinery end to end: a real `kopf run -m pgrecovery.main` against the real
+kube-apiserver (tests/realkube; each test in its own namespace), driven by the real kubectl,
+with the test-only plan (tests/e2e/plan_for_tests.py).
 
 Proves (Foundation issue): Pending → each phase → Rejoined with status, conditions and one Event
 per phase; a status change from one phase fires the next phase's handler; SIGKILL mid-phase and
 restart resumes that phase; a fatal error lands as Failed with its reason; an invalid spec never
 reaches the first phase; deletion of a running recovery stops it and releases the finalizer;
 `kubectl get pgr` shows the printer columns; `kubectl wait --for=condition=…` works for success
-and failure; confirm gating, dry run, and frozen spec.
+and failure; confirm gating, dry run, and frozen spec. The operator runs as its own user
+(system:masters); the chart's RBAC is proven in test_real_apiserver.py.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.kubeapi.harness import KopfProcess, KubeAPI, Kubectl, wait_for
+from tests.kubeapi.harness import KopfProcess, Kubectl, wait_for
+from tests.realkube.server import RealKubeAPI
 
 pytestmark = pytest.mark.e2e
 
@@ -37,10 +40,11 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def manifest(name: str, *, deployment: str = "a9s-pg", **spec_changes: Any) -> str:
+def manifest(name: str, *, deployment: str = "a9s-pg", namespace: str = NAMESPACE,
+             **spec_changes: Any) -> str:
     doc = yaml.safe_load((ROOT / "manifests/samples/pgrecovery-s3.yaml").read_text())
     doc = copy.deepcopy(doc)
-    doc["metadata"] = {"name": name, "namespace": NAMESPACE}
+    doc["metadata"] = {"name": name, "namespace": namespace}
     doc["spec"]["target"]["deployment"] = deployment
     doc["spec"]["confirm"] = deployment
     doc["spec"].update(spec_changes)
@@ -48,27 +52,34 @@ def manifest(name: str, *, deployment: str = "a9s-pg", **spec_changes: Any) -> s
 
 
 class World:
-    def __init__(self, api: KubeAPI, kubectl: Kubectl, operator: KopfProcess, work: Path):
+    def __init__(self, api: RealKubeAPI, kubectl: Kubectl, operator: KopfProcess, work: Path,
+                 namespace: str):
         self.api, self.kubectl, self.operator, self.work = api, kubectl, operator, work
+        self.namespace = namespace
+
+    def manifest(self, name: str, **changes: Any) -> str:
+        return manifest(name, namespace=self.namespace, **changes)
 
     def status(self, name: str) -> dict[str, Any]:
-        obj = self.kubectl.json("pgr", name, "-n", NAMESPACE)
-        return obj.get("status") or {}  # type: ignore[no-any-return]
+        obj = self.kubectl.json("pgr", name, "-n", self.namespace)
+        status: dict[str, Any] = obj.get("status") or {}
+        return status
 
     def conditions(self, name: str) -> dict[str, dict[str, Any]]:
         return {c["type"]: c for c in self.status(name).get("conditions", [])}
 
     def applies(self, name: str) -> list[str]:
-        path = self.work / NAMESPACE / name / "applies.log"
+        path = self.work / self.namespace / name / "applies.log"
         return path.read_text().split() if path.exists() else []
 
     def events(self, name: str) -> list[dict[str, Any]]:
-        items = self.kubectl.json("events", "-n", NAMESPACE)["items"]
+        items = self.kubectl.json("events", "-n", self.namespace)["items"]
         return [e for e in items if e["involvedObject"]["name"] == name]
 
     def wait_condition(self, name: str, condition: str, timeout: int = 90) -> None:
         result = self.kubectl.wait(
-            f"pgr/{name}", "-n", NAMESPACE, f"--for=condition={condition}", f"--timeout={timeout}s"
+            f"pgr/{name}", "-n", self.namespace, f"--for=condition={condition}",
+            f"--timeout={timeout}s",
         )
         assert result.returncode == 0, (
             f"{condition} not reached: {result.stderr}\nstatus: {self.status(name)}\n"
@@ -78,17 +89,16 @@ class World:
 
 @pytest.fixture
 def world(
-    kube_api: KubeAPI,
-    kubectl: Kubectl,
-    kopf_operator_subprocess: Callable[..., KopfProcess],
+    real_kube_api: RealKubeAPI,
+    real_kubectl: Kubectl,
+    real_kopf_operator: Callable[..., KopfProcess],
+    real_namespace: str,
     tmp_path: Path,
 ) -> World:
-    kube_api.create_namespace(NAMESPACE)
-    kube_api.install_crd(CRD)
+    real_kube_api.install_crd(CRD)
     work = tmp_path / "work"
-    operator = kopf_operator_subprocess(
+    operator = real_kopf_operator(
         "pgrecovery.main",
-        namespace=NAMESPACE,
         env={
             "PGRECOVERY_PLAN_FACTORY": "tests.e2e.plan_for_tests:build_plan",
             "PGRECOVERY_WORK_DIR": str(work),
@@ -100,11 +110,11 @@ def world(
         },
         watching=("pgrecoveries",),
     )
-    return World(kube_api, kubectl, operator, work)
+    return World(real_kube_api, real_kubectl, operator, work, real_namespace)
 
 
 def test_recovery_walks_every_phase_to_rejoined(world: World) -> None:
-    assert world.kubectl.apply(manifest("walk")).returncode == 0
+    assert world.kubectl.apply(world.manifest("walk")).returncode == 0
     world.wait_condition("walk", "Succeeded")
     status = world.status("walk")
     assert status["phase"] == "Rejoined"
@@ -135,20 +145,20 @@ def test_recovery_walks_every_phase_to_rejoined(world: World) -> None:
     assert reasons.count("StepFinished") == 10
     assert reasons.count("Succeeded") == 1
     # the printer columns, through kubectl's Table request
-    table = world.kubectl.get("pgr", "-n", NAMESPACE)
+    table = world.kubectl.get("pgr", "-n", world.namespace)
     assert table.returncode == 0, table.stderr
     header = table.stdout.splitlines()[0].split()
     assert header == ["NAME", "PHASE", "BACKUP", "PROGRESS", "PRIMARY", "AGE"]
     assert "Rejoined" in table.stdout.splitlines()[1]
     # re-applying the same manifest after success runs nothing again
     before = world.applies("walk")
-    assert world.kubectl.apply(manifest("walk")).returncode == 0
+    assert world.kubectl.apply(world.manifest("walk")).returncode == 0
     wait_for(lambda: True, timeout=2)
     assert world.applies("walk") == before
 
 
 def test_sigkill_mid_phase_resumes_that_phase(world: World) -> None:
-    assert world.kubectl.apply(manifest("crash", deployment="slow-decrypt")).returncode == 0
+    assert world.kubectl.apply(world.manifest("crash", deployment="slow-decrypt")).returncode == 0
     wait_for(
         lambda: "decrypting-2" in world.applies("crash") or None,
         timeout=60,
@@ -166,7 +176,8 @@ def test_sigkill_mid_phase_resumes_that_phase(world: World) -> None:
 
 
 def test_fatal_error_lands_as_failed_with_reason(world: World) -> None:
-    assert world.kubectl.apply(manifest("fatal", deployment="fail-in-staging")).returncode == 0
+    fatal = world.manifest("fatal", deployment="fail-in-staging")
+    assert world.kubectl.apply(fatal).returncode == 0
     world.wait_condition("fatal", "Failed")
     status = world.status("fatal")
     assert status["phase"] == "Failed"
@@ -180,26 +191,28 @@ def test_fatal_error_lands_as_failed_with_reason(world: World) -> None:
         e["reason"] == "StepFailed" and e["type"] == "Warning" for e in world.events("fatal")
     )
     # a failed recovery never runs again
-    assert world.kubectl.apply(manifest("fatal", deployment="fail-in-staging")).returncode == 0
+    fatal = world.manifest("fatal", deployment="fail-in-staging")
+    assert world.kubectl.apply(fatal).returncode == 0
     assert world.applies("fatal").count("staging-1") == 1
 
 
 def test_invalid_spec_never_reaches_the_first_phase(world: World) -> None:
-    doc = yaml.safe_load(manifest("invalid"))
+    doc = yaml.safe_load(world.manifest("invalid"))
     doc["spec"]["target"]["nodes"][0]["address"] = "10.0.0.1; rm -rf /"
-    # The emulator does not validate against the CRD schema (a real API server would reject
-    # this at apply time); the operator's typed model is the second wall.
-    assert world.kubectl.apply(yaml.safe_dump(doc)).returncode == 0
-    world.wait_condition("invalid", "Failed")
-    status = world.status("invalid")
-    assert status["failureReason"] == "InvalidSpec"
-    assert "spec.target.nodes.0.address" in status["message"]
-    assert status.get("steps", []) == []
+    # The API server rejects it at apply time, and the user reads why in kubectl's output; the
+    # operator's typed model (the second wall, for a server without the CRD's schema) is
+    # tested on the same values in tests/unit/test_crd.py.
+    result = world.kubectl.apply(yaml.safe_dump(doc))
+    assert result.returncode != 0
+    assert 'The PgRecovery "invalid" is invalid' in result.stderr, result.stderr
+    assert "spec.target.nodes[0].address: Invalid value" in result.stderr, result.stderr
+    assert "should match" in result.stderr, result.stderr
+    assert world.kubectl.get("pgr", "invalid", "-n", world.namespace).returncode != 0
     assert world.applies("invalid") == []
 
 
 def test_destructive_phases_wait_for_confirm(world: World) -> None:
-    assert world.kubectl.apply(manifest("confirm", confirm="")).returncode == 0
+    assert world.kubectl.apply(world.manifest("confirm", confirm="")).returncode == 0
     wait_for(
         lambda: world.conditions("confirm").get("Blocked", {}).get("status") == "True" or None,
         timeout=60,
@@ -210,14 +223,16 @@ def test_destructive_phases_wait_for_confirm(world: World) -> None:
     assert "spec.confirm" in blocked["message"]
     assert not [s for s in world.applies("confirm") if s.startswith("staging")]
     patch = json.dumps({"spec": {"confirm": "a9s-pg"}})
-    result = world.kubectl("patch", "pgr", "confirm", "-n", NAMESPACE, "--type=merge", "-p", patch)
+    result = world.kubectl(
+        "patch", "pgr", "confirm", "-n", world.namespace, "--type=merge", "-p", patch
+    )
     assert result.returncode == 0, result.stderr
     world.wait_condition("confirm", "Succeeded")
     assert world.conditions("confirm").get("SpecChangeIgnored", {}).get("status") != "True"
 
 
 def test_dry_run_stops_before_staging_with_a_report(world: World) -> None:
-    assert world.kubectl.apply(manifest("dry", dryRun=True)).returncode == 0
+    assert world.kubectl.apply(world.manifest("dry", dryRun=True)).returncode == 0
     wait_for(
         lambda: (
             world.conditions("dry").get("Blocked", {}).get("reason") == "DryRunComplete" or None
@@ -232,12 +247,12 @@ def test_dry_run_stops_before_staging_with_a_report(world: World) -> None:
 
 
 def test_spec_edit_after_start_is_ignored_visibly(world: World) -> None:
-    assert world.kubectl.apply(manifest("frozen", deployment="slow-decrypt")).returncode == 0
+    assert world.kubectl.apply(world.manifest("frozen", deployment="slow-decrypt")).returncode == 0
     wait_for(lambda: "decrypting-2" in world.applies("frozen") or None, timeout=60)
     patch = json.dumps({"spec": {"target": {"postgresMajorVersion": 14}}})
     assert (
         world.kubectl(
-            "patch", "pgr", "frozen", "-n", NAMESPACE, "--type=merge", "-p", patch
+            "patch", "pgr", "frozen", "-n", world.namespace, "--type=merge", "-p", patch
         ).returncode
         == 0
     )
@@ -253,13 +268,13 @@ def test_spec_edit_after_start_is_ignored_visibly(world: World) -> None:
 
 
 def test_deleting_a_running_recovery_stops_it_and_releases_the_finalizer(world: World) -> None:
-    assert world.kubectl.apply(manifest("doomed", deployment="slow-decrypt")).returncode == 0
+    assert world.kubectl.apply(world.manifest("doomed", deployment="slow-decrypt")).returncode == 0
     wait_for(lambda: "decrypting-2" in world.applies("doomed") or None, timeout=60)
-    obj = world.kubectl.json("pgr", "doomed", "-n", NAMESPACE)
+    obj = world.kubectl.json("pgr", "doomed", "-n", world.namespace)
     assert "pgrecovery.dev/finalizer" in obj["metadata"]["finalizers"]
-    result = world.kubectl("delete", "pgr", "doomed", "-n", NAMESPACE, "--timeout=60s")
+    result = world.kubectl("delete", "pgr", "doomed", "-n", world.namespace, "--timeout=60s")
     assert result.returncode == 0, result.stderr
-    gone = world.kubectl.get("pgr", "doomed", "-n", NAMESPACE)
+    gone = world.kubectl.get("pgr", "doomed", "-n", world.namespace)
     assert gone.returncode != 0
     assert "NotFound" in gone.stderr
     # kopf posts Events from a background queue: the Deleted one may land just after.
@@ -277,9 +292,9 @@ def test_deleting_a_running_recovery_stops_it_and_releases_the_finalizer(world: 
 
 
 def test_two_recoveries_of_one_deployment_never_overlap_destructively(world: World) -> None:
-    assert world.kubectl.apply(manifest("first", deployment="slow-staging")).returncode == 0
+    assert world.kubectl.apply(world.manifest("first", deployment="slow-staging")).returncode == 0
     wait_for(lambda: "staging-2" in world.applies("first") or None, timeout=60)
-    assert world.kubectl.apply(manifest("second", deployment="slow-staging")).returncode == 0
+    assert world.kubectl.apply(world.manifest("second", deployment="slow-staging")).returncode == 0
     wait_for(
         lambda: world.conditions("second").get("Blocked", {}).get("status") == "True" or None,
         timeout=60,
@@ -287,7 +302,7 @@ def test_two_recoveries_of_one_deployment_never_overlap_destructively(world: Wor
     )
     blocked = world.conditions("second")["Blocked"]
     assert blocked["reason"] == "DeploymentBusy"
-    assert f"{NAMESPACE}/first" in blocked["message"]
+    assert f"{world.namespace}/first" in blocked["message"]
     assert not [s for s in world.applies("second") if s.startswith("staging")]
     world.wait_condition("first", "Succeeded")
     world.wait_condition("second", "Succeeded", timeout=120)
