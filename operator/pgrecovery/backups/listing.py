@@ -30,7 +30,7 @@ from datetime import datetime
 from pgrecovery.adapters.objectstore import ObjectInfo, ObjectStore
 from pgrecovery.adapters.retry import RetryPolicy, retry_async
 from pgrecovery.backups.naming import BackupId, ParsedKey, guess_guid, parse_backup_id, parse_key
-from pgrecovery.errors import BackupIncomplete, BackupNotFound
+from pgrecovery.errors import BackupIncomplete, BackupNotFound, RecoveryError
 
 # `Salted__` (8) + salt (8); the ciphertext after it is whole AES blocks.
 OPENSSL_HEADER_SIZE = 16
@@ -314,7 +314,7 @@ async def list_backups(
     )
     listing = build_listing(guid, objects, prefix=prefix, location=store.description)
     if listing.backups:
-        return await _with_metadata(store, listing, policy)
+        return await _with_metadata(store, listing)
     sample = await retry_async(
         lambda: store.list(prefix, limit=_HINT_SCAN_LIMIT),
         policy,
@@ -336,16 +336,20 @@ async def list_backups(
 METADATA_NEWEST = 10
 
 
-async def _with_metadata(store: ObjectStore, listing: BackupListing,
-                         policy: RetryPolicy) -> BackupListing:
+async def _with_metadata(store: ObjectStore, listing: BackupListing) -> BackupListing:
     checked = list(listing.backups)
     for i in range(max(0, len(checked) - METADATA_NEWEST), len(checked)):
         backup = checked[i]
         key, size = backup.metadata_key, backup.metadata_size
         if key is None or not 0 < size <= METADATA_READ_LIMIT:
             continue
-        raw = await retry_async(lambda k=key, n=size: store.read_range(k, 0, n),  # type: ignore[misc]
-                                policy, what=f"read {key}")
+        try:
+            raw = await store.read_range(key, 0, size)
+        except RecoveryError as exc:
+            # Metadata only ever adds problems; unreadable, it adds a note, never a failure.
+            checked[i] = dataclasses.replace(
+                backup, notes=(*backup.notes, f"metadata {key} not read: {exc}"))
+            continue
         checked[i] = check_against_metadata(backup, parse_metadata(raw))
     return dataclasses.replace(listing, backups=tuple(checked))
 
