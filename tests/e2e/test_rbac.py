@@ -1,12 +1,15 @@
-"""Least-privilege RBAC, checked against what a real operator run actually sends.
+"""Least-privilege RBAC, enforced by a real API server and checked against what was sent.
 
 Why this module exists: RBAC written by reading code is either too broad or breaks the first
-recovery in a real cluster. Here a real `kopf run -m pgrecovery.main` subprocess (test-only
-plan) goes through a whole recovery and the deletion of a running one; every request its own
-user sent to the API emulator is recorded (kubectl's requests, as `admin`, are not), and each
-must be granted by the chart's rendered rules (namespace and cluster scope) and by
-`manifests/`. The reverse holds too: every granted (verb, resource) was used, so nothing is
-broader than needed (no `*`, no Secret list/watch, Events create only).
+recovery in a real cluster. Here the chart (rendered by Helm's library for the test's own
+namespace) is applied to the real kube-apiserver (tests/realkube, `--authorization-mode=RBAC`)
+and a real `kopf run -m pgrecovery.main` subprocess (test-only plan) runs under the chart's
+ServiceAccount token through a whole recovery and the deletion of a running one: a call the
+chart does not allow fails the recovery with a 403. Every request of that ServiceAccount is
+read back from the server's audit log (kubectl's requests, as `admin`, are not its), and each
+must also be granted by the chart's cluster-scope rules and by `manifests/`. The reverse holds
+too: every granted (verb, resource) was used, so nothing is broader than needed (no `*`, no
+Secret list/watch, Events create only).
 
 Secrets: the test plan reads none, so the plan here wraps it and reads every Secret the spec
 references through the operator's own adapter (`pgrecovery.adapters.kube`, `get` by name,
@@ -29,7 +32,8 @@ import yaml
 from pgrecovery.engine.plan import Plan, PlanInputs
 from tests.e2e import plan_for_tests
 from tests.e2e.test_operator_machinery import manifest
-from tests.kubeapi.harness import KopfProcess, KubeAPI, Kubectl, wait_for
+from tests.kubeapi.harness import KopfProcess, Kubectl, wait_for
+from tests.realkube.server import RealKubeAPI
 from tests.unit import test_helm_chart as chart
 
 pytestmark = pytest.mark.e2e
@@ -71,25 +75,35 @@ def _env(work: Path) -> dict[str, str]:
     }
 
 
-def _recover_and_delete(api: KubeAPI, kubectl: Kubectl, operator: KopfProcess) -> None:
+def _in_namespace(docs: Iterable[dict[str, Any]], namespace: str) -> str:
+    moved = []
+    for doc in docs:
+        doc["metadata"]["namespace"] = namespace
+        moved.append(doc)
+    return yaml.safe_dump_all(moved)
+
+
+def _recover_and_delete(kubectl: Kubectl, operator: KopfProcess, namespace: str) -> None:
     """A whole recovery to Rejoined, then a second one deleted while it runs."""
-    assert kubectl.apply((ROOT / "manifests/samples/secrets.yaml").read_text()).returncode == 0
-    assert kubectl.apply(manifest("whole")).returncode == 0
-    done = kubectl.wait("pgr/whole", "-n", NAMESPACE, "--for=condition=Succeeded", "--timeout=90s")
+    secrets = yaml.safe_load_all((ROOT / "manifests/samples/secrets.yaml").read_text())
+    assert kubectl.apply(_in_namespace(secrets, namespace)).returncode == 0
+    assert kubectl.apply(manifest("whole", namespace=namespace)).returncode == 0
+    done = kubectl.wait("pgr/whole", "-n", namespace, "--for=condition=Succeeded", "--timeout=90s")
     assert done.returncode == 0, done.stderr + operator.log_text()[-3000:]
-    assert kubectl.apply(manifest("doomed", deployment="slow-decrypt")).returncode == 0
+    doomed = manifest("doomed", deployment="slow-decrypt", namespace=namespace)
+    assert kubectl.apply(doomed).returncode == 0
     wait_for(
-        lambda: "decrypting-2" in (operator.log_text() + _applies(operator, "doomed")),
+        lambda: "decrypting-2" in (operator.log_text() + _applies(operator, "doomed", namespace)),
         timeout=60,
         message="the slow step of the doomed recovery to start",
     )
-    deleted = kubectl("delete", "pgr", "doomed", "-n", NAMESPACE, "--timeout=60s")
+    deleted = kubectl("delete", "pgr", "doomed", "-n", namespace, "--timeout=60s")
     assert deleted.returncode == 0, deleted.stderr
     # kopf posts Events from a background queue: the Deleted one may land just after the
     # object is gone.
     wait_for(
         lambda: any(
-            e["reason"] == "Deleted" for e in kubectl.json("events", "-n", NAMESPACE)["items"]
+            e["reason"] == "Deleted" for e in kubectl.json("events", "-n", namespace)["items"]
         )
         or None,
         timeout=30,
@@ -98,19 +112,50 @@ def _recover_and_delete(api: KubeAPI, kubectl: Kubectl, operator: KopfProcess) -
     operator.stop()
 
 
-def _applies(operator: KopfProcess, name: str) -> str:
-    path = Path(operator.env["PGRECOVERY_WORK_DIR"]) / NAMESPACE / name / "applies.log"
+def _applies(operator: KopfProcess, name: str, namespace: str) -> str:
+    path = Path(operator.env["PGRECOVERY_WORK_DIR"]) / namespace / name / "applies.log"
     return path.read_text() if path.exists() else ""
 
 
-def recorded(api: KubeAPI, user: str) -> set[Request]:
+def recorded(api: RealKubeAPI, user: str, namespace: str) -> set[Request]:
+    """What `user` sent, from the audit log; the test's `namespace` is written as NAMESPACE,
+    the one the rules under test are rendered for."""
     requests = set()
     for record in api.records(user=user):
         if record.group is None or record.resource is None:
             continue  # discovery: granted to everyone by system:discovery
-        verb, group, resource, subresource, namespace = record.rbac()
-        requests.add((verb, group or "", resource, subresource, namespace))
+        where = NAMESPACE if record.namespace == namespace else record.namespace
+        requests.add((record.verb, record.group, record.resource, record.subresource, where))
     return requests
+
+
+def install_chart(
+    api: RealKubeAPI, kubectl: Kubectl, namespace: str, values: dict[str, Any] | None = None
+) -> tuple[list[dict[str, Any]], Path, str]:
+    """The chart rendered by Helm for `namespace` and applied (a release name of its own: the
+    ClusterRoleBinding is cluster-wide); returns the objects, a kubeconfig with the chart's
+    ServiceAccount token and the name the audit log records for it."""
+    rendered = chart.helm.Chart.load(chart.CHART).render(
+        values or {}, name=f"pgr-{namespace}", namespace=namespace, is_install=True
+    )
+    objects = [
+        doc
+        for path, text in sorted(rendered.items())
+        if path.endswith(".yaml")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
+    applied = kubectl.apply(yaml.safe_dump_all(objects))
+    assert applied.returncode == 0, applied.stderr
+    (account,) = chart.of_kind(objects, "ServiceAccount")
+    name = account["metadata"]["name"]
+    user = f"system:serviceaccount:{namespace}:{name}"
+    return objects, api.serviceaccount_kubeconfig(namespace, name), user
+
+
+def assert_nothing_refused(api: RealKubeAPI, user: str) -> None:
+    refused = [r for r in api.records(user=user) if r.status == 403]
+    assert refused == [], f"the API server refused the operator: {refused}"
 
 
 # ---------------------------------------------------------------- the rules under test
@@ -184,21 +229,24 @@ def assert_least_privilege(
 
 
 def test_standalone_operator_is_granted_exactly_what_it_uses(
-    kube_api: KubeAPI,
-    kubectl: Kubectl,
-    kopf_operator_subprocess: Callable[..., KopfProcess],
+    real_kube_api: RealKubeAPI,
+    real_kubectl: Kubectl,
+    real_namespace: str,
+    real_kopf_operator: Callable[..., KopfProcess],
     tmp_path: Path,
 ) -> None:
-    kube_api.create_namespace(NAMESPACE)
-    kube_api.install_crd(ROOT / "crds" / "pgrecovery.yaml")
-    operator = kopf_operator_subprocess(
+    real_kube_api.install_crd(ROOT / "crds" / "pgrecovery.yaml")
+    _, kubeconfig, user = install_chart(real_kube_api, real_kubectl, real_namespace)
+    operator = real_kopf_operator(
         "pgrecovery.main",
-        namespace=NAMESPACE,
+        kubeconfig=kubeconfig,
+        user=user,
         env=_env(tmp_path / "work"),
         watching=("pgrecoveries",),
     )
-    _recover_and_delete(kube_api, kubectl, operator)
-    requests = recorded(kube_api, operator.user)
+    _recover_and_delete(real_kubectl, operator, real_namespace)
+    assert_nothing_refused(real_kube_api, user)
+    requests = recorded(real_kube_api, user, real_namespace)
     # the request kinds this test exists for really happened
     assert ("get", "", "secrets", None, NAMESPACE) in requests
     assert ("patch", "pgrecovery.dev", "pgrecoveries", "status", NAMESPACE) in requests
@@ -233,34 +281,39 @@ class PeeringKopfProcess(KopfProcess):
 
 
 def test_ha_operator_with_peering_is_granted_exactly_what_it_uses(
-    kube_api: KubeAPI,
-    kubectl: Kubectl,
+    real_kube_api: RealKubeAPI,
+    real_kubectl: Kubectl,
+    real_namespace: str,
     tmp_path: Path,
 ) -> None:
     values = chart.COMBINATIONS["ha-pvc"]
-    rendered = chart.render(values)
-    kube_api.create_namespace(NAMESPACE)
-    kube_api.install_crd(ROOT / "crds" / "pgrecovery.yaml")
-    peering_crds = yaml.safe_load_all((chart.CHART / "crds" / "kopf-peering.yaml").read_text())
-    for crd in peering_crds:
-        assert kube_api.create(crd)
-    (peering,) = chart.of_kind(rendered, "KopfPeering")
-    assert kube_api.create(peering)
+    rendered = chart.render(values)  # for NAMESPACE: the rules under test
+    real_kube_api.install_crd(ROOT / "crds" / "pgrecovery.yaml")
+    crds = real_kubectl("apply", "-f", str(chart.CHART / "crds" / "kopf-peering.yaml"))
+    assert crds.returncode == 0, crds.stderr
+    # the chart's KopfPeering object is created by the install, in the test's namespace
+    installed, kubeconfig, user = install_chart(
+        real_kube_api, real_kubectl, real_namespace, values
+    )
+    (peering,) = chart.of_kind(installed, "KopfPeering")
     operator = PeeringKopfProcess(
-        kube_api,
+        real_kube_api,
         "pgrecovery.main",
-        namespace=NAMESPACE,
-        user="kopf-peer",
+        namespace=real_namespace,
+        user=user,
+        kubeconfig=kubeconfig,
         log_path=tmp_path / "kopf-peer.log",
         env=_env(tmp_path / "work"),
         watching=("pgrecoveries",),
     )
+    operator.peering = peering["metadata"]["name"]
     assert f"--peering={peering['metadata']['name']}" in operator.command
     try:
         operator.start()
-        _recover_and_delete(kube_api, kubectl, operator)
+        _recover_and_delete(real_kubectl, operator, real_namespace)
     finally:
         operator.stop()
-    requests = recorded(kube_api, operator.user)
+    assert_nothing_refused(real_kube_api, user)
+    requests = recorded(real_kube_api, user, real_namespace)
     assert any(r[2] == "kopfpeerings" for r in requests), sorted(requests)
     assert_least_privilege(_rules_of(rendered), requests, "the chart (HA, namespace scope)")
