@@ -159,14 +159,20 @@ def start_seaweedfs(workdir: Path | None = None) -> S3Server:
         "[master.volume_growth]\ncopy_1 = 1\ncopy_2 = 2\ncopy_3 = 3\ncopy_other = 1\n"
     )
     ports = {name: free_port() for name in ("m", "mg", "v", "vg", "f", "fg", "s", "sg")}
+    (root / "logs").mkdir()
     argv = [
-        weed, "server", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        # glog writes weed.<host>.<user>.log.* into /tmp unless told otherwise.
+        weed, f"-logdir={root / 'logs'}",
+        "server", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-master.port={ports['m']}", f"-master.port.grpc={ports['mg']}",
         f"-volume.port={ports['v']}", f"-volume.port.grpc={ports['vg']}",
         "-filer", f"-filer.port={ports['f']}", f"-filer.port.grpc={ports['fg']}",
         "-s3", f"-s3.port={ports['s']}", f"-s3.port.grpc={ports['sg']}", f"-s3.config={config}",
         # Small volumes: the default 30 GB limit would preallocate far more than tests need.
         "-master.volumeSizeLimitMB=256", "-volume.max=512", "-master.telemetry=false",
+        # The Iceberg catalog and Lance listeners (4.x) bind fixed ports 8181 and 9101: a second
+        # server on the machine (another session, bench/) died with "address already in use".
+        "-s3.port.iceberg=0", "-s3.port.lance=0",
     ]  # fmt: skip
     log = root / "weed.log"
     with log.open("wb") as out:
@@ -176,6 +182,12 @@ def start_seaweedfs(workdir: Path | None = None) -> S3Server:
 
     def stop() -> None:
         _stop(proc)
+        # weed puts unix sockets in /tmp, named by port (`seaweedfs-s3-<port>.sock`,
+        # `seaweedfs-master-grpc-<port>.sock`, … — the gRPC ones cannot be moved), and leaves
+        # them when it is killed: remove ours.
+        for port in ports.values():
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
         shutil.rmtree(root, ignore_errors=True)
 
     s3 = S3Server("seaweedfs", f"http://127.0.0.1:{ports['s']}", access, secret, _stop=stop)

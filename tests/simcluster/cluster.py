@@ -71,6 +71,11 @@ class OwnerLock:
     The machine is shared: without it a second test session (or a bring-up "cleaning stale
     leftovers") would tear down a cluster another session is using. The kernel drops the
     lock when its holder dies, so a crashed run's cluster counts as stale, never as in use.
+
+    The file is removed when the cluster goes down (`release(remove=True)`, `teardown`), so
+    /tmp keeps no lock of a cluster that no longer exists. It is only ever unlinked by a
+    process that holds the lock, and `acquire` checks after locking that the path still names
+    the file it locked (else it locks the new one): two owners at once are impossible.
     """
 
     def __init__(self, path: Path) -> None:
@@ -80,29 +85,65 @@ class OwnerLock:
     def acquire(self, *, wait_s: float) -> None:
         if self.fd is not None:
             return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         deadline = time.monotonic() + wait_s
         while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
             except BlockingIOError:
+                os.close(fd)
                 if time.monotonic() > deadline:
-                    os.close(fd)
                     raise ClusterInUse(
                         f"cluster lock {self.path} is held by PID {holder(self.path)} "
                         f"(waited {wait_s:.0f}s); use another cluster name and subnet, or "
                         "`python -m tests.simcluster down --name ...` if it is yours"
                     ) from None
                 time.sleep(0.5)
+                continue
+            if _names_file(self.path, fd):
+                break
+            os.close(fd)  # removed by its last owner while we waited: lock the new one
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
 
-    def release(self) -> None:
+    def release(self, *, remove: bool = False) -> None:
+        """Give up ownership; `remove`: also delete the lock file (the cluster is gone)."""
         if self.fd is not None:
+            if remove and _names_file(self.path, self.fd):
+                self.path.unlink(missing_ok=True)
             os.close(self.fd)
             self.fd = None
+
+
+def _names_file(path: Path, fd: int) -> bool:
+    """Whether `path` still names the open file `fd`."""
+    try:
+        on_disk = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
+
+
+def remove_lock(path: Path) -> bool:
+    """Delete lock file `path` unless a live process holds it (taken first: see OwnerLock)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    try:
+        if _names_file(path, fd):
+            path.unlink(missing_ok=True)
+            return True
+        return False
+    finally:
+        os.close(fd)
 
 
 def holder(path: Path) -> int | None:
@@ -699,7 +740,7 @@ class SimCluster:
         for vm in self.vms:
             vm.power_cut()
         teardown(self.config, force=True)
-        self._lock.release()
+        self._lock.release(remove=True)
 
     def detach(self) -> None:
         """Leave the cluster running after this process exits (the CLI's `up`): a small
@@ -978,6 +1019,10 @@ def teardown(config: ClusterConfig | None = None, *, force: bool = False) -> lis
     if root.exists():
         shutil.rmtree(root, ignore_errors=True)
         done.append(f"removed {root}")
+    # The owner lock in /tmp, unless a live process holds it (the caller, in `down`, releases
+    # and removes its own).
+    if remove_lock(lock_path(config)):
+        done.append(f"removed {lock_path(config)}")
 
     for ns in namespaces:
         host.delete_netns(ns)
