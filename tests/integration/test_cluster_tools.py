@@ -17,7 +17,10 @@ VMs — one cluster per convention (`ClusterConfig.helper_privileges`) — this 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -266,4 +269,45 @@ def test_mismatched_tools_fail_in_fetching_and_change_nothing(
     assert "ensure-standbys-stopped" not in steps
     # nothing changed, on every node
     assert after == before
+    assert cluster.wait_healthy(timeout=30).ok
+
+
+def test_resume_calls_the_helper_the_pinned_way(
+    self_dropping_sim_cluster: SimCluster, moto_s3: S3Server, tmp_path: Path
+) -> None:
+    """Killed (SIGKILL) just as ensure-primary-registered starts, on the cluster whose helpers
+    drop privileges themselves: `--resume` registers the primary as the first run's check
+    decided (the pinned `helperConvention`), without checking again, and completes."""
+    cluster = self_dropping_sim_cluster
+    cluster.heal(timeout=30)
+    scenario = Scenario.prepare(cluster, moto_s3, rows=300)
+    argv, status_file = local_recover_argv(scenario, tmp_path, "tools-resume")
+    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+
+    def steps() -> dict[str, str]:
+        try:
+            return {s["name"]: s["state"] for s in _status(status_file)["steps"]}  # type: ignore[union-attr]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            return {}
+
+    while (time.monotonic() < deadline and proc.poll() is None
+           and "ensure-primary-registered" not in steps()):
+        time.sleep(0.02)
+    assert proc.poll() is None, "finished before ensure-primary-registered was seen"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    first = _status(status_file)["facts"]
+    assert first["helperConvention"] == tools.Convention.HELPER_DROPS.value  # type: ignore[index]
+    resumed = subprocess.run([*argv, "--resume"], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=900, check=False)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    status = _status(status_file)
+    assert status["phase"] == "Rejoined"
+    facts = status["facts"]
+    for key in ("helperConvention", "registerPrimaryVia", "clusterTools"):
+        assert facts[key] == first[key], key  # type: ignore[index]
+    assert steps()["ensure-primary-registered"] == "Succeeded"
+    assert scenario.restored_everywhere() == {vm.name: True for vm in cluster.vms}
     assert cluster.wait_healthy(timeout=30).ok

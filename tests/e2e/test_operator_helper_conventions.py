@@ -1,0 +1,51 @@
+"""The operator (a real `kopf run` with the real plan) recovers a cluster whose helper
+functions drop privileges themselves — the convention that broke a recovery in Rejoined on a
+cluster built by other hands (issue 15). The other convention (helpers called as postgres) is
+the session cluster of `test_operator_recovery.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.operator_harness import NAMESPACE, Operator, recovery_operator
+from tests.kubeapi.harness import KopfProcess, KubeAPI, Kubectl
+from tests.objectstores.servers import S3Server
+from tests.scenario import Scenario
+from tests.simcluster.cluster import SimCluster
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.vms]
+
+
+@pytest.fixture
+def operator(
+    kube_api: KubeAPI,
+    kubectl: Kubectl,
+    kopf_operator_subprocess: Callable[..., KopfProcess],
+    tmp_path: Path,
+) -> Operator:
+    return recovery_operator(kube_api, kubectl, kopf_operator_subprocess, tmp_path / "work")
+
+
+def test_operator_recovers_a_cluster_whose_helpers_drop_privileges(
+    operator: Operator, self_dropping_sim_cluster: SimCluster, moto_s3: S3Server
+) -> None:
+    cluster = self_dropping_sim_cluster
+    cluster.heal(timeout=30)
+    scenario = Scenario.prepare(cluster, moto_s3, rows=300, part_size=48 * 1024)
+    name = "helpers-drop-privileges"
+    operator.apply(*scenario.kube_secrets(NAMESPACE), scenario.manifest(name, NAMESPACE))
+    operator.wait(name, "Succeeded")
+    status = operator.status(name)
+    assert status["phase"] == "Rejoined"
+    facts = status["facts"]
+    assert facts["helperConvention"] == "helper-drops-privileges", facts
+    assert "called as root" in facts["registerPrimaryVia"]
+    steps = [s["name"] for s in status["steps"]]
+    assert steps.index("check-cluster-tools") == steps.index("probe-cluster") + 1
+    assert all(s["state"] in ("Succeeded", "Skipped") for s in status["steps"])
+    assert scenario.restored_everywhere() == {vm.name: True for vm in cluster.vms}
+    assert cluster.wait_healthy(timeout=30).ok
