@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from pgrecovery.cluster import monit, tools
-from pgrecovery.cluster.nodes import A9sLayout
+from pgrecovery.cluster.nodes import A9sLayout, Node
 from pgrecovery.cluster.tools import Convention, assess, classify_function, parse_declare_f
 from pgrecovery.engine.phases import Phase
 from pgrecovery.engine.plan import PlanFactory, PlanInputs
@@ -210,3 +210,48 @@ async def test_the_check_follows_probe_cluster_in_both_plans(
     names = [s.name for s in plan.steps[Phase.FETCHING]]
     assert names.index("check-cluster-tools") == names.index("probe-cluster") + 1
     assert "ensure-primary-registered" in [s.name for s in plan.steps[Phase.REJOINED]]
+
+
+class _FakeOps:
+    """Records how the plan asks for the registration."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Convention | None, str | None]] = []
+        self.layout = LAYOUT
+
+    async def ensure_primary_registered(
+        self, view: object, convention: Convention | None = None,
+        repmgr_config: str | None = None,
+    ) -> object:
+        from pgrecovery.cluster.a9s import StepResult  # noqa: PLC0415
+
+        self.calls.append((convention, repmgr_config))
+        return StepResult("ensure_primary_registered", True, "primary registered: how")
+
+
+@pytest.mark.parametrize("pinned", [*Convention, None])
+async def test_register_step_uses_the_pinned_convention(pinned: Convention | None) -> None:
+    """A resumed run calls the helper the way the first run's check decided (or, with a
+    status from before the check, lets the primary decide and records it)."""
+    from pgrecovery.engine.plans.a9s_logical import A9sLogicalRecovery  # noqa: PLC0415
+    from pgrecovery.engine.status import RecoveryStatus  # noqa: PLC0415
+    from pgrecovery.engine.steps import StepContext  # noqa: PLC0415
+    from pgrecovery.engine.supervisor import MemoryReporter  # noqa: PLC0415
+
+    doc = yaml.safe_load((ROOT / "manifests/samples/pgrecovery-s3.yaml").read_text())
+    inputs = PlanInputs(name="r", namespace="ns", uid="u1", spec=parse_spec(doc["spec"]),
+                        secrets=None, work_dir="/nonexistent")  # type: ignore[arg-type]
+    nodes = tuple(Node(n["name"], n["address"]) for n in doc["spec"]["target"]["nodes"])
+    fake = _FakeOps()
+    recovery = A9sLogicalRecovery(inputs=inputs, layout=LAYOUT, nodes=nodes,
+                                  _ops=fake)  # type: ignore[arg-type]
+    facts = {"helperConvention": pinned.value, "repmgrConfig": "/c/repmgr.conf"} if pinned \
+        else {}
+    status = RecoveryStatus().model_copy(update={"primary": nodes[0].name, "facts": facts})
+    reporter = MemoryReporter(status)
+    await recovery.register_primary(StepContext(reporter=reporter))
+    assert fake.calls == [(pinned, "/c/repmgr.conf" if pinned else None)]
+    if pinned is None:
+        assert reporter.status.facts["registerPrimaryVia"] == "primary registered: how"
+    else:
+        assert "registerPrimaryVia" not in reporter.status.facts
