@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from tests.kubeapi.harness import KopfProcess, KubeAPI, Kubectl
+from tests.realkube.server import RealKubeAPI
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT / "crds" / "pgrecovery.yaml"
@@ -57,22 +58,27 @@ def start_recovery_operator(
 
 
 class Operator:
-    """The running operator as a user sees it: kubectl apply/get/wait, events, metrics."""
+    """The running operator as a user sees it: kubectl apply/get/wait, events, metrics, in
+    `namespace` (NAMESPACE on the emulator, the test's own one on the real API server)."""
 
-    def __init__(self, api: KubeAPI, kubectl: Kubectl, process: KopfProcess, port: int) -> None:
+    def __init__(self, api: KubeAPI | RealKubeAPI, kubectl: Kubectl, process: KopfProcess,
+                 port: int, namespace: str = NAMESPACE) -> None:
         self.api, self.kubectl, self.process, self.port = api, kubectl, process, port
+        self.namespace = namespace
 
     def apply(self, *objects: dict[str, Any]) -> None:
         result = self.kubectl.apply(yaml.safe_dump_all(objects))
         assert result.returncode == 0, result.stderr
 
     def status(self, name: str) -> dict[str, Any]:
-        status: dict[str, Any] = self.kubectl.json("pgr", name, "-n", NAMESPACE).get("status") or {}
+        obj = self.kubectl.json("pgr", name, "-n", self.namespace)
+        status: dict[str, Any] = obj.get("status") or {}
         return status
 
     def wait(self, name: str, condition: str, timeout: int = 420) -> None:
         result = self.kubectl.wait(
-            f"pgr/{name}", "-n", NAMESPACE, f"--for=condition={condition}", f"--timeout={timeout}s"
+            f"pgr/{name}", "-n", self.namespace, f"--for=condition={condition}",
+            f"--timeout={timeout}s",
         )
         assert result.returncode == 0, (
             f"{condition}: {result.stderr}\nstatus: {self.status(name)}\n"
@@ -80,7 +86,7 @@ class Operator:
         )
 
     def events(self, name: str) -> list[dict[str, Any]]:
-        items = self.kubectl.json("events", "-n", NAMESPACE)["items"]
+        items = self.kubectl.json("events", "-n", self.namespace)["items"]
         return [e for e in items if e["involvedObject"]["name"] == name]
 
     def metrics(self) -> str:
@@ -101,3 +107,28 @@ def recovery_operator(
         kube_api, kopf_operator_subprocess, work_dir, metrics_port=port, env=env
     )
     return Operator(kube_api, kubectl, process, port)
+
+
+def real_recovery_operator(
+    api: RealKubeAPI,
+    kubectl: Kubectl,
+    real_kopf_operator: Callable[..., KopfProcess],
+    namespace: str,
+    work_dir: Path,
+    env: Mapping[str, str] | None = None,
+) -> Operator:
+    """The same on the real API server (tests/realkube), in the test's own `namespace`."""
+    port = free_port()
+    api.install_crd(CRD)
+    process = real_kopf_operator(
+        "pgrecovery.main",
+        env={
+            "PGRECOVERY_WORK_DIR": str(work_dir),
+            "PGRECOVERY_METRICS_PORT": str(port),
+            "PGRECOVERY_POLL_INTERVAL": "1",
+            "PGRECOVERY_GATE_RECHECK": "1",
+            **(env or {}),
+        },
+        watching=("pgrecoveries",),
+    )
+    return Operator(api, kubectl, process, port, namespace)

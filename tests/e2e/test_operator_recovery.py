@@ -1,10 +1,11 @@
 """The product as users meet it: `kubectl apply` a PgRecovery → the operator (a real `kopf run`
 subprocess with the real plan) restores the simulated a9s-pg cluster from S3 or Azure.
 
-Secrets are real Kubernetes Secrets in the emulator; the VMs, sshd, PostgreSQL, repmgr, monit,
-the S3 server and Azurite are real. Checked afterwards: data equal to the backup on every node,
-cluster healthy, status/conditions/events, the metrics endpoint, and no secret in the status,
-events or operator log.
+Secrets are real Kubernetes Secrets in the real API server (tests/realkube; each test in its
+own namespace; the operator as its own system:masters user); the VMs, sshd, PostgreSQL,
+repmgr, monit, the S3 server and Azurite are real. Checked afterwards: data equal to the
+backup on every node, cluster healthy, status/conditions/events, the metrics endpoint, and no
+secret in the status, events or operator log.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.operator_harness import NAMESPACE, Operator, recovery_operator
-from tests.kubeapi.harness import KopfProcess, KubeAPI, Kubectl, wait_for
+from tests.e2e.operator_harness import Operator, real_recovery_operator
+from tests.kubeapi.harness import KopfProcess, Kubectl, wait_for
 from tests.objectstores.servers import AzuriteServer, S3Server
+from tests.realkube.server import RealKubeAPI
 from tests.scenario import KEY_KEY, KEY_SECRET, Scenario
 from tests.simcluster.cluster import SimCluster
 from tests.simcluster.data import table_checksums
@@ -27,12 +29,15 @@ pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.vms]
 
 @pytest.fixture
 def operator(
-    kube_api: KubeAPI,
-    kubectl: Kubectl,
-    kopf_operator_subprocess: Callable[..., KopfProcess],
+    real_kube_api: RealKubeAPI,
+    real_kubectl: Kubectl,
+    real_kopf_operator: Callable[..., KopfProcess],
+    real_namespace: str,
     tmp_path: Path,
 ) -> Operator:
-    return recovery_operator(kube_api, kubectl, kopf_operator_subprocess, tmp_path / "work")
+    return real_recovery_operator(
+        real_kube_api, real_kubectl, real_kopf_operator, real_namespace, tmp_path / "work"
+    )
 
 
 def _assert_no_secret_leaked(op: Operator, scenario: Scenario, name: str) -> None:
@@ -57,7 +62,8 @@ def test_kubectl_apply_restores_the_cluster(
     store: S3Server | AzuriteServer = moto_s3 if store_kind == "s3" else azurite
     scenario = Scenario.prepare(healthy_sim_cluster, store, part_size=48 * 1024)
     name = f"restore-{store_kind}"
-    operator.apply(*scenario.kube_secrets(NAMESPACE), scenario.manifest(name, NAMESPACE))
+    ns = operator.namespace
+    operator.apply(*scenario.kube_secrets(ns), scenario.manifest(name, ns))
     operator.wait(name, "Succeeded")
 
     status = operator.status(name)
@@ -87,7 +93,7 @@ def test_kubectl_apply_restores_the_cluster(
 
     # GitOps: applying the same manifest again runs nothing again
     started = status["startedAt"]
-    operator.apply(scenario.manifest(name, NAMESPACE))
+    operator.apply(scenario.manifest(name, operator.namespace))
     wait_for(lambda: True, timeout=3)
     assert operator.status(name)["startedAt"] == started
     assert operator.status(name)["steps"] == status["steps"]
@@ -97,11 +103,11 @@ def test_wrong_key_fails_in_fetching_and_touches_nothing(
     operator: Operator, healthy_sim_cluster: SimCluster, moto_s3: S3Server
 ) -> None:
     scenario = Scenario.prepare(healthy_sim_cluster, moto_s3, rows=100)
-    secrets = scenario.kube_secrets(NAMESPACE)
+    secrets = scenario.kube_secrets(operator.namespace)
     for secret in secrets:
         if secret["metadata"]["name"] == KEY_SECRET:
             secret["data"][KEY_KEY] = "bm90LXRoZS1rZXk="  # "not-the-key"
-    operator.apply(*secrets, scenario.manifest("wrong-key", NAMESPACE))
+    operator.apply(*secrets, scenario.manifest("wrong-key", operator.namespace))
     operator.wait("wrong-key", "Failed", timeout=120)
     status = operator.status("wrong-key")
     assert status["failureReason"] == "WrongKey"
@@ -121,7 +127,8 @@ def test_operator_killed_in_decrypting_and_rejoined_resumes_and_completes(
 ) -> None:
     scenario = Scenario.prepare(healthy_sim_cluster, moto_s3, rows=20000, part_size=256 * 1024)
     name = "killed-twice"
-    operator.apply(*scenario.kube_secrets(NAMESPACE), scenario.manifest(name, NAMESPACE))
+    ns = operator.namespace
+    operator.apply(*scenario.kube_secrets(ns), scenario.manifest(name, ns))
     kills: list[str] = []
 
     def kill_when(predicate: Callable[[dict[str, Any]], bool], label: str) -> None:
@@ -153,7 +160,8 @@ def test_dry_run_checks_everything_and_changes_nothing(
     scenario = Scenario.prepare(healthy_sim_cluster, moto_s3, rows=200)
     damaged = {vm.name: table_checksums(vm) for vm in healthy_sim_cluster.vms}
     operator.apply(
-        *scenario.kube_secrets(NAMESPACE), scenario.manifest("dry", NAMESPACE, dry_run=True)
+        *scenario.kube_secrets(operator.namespace),
+        scenario.manifest("dry", operator.namespace, dry_run=True),
     )
     wait_for(
         lambda: (

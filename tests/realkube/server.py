@@ -395,8 +395,9 @@ class RealKubeAPI:
         while time.monotonic() < deadline:
             status, found = self.request(
                 "GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
-            conditions = {c["type"]: c["status"] for c in found.get("status", {}).get(
-                "conditions", [])}
+            # a CRD just created has "conditions": null until its controllers have looked
+            conditions = {c["type"]: c["status"]
+                          for c in ((found or {}).get("status") or {}).get("conditions") or []}
             if conditions.get("Established") == "True" and self._lists(found):
                 return dict(found)
             time.sleep(0.2)
