@@ -1,6 +1,7 @@
 """Twenty recoveries at once through ONE real operator, and two on one target that serialize.
 
-A real `kopf run -m pgrecovery.main` (the real a9s plan) against the API emulator restores 20
+A real `kopf run -m pgrecovery.main` (the real a9s plan) against the real kube-apiserver
+(tests/realkube, the test's own namespace) restores 20
 simulated a9s-pg deployments at the same time: each a single-VM cluster (primary only, no
 standbys) with its own subnet, instance group (`pc07/0`, …), deployment name, SSH key, host key
 and small backup in its own bucket. A 21st object targets the first deployment again: the two
@@ -31,9 +32,10 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.operator_harness import NAMESPACE, free_port, start_recovery_operator
-from tests.kubeapi.harness import KopfProcess, KubeAPI, Kubectl
+from tests.e2e.operator_harness import real_recovery_operator
+from tests.kubeapi.harness import KopfProcess, Kubectl
 from tests.objectstores.servers import S3Server
+from tests.realkube.server import RealKubeAPI
 from tests.scenario import DUMPALL_ARGS, Scenario
 from tests.simcluster.backup import A9sBackup, make_s3_backup
 from tests.simcluster.cluster import SimCluster, missing_prerequisites
@@ -53,7 +55,7 @@ COUNT = int(os.environ.get("PGR_CONCURRENT_CLUSTERS", "20"))
 # Bring-up in parallel, but not 20 at once on two cores: initdb is CPU-bound.
 PREPARE_THREADS = 4
 DESTRUCTIVE = ("Staging", "Restoring", "Rejoined")
-LIST_PATH = f"/apis/pgrecovery.dev/v1alpha1/namespaces/{NAMESPACE}/pgrecoveries"
+LIST_PATH = "/apis/pgrecovery.dev/v1alpha1/namespaces/{namespace}/pgrecoveries"
 
 
 
@@ -82,13 +84,13 @@ def clusters() -> Iterator[list[SimCluster]]:
             list(pool.map(lambda c: c.down(), made))
 
 
-def _objects(scenario: Scenario, index: int, name: str) -> list[dict[str, Any]]:
+def _objects(scenario: Scenario, index: int, name: str, namespace: str) -> list[dict[str, Any]]:
     """The scenario's Secrets (suffixed: every deployment has its own keys) and manifest."""
     suffix = f"-{index:02d}"
-    secrets = scenario.kube_secrets(NAMESPACE)
+    secrets = scenario.kube_secrets(namespace)
     for secret in secrets:
         secret["metadata"]["name"] += suffix
-    manifest = scenario.manifest(name, NAMESPACE)
+    manifest = scenario.manifest(name, namespace)
     source, ssh = manifest["spec"]["source"], manifest["spec"]["target"]["ssh"]
     for ref in (
         source["s3"]["credentialsSecretRef"],
@@ -141,9 +143,10 @@ def _time(stamp: str) -> datetime:
 def test_twenty_recoveries_at_once_through_one_operator(
     clusters: list[SimCluster],
     moto_s3: S3Server,
-    kube_api: KubeAPI,
-    kubectl: Kubectl,
-    kopf_operator_subprocess: Callable[..., KopfProcess],
+    real_kube_api: RealKubeAPI,
+    real_kubectl: Kubectl,
+    real_kopf_operator: Callable[..., KopfProcess],
+    real_namespace: str,
     tmp_path: Path,
 ) -> None:
     # One after the other: boto3's default session (used by the backup helper) is not
@@ -170,8 +173,8 @@ def test_twenty_recoveries_at_once_through_one_operator(
     for index, scenario in enumerate(scenarios):
         scenario.deployment = clusters[index].config.deployment
 
-    operator = start_recovery_operator(
-        kube_api, kopf_operator_subprocess, tmp_path / "work", metrics_port=free_port(),
+    operator = real_recovery_operator(
+        real_kube_api, real_kubectl, real_kopf_operator, real_namespace, tmp_path / "work",
         env={
             "PGRECOVERY_POLL_INTERVAL": "2",
             "PGRECOVERY_GATE_RECHECK": "2",
@@ -179,16 +182,20 @@ def test_twenty_recoveries_at_once_through_one_operator(
             # keeps its worker); 21 objects at once are above the default of 20.
             "PGRECOVERY_WORKER_LIMIT": str(COUNT + 5),
         },
-    )
+    ).process
     assert operator.pid is not None
     names = [f"restore-{i:02d}" for i in range(COUNT)]
-    objects = [o for i, s in enumerate(scenarios) for o in _objects(s, i, names[i])]
+    objects = [
+        o for i, s in enumerate(scenarios) for o in _objects(s, i, names[i], real_namespace)
+    ]
     # The 21st object: the same target as the first, a second recovery of that deployment.
-    objects.append(_again(_objects(scenarios[0], 0, "restore-00-again")[-1], twin[0]))
+    objects.append(
+        _again(_objects(scenarios[0], 0, "restore-00-again", real_namespace)[-1], twin[0])
+    )
     names.append("restore-00-again")
 
     started = time.monotonic()
-    result = kubectl.apply(yaml.safe_dump_all(objects))
+    result = real_kubectl.apply(yaml.safe_dump_all(objects))
     assert result.returncode == 0, result.stderr
     busy: dict[str, str] = {}
     statuses: dict[str, dict[str, Any]] = {}
@@ -196,7 +203,7 @@ def test_twenty_recoveries_at_once_through_one_operator(
     while True:
         # A raw GET, not kubectl: spawning kubectl every second would load the machine that
         # is being measured.
-        code, listing = kube_api.request("GET", LIST_PATH)
+        code, listing = real_kube_api.request("GET", LIST_PATH.format(namespace=real_namespace))
         assert code == 200, listing
         items = listing["items"]
         statuses = {o["metadata"]["name"]: o.get("status") or {} for o in items}
