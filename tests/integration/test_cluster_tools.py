@@ -311,3 +311,26 @@ def test_resume_calls_the_helper_the_pinned_way(
     assert steps()["ensure-primary-registered"] == "Succeeded"
     assert scenario.restored_everywhere() == {vm.name: True for vm in cluster.vms}
     assert cluster.wait_healthy(timeout=30).ok
+
+
+def test_local_recovery_without_the_register_helper_uses_the_repmgr_command(
+    renamed_register_helper: SimCluster, moto_s3: S3Server, tmp_path: Path
+) -> None:
+    """register_master_node renamed on every node: the recovery completes with the standard
+    `repmgr primary register --force -f <config>` and says so in status."""
+    cluster = renamed_register_helper
+    scenario = Scenario.prepare(cluster, moto_s3, rows=200)
+    argv, status_file = local_recover_argv(scenario, tmp_path, "tools-fallback")
+    result = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                            check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    status = _status(status_file)
+    facts: dict[str, str] = status["facts"]  # type: ignore[assignment]
+    assert facts["helperConvention"] == tools.Convention.HELPER_MISSING.value
+    assert facts["registerPrimaryVia"] == (
+        "register_master_node not found: fallback `repmgr primary register --force -f "
+        f"{JOB}/config/repmgr.conf` as postgres:vcap"
+    )
+    assert all(f"{vm.name}: helper-missing" in facts["clusterTools"] for vm in cluster.vms)
+    assert scenario.restored_everywhere() == {vm.name: True for vm in cluster.vms}
+    assert cluster.wait_healthy(timeout=30).ok
