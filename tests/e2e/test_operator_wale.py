@@ -18,6 +18,7 @@ import yaml
 
 from tests.e2e.operator_harness import NAMESPACE, Operator, recovery_operator
 from tests.kubeapi.harness import KopfProcess, KubeAPI, Kubectl
+from tests.scenario import leftover_scan
 from tests.simcluster.data import wait_for_replay
 from tests.wale import faults
 from tests.wale.simarchive import WaleArchive
@@ -80,7 +81,7 @@ def _objects(archive: WaleArchive, name: str, target_time: str) -> list[dict[str
 
 @pytest.mark.slow
 def test_kubectl_apply_recovers_the_cluster_to_a_point_in_time(
-    wale_operator: Operator, wale_archive: WaleArchive
+    wale_operator: Operator, wale_archive: WaleArchive, tmp_path: Path
 ) -> None:
     point = faults.commit_rows_around_time(wale_archive.pg, wale_archive.target,
                                            rows_a=40, rows_b=25)
@@ -100,6 +101,11 @@ def test_kubectl_apply_recovers_the_cluster_to_a_point_in_time(
                          "GROUP BY batch ORDER BY batch")
         assert counts.split() == ["A=40"], vm.name
     assert wale_archive.cluster.wait_healthy(timeout=60).ok
+    # Nothing of the recovery left: WAL, saved config, old data, jobs, journal, clone markers
+    # on the VMs, the fetched base backup and WAL on the work volume.
+    assert status["facts"]["cleanup"].startswith("done; removed "), status["facts"]
+    scan = leftover_scan(wale_archive.cluster, tmp_path / "work")
+    assert scan == [], scan
     secrets = [wale_archive.target.secret_key]
     texts = [yaml.safe_dump(status), yaml.safe_dump(wale_operator.events(name)),
              wale_operator.process.log_text()]

@@ -9,9 +9,10 @@ the deletion and `pgrecovery cleanup` remove the same things, and a failed run c
 status exactly what it keeps for the next run.
 
 Decisions:
-- The whole state directory goes, except the bulk-load marker (`cluster.bulk_load`): while it
-  exists the primary still runs with a restore's checkpoint settings, and the marker is what
-  lets the next run put them back. It is removed by the revert itself, never here.
+- The whole state directory goes, except `KEPT`: the bulk-load marker (`cluster.bulk_load`:
+  while it exists the primary still runs with a restore's checkpoint settings, and the marker
+  is what lets the next run put them back; the revert removes it) and a WAL-E recovery's saved
+  configuration.
 - The staging directory is removed only when empty: people (and the runbook) keep files there.
 - Paths come from the layout (validated) and the backup id (validated); the script gets them as
   arguments, never spliced into its text.
@@ -28,7 +29,7 @@ from pgrecovery.cluster.a9s import CLONE_MARKER
 from pgrecovery.cluster.nodes import A9sLayout, Node, validate_backup_id
 
 # Lists (mode "list") or removes (mode "remove") pgrecovery's files on one node; prints one
-# "<bytes> <path>" line per thing found. Arguments: mode, state dir, file to keep in it, the
+# "<bytes> <path>" line per thing found. Arguments: mode, state dir, names to keep in it, the
 # clone marker's path, staging dir, then the staged dump's files (none when no backup is pinned).
 _SCRIPT = r"""
 mode=$1; state=$2; keep=$3; marker=$4; staging=$5; shift 5
@@ -44,7 +45,10 @@ for f in "$@"; do one "$f"; done
 if [ -d "$state" ]; then
   for e in "$state"/* "$state"/.[!.]*; do
     [ -e "$e" ] || continue
-    [ "${e##*/}" = "$keep" ] && continue
+    case " $keep " in *" ${e##*/} "*)
+      # Kept while it holds something; listed, so a failed run says it is there.
+      if [ "$mode" = remove ]; then rmdir -- "$e" 2>/dev/null; continue; fi ;;
+    esac
     one "$e"
   done
   [ "$mode" = remove ] && rmdir -- "$state" 2>/dev/null
@@ -52,6 +56,13 @@ fi
 [ "$mode" = remove ] && rmdir -- "$staging" 2>/dev/null
 exit 0
 """
+
+
+# Kept in the state directory: records of a change to the cluster that is still in effect,
+# which whoever repairs it needs — the bulk-load marker (the primary still has a restore's
+# checkpoint settings) and the WAL-E recovery's saved configuration (`physical.py`; removed by
+# that plan's own step once the recovery succeeded).
+KEPT = (bulk_load.MARKER, "config")
 
 
 @dataclass(frozen=True)
@@ -73,7 +84,7 @@ def _staged_files(layout: A9sLayout, backup_id: str | None) -> list[str]:
 
 async def _on_node(shell: RemoteShell, node: Node, layout: A9sLayout, backup_id: str | None,
                    mode: str) -> list[Leftover]:
-    argv = shell_script_argv(_SCRIPT, mode, layout.state_dir, bulk_load.MARKER,
+    argv = shell_script_argv(_SCRIPT, mode, layout.state_dir, " ".join(KEPT),
                              f"{layout.data_dir}/{CLONE_MARKER}", layout.restore_dir,
                              *_staged_files(layout, backup_id))
     result = await shell.run_root(node.endpoint, argv, timeout=300)

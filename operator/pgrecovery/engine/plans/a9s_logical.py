@@ -278,10 +278,17 @@ class A9sLogicalRecovery:
         return ClusterView(primary=primary, standbys=standbys, nodes=())
 
     def run_id(self, ctx: StepContext) -> str:
-        backup_id = ctx.status.backup.id
+        return self.run_id_of(ctx.status)
+
+    def run_id_of(self, status: RecoveryStatus) -> str:
+        backup_id = status.backup.id
         if backup_id is None:
             raise FatalError("no backup pinned in status", reason="InternalError")
         return run_id_for(backup_id, self.inputs.uid.replace("-", "")[:8])
+
+    def staged_dump_of(self, status: RecoveryStatus) -> str | None:
+        """The backup id whose plaintext dump this plan stages on the primary, if any."""
+        return status.backup.id
 
     # ------------------------------------------------------------------ Fetching
 
@@ -690,7 +697,7 @@ class A9sLogicalRecovery:
             await ctx.checkpoint()
         ops = await self.ops(ctx)
         removed = await remove_leftovers(ops.shell, self.nodes, ops.layout,
-                                         ctx.status.backup.id)
+                                         self.staged_dump_of(ctx.status))
         await ctx.breakpoints.reach("inside-ensure-recovery-files-removed")
         local = await asyncio.to_thread(self._remove_work_files)
         what = [str(r) for r in removed] + local
@@ -703,7 +710,8 @@ class A9sLogicalRecovery:
     async def find(self, status: RecoveryStatus) -> list[str]:
         """What this recovery has on the VMs and the work volume now (read-only)."""
         ops = await self._cluster_ops()
-        found = await list_leftovers(ops.shell, self.nodes, ops.layout, status.backup.id)
+        found = await list_leftovers(ops.shell, self.nodes, ops.layout,
+                                     self.staged_dump_of(status))
         return [str(f) for f in found] + await asyncio.to_thread(self._work_files)
 
     async def remove(self, status: RecoveryStatus) -> list[str]:
@@ -711,7 +719,7 @@ class A9sLogicalRecovery:
         running), then remove everything (`cluster.leftovers`, the work files)."""
         ops = await self._cluster_ops()
         if status.backup.id is not None:
-            run_id = run_id_for(status.backup.id, self.inputs.uid.replace("-", "")[:8])
+            run_id = self.run_id_of(status)
             jobs = [(self.nodes, ops.restore_job_id(run_id)),
                     (self.nodes, parallel_restore_job_id(run_id))]
             jobs += [((node,), ops.clone_job_id(node, run_id)) for node in self.nodes]
@@ -730,31 +738,27 @@ class A9sLogicalRecovery:
             except RecoveryError as exc:
                 notes.append(f"{primary.name}: checkpoint settings NOT reverted, marker kept "
                              f"for the next run ({exc})")
-        removed = await remove_leftovers(ops.shell, self.nodes, ops.layout, status.backup.id)
+        removed = await remove_leftovers(ops.shell, self.nodes, ops.layout,
+                                         self.staged_dump_of(status))
         return ([str(r) for r in removed] + await asyncio.to_thread(self._remove_work_files)
                 + notes)
 
+    def owned_work_paths(self) -> list[Path]:
+        """What this plan writes into the work directory (which, in local mode, may be a
+        user's directory holding other things): only these are ever removed."""
+        index = self.index_path()
+        return [self.parts_dir(), index, index.with_name(index.name + ".tmp")]
+
     def _work_files(self) -> list[str]:
-        found: list[str] = []
-        parts, index = self.parts_dir(), self.index_path()
-        if parts.exists():
-            size = sum(f.stat().st_size for f in parts.rglob("*") if f.is_file())
-            found.append(f"operator:{parts} ({size} B)")
-        if index.exists():
-            found.append(f"operator:{index} ({index.stat().st_size} B)")
-        return found
+        return [f"operator:{path} ({_size_of(path)} B)"
+                for path in self.owned_work_paths() if path.exists()]
 
     def _remove_work_files(self) -> list[str]:
-        """Only what this plan writes there (the work dir may be a user's, in local mode)."""
-        gone: list[str] = []
-        parts, index = self.parts_dir(), self.index_path()
-        if parts.exists():
-            size = sum(f.stat().st_size for f in parts.rglob("*") if f.is_file())
-            shutil.rmtree(parts)
-            gone.append(f"operator:{parts} ({size} B)")
-        for path in (index, index.with_name(index.name + ".tmp")):
-            if path.exists():
-                gone.append(f"operator:{path} ({path.stat().st_size} B)")
+        gone = self._work_files()
+        for path in self.owned_work_paths():
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
                 path.unlink()
         with contextlib.suppress(OSError):
             self.work_dir.rmdir()  # only when empty
@@ -949,12 +953,24 @@ async def build_a9s_logical_plan(inputs: PlanInputs) -> Plan:
             "ensure-connections-unblocked", lambda o, v: o.ensure_connections_unblocked(v)
         ),
     ]
-    steps[Phase.REJOINED] = [
-        *(_unless_cleaning(step) for step in steps[Phase.REJOINED]),
+    steps[Phase.REJOINED] = with_recovery_files_removed(r, steps[Phase.REJOINED])
+    return Plan(steps=steps, closers=[recovery.close], leftovers=recovery)
+
+
+def with_recovery_files_removed(r: A9sLogicalRecovery, rejoined: list[Step]) -> list[Step]:
+    """The Rejoined steps, then the cleanup; once it has begun they check as done (their
+    resume records are what it removes)."""
+    return [
+        *(_unless_cleaning(step) for step in rejoined),
         FunctionStep("ensure-recovery-files-removed", _cleaned, r.remove_recovery_files,
                      verify_after=False),
     ]
-    return Plan(steps=steps, closers=[recovery.close], leftovers=recovery)
+
+
+def _size_of(path: Path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
 
 
 def ghost_deployment_warning(restored: Backup, newest: Backup) -> str:

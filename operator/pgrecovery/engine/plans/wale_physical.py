@@ -76,8 +76,9 @@ from pgrecovery.engine.plans.a9s_logical import (
     _ProgressHolder,
     _pumping,
     _tools_checked,
+    with_recovery_files_removed,
 )
-from pgrecovery.engine.status import BackupInfo, NodeState
+from pgrecovery.engine.status import BackupInfo, NodeState, RecoveryStatus
 from pgrecovery.engine.steps import FunctionStep, Step, StepContext
 from pgrecovery.errors import BackupCorrupt, BackupNotFound, FatalError
 
@@ -114,6 +115,10 @@ class WalePhysicalRecovery(A9sLogicalRecovery):
         given = s3.prefix if s3 is not None else ""
         return normalise_prefix(given) if given else default_prefix(self.spec.source.backup_guid)
 
+    def owned_work_paths(self) -> list[Path]:
+        """The base backup partitions and WAL segments fetched into the work directory."""
+        return [self.work_dir / "wale"]
+
     @property
     def wale_dir(self) -> Path:
         d = self.work_dir / "wale"
@@ -141,8 +146,11 @@ class WalePhysicalRecovery(A9sLogicalRecovery):
         pit = self.spec.point_in_time
         return pit.target_time if pit is not None else None
 
-    def run_id(self, ctx: StepContext) -> str:
-        name = ctx.status.backup.id
+    def staged_dump_of(self, status: RecoveryStatus) -> str | None:
+        return None  # base backup and WAL are staged, never a dump
+
+    def run_id_of(self, status: RecoveryStatus) -> str:
+        name = status.backup.id
         if not name:
             raise FatalError("no base backup pinned in status", reason="InternalError")
         uid = "".join(c for c in self.inputs.uid.lower() if c.isalnum())[:8]
@@ -616,4 +624,5 @@ async def build_wale_physical_plan(inputs: PlanInputs) -> Plan:
             "ensure-connections-unblocked", lambda o, v: o.ensure_connections_unblocked(v)
         ),
     ]
-    return Plan(steps=steps, closers=[r.close])
+    steps[Phase.REJOINED] = with_recovery_files_removed(r, steps[Phase.REJOINED])
+    return Plan(steps=steps, closers=[r.close], leftovers=r)
