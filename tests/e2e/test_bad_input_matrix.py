@@ -1,13 +1,14 @@
 """Bad input through the real operator: every case fails before the first destructive step and
 leaves the cluster exactly as it was.
 
-A real `kopf run -m pgrecovery.main` (the real a9s plan) works against the API emulator, the
-simulated a9s-pg cluster and a moto S3 server. One good backup is made; the broken variants are
-copies of it under other GUIDs in the same bucket (a flipped byte in the middle of a part, a
-truncated last part, a part cut short in the middle, a missing part), so the matrix needs one
-`pg_dumpall`. Input-side cases (key, backup, SSH secrets) run at once against the healthy
-cluster; cluster-side cases (disk too small, a standby unreachable, two primaries) change the
-cluster and run one after the other.
+A real `kopf run -m pgrecovery.main` (the real a9s plan) works against the real
+kube-apiserver (tests/realkube, the test's own namespace), the simulated a9s-pg cluster and a
+moto S3 server. One good backup is made; the broken variants are copies of it under other
+GUIDs in the same bucket (a flipped byte in the middle of a part, a truncated last part, a part
+cut short in the middle, a missing part), so the matrix needs one `pg_dumpall`. Input-side
+cases (key, backup, SSH secrets) run at once against the healthy cluster; cluster-side cases
+(disk too small, a standby unreachable, two primaries) change the cluster and run one after
+the other.
 
 For every case: phase `Failed` with the expected `failureReason`, a message that says what to
 fix, no step of Staging/Restoring/Rejoined in `status.steps`, and the cluster untouched — same
@@ -30,9 +31,10 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.operator_harness import NAMESPACE, free_port, start_recovery_operator
-from tests.kubeapi.harness import KopfProcess, KubeAPI, Kubectl
+from tests.e2e.operator_harness import NAMESPACE, real_recovery_operator
+from tests.kubeapi.harness import KopfProcess, Kubectl
 from tests.objectstores.servers import S3Server
+from tests.realkube.server import RealKubeAPI
 from tests.scenario import KEY_KEY, Scenario
 from tests.simcluster.cluster import SimCluster, SimVM
 from tests.simcluster.config import PG_BINDIR
@@ -99,20 +101,26 @@ def _untouched(before: dict[str, NodeState], after: dict[str, NodeState]) -> lis
 
 
 class Operator:
-    def __init__(self, kubectl: Kubectl, process: KopfProcess) -> None:
-        self.kubectl, self.process = kubectl, process
+    """The operator in `namespace`: objects built for NAMESPACE are applied there."""
+
+    def __init__(self, kubectl: Kubectl, process: KopfProcess, namespace: str) -> None:
+        self.kubectl, self.process, self.namespace = kubectl, process, namespace
 
     def apply(self, *objects: dict[str, Any]) -> None:
+        for obj in objects:
+            assert obj["metadata"]["namespace"] == NAMESPACE, obj["metadata"]
+            obj["metadata"]["namespace"] = self.namespace
         result = self.kubectl.apply(yaml.safe_dump_all(objects))
         assert result.returncode == 0, result.stderr
 
     def status(self, name: str) -> dict[str, Any]:
-        status: dict[str, Any] = self.kubectl.json("pgr", name, "-n", NAMESPACE).get("status") or {}
+        obj = self.kubectl.json("pgr", name, "-n", self.namespace)
+        status: dict[str, Any] = obj.get("status") or {}
         return status
 
     def wait_failed(self, name: str, timeout: int = 240) -> dict[str, Any]:
         result = self.kubectl.wait(
-            f"pgr/{name}", "-n", NAMESPACE, "--for=condition=Failed", f"--timeout={timeout}s"
+            f"pgr/{name}", "-n", self.namespace, "--for=condition=Failed", f"--timeout={timeout}s"
         )
         assert result.returncode == 0, (
             f"{name} did not fail: {result.stderr}\nstatus: {self.status(name)}\n"
@@ -121,24 +129,25 @@ class Operator:
         return self.status(name)
 
     def events(self, name: str) -> list[dict[str, Any]]:
-        items = self.kubectl.json("events", "-n", NAMESPACE)["items"]
+        items = self.kubectl.json("events", "-n", self.namespace)["items"]
         return [e for e in items if e["involvedObject"]["name"] == name]
 
 
 @pytest.fixture
 def operator(
-    kube_api: KubeAPI,
-    kubectl: Kubectl,
-    kopf_operator_subprocess: Callable[..., KopfProcess],
+    real_kube_api: RealKubeAPI,
+    real_kubectl: Kubectl,
+    real_kopf_operator: Callable[..., KopfProcess],
+    real_namespace: str,
     tmp_path: Path,
 ) -> Operator:
-    process = start_recovery_operator(
-        kube_api, kopf_operator_subprocess, tmp_path / "work", metrics_port=free_port(),
+    process = real_recovery_operator(
+        real_kube_api, real_kubectl, real_kopf_operator, real_namespace, tmp_path / "work",
         # An unreachable standby is retryable: one retry after 1 s keeps the case short and
         # still proves the retry-then-fail path.
         env={"PGRECOVERY_RETRY_LIMIT": "1", "PGRECOVERY_RETRY_BASE_DELAY": "1"},
-    )
-    return Operator(kubectl, process)
+    ).process
+    return Operator(real_kubectl, process, real_namespace)
 
 
 # ----------------------------------------------------------------- broken copies of a backup
