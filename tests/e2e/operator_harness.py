@@ -67,6 +67,11 @@ class Operator:
         self.namespace = namespace
 
     def apply(self, *objects: dict[str, Any]) -> None:
+        """kubectl apply; objects built for NAMESPACE (scenario manifests and Secrets) go to
+        this operator's namespace."""
+        for obj in objects:
+            if obj.get("metadata", {}).get("namespace") == NAMESPACE:
+                obj["metadata"]["namespace"] = self.namespace
         result = self.kubectl.apply(yaml.safe_dump_all(objects))
         assert result.returncode == 0, result.stderr
 

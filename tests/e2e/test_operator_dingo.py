@@ -2,7 +2,7 @@
 dingo PgRecovery, a real `kopf run` restores it into the new instance on the simulated cell.
 
 Same story as tests/integration/test_dingo_recovery.py, driven as users do: Secrets and the
-PgRecovery in the API emulator, `kubectl wait --for=condition=Succeeded`, the status showing
+PgRecovery in the real API server, `kubectl wait --for=condition=Succeeded`, the status showing
 the archive, the container and the restored system id; the copied bytes in the metrics; no
 secret (the operator's S3 keys, the SSH key, the container's S3 keys from `docker inspect`)
 in status, events or the operator's log.
@@ -27,21 +27,27 @@ from tests.dingo.world import (
     manifest,
     table_digest,
 )
-from tests.e2e.operator_harness import NAMESPACE, Operator, recovery_operator
-from tests.kubeapi.harness import KopfProcess, KubeAPI, Kubectl
+from tests.e2e.operator_harness import NAMESPACE, Operator, real_recovery_operator
+from tests.kubeapi.harness import KopfProcess, Kubectl
 from tests.objectstores.servers import S3Server
+from tests.realkube.server import RealKubeAPI
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.vms, pytest.mark.slow]
 
 
 @pytest.fixture
 def dingo_operator(
-    kube_api: KubeAPI,
-    kubectl: Kubectl,
-    kopf_operator_subprocess: Callable[..., KopfProcess],
+    real_kube_api: RealKubeAPI,
+    real_kubectl: Kubectl,
+    real_kopf_operator: Callable[..., KopfProcess],
+    real_namespace: str,
     tmp_path: Path,
 ) -> Operator:
-    return recovery_operator(kube_api, kubectl, kopf_operator_subprocess, tmp_path / "work")
+    """The operator on the real API server, in the test's own namespace (objects built for
+    NAMESPACE are applied there by Operator.apply)."""
+    return real_recovery_operator(
+        real_kube_api, real_kubectl, real_kopf_operator, real_namespace, tmp_path / "work"
+    )
 
 
 @pytest.fixture
