@@ -22,9 +22,10 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.operator_harness import NAMESPACE, Operator, recovery_operator
-from tests.kubeapi.harness import KopfProcess, KubeAPI, Kubectl
+from tests.e2e.operator_harness import NAMESPACE, Operator, real_recovery_operator
+from tests.kubeapi.harness import KopfProcess, Kubectl
 from tests.objectstores.servers import S3Server
+from tests.realkube.server import RealKubeAPI
 from tests.scenario import Scenario, leftover_scan
 from tests.simcluster.cluster import SimCluster
 
@@ -36,20 +37,25 @@ HBA_ORIGINAL = "pg_hba.conf.pgrecovery-orig"
 
 @pytest.fixture
 def operator(
-    kube_api: KubeAPI,
-    kubectl: Kubectl,
-    kopf_operator_subprocess: Callable[..., KopfProcess],
+    real_kube_api: RealKubeAPI,
+    real_kubectl: Kubectl,
+    real_kopf_operator: Callable[..., KopfProcess],
+    real_namespace: str,
     tmp_path: Path,
 ) -> Operator:
-    return recovery_operator(kube_api, kubectl, kopf_operator_subprocess, tmp_path / "work")
+    """The operator on the real API server, in the test's own namespace (objects built for
+    NAMESPACE are applied there by Operator.apply)."""
+    return real_recovery_operator(
+        real_kube_api, real_kubectl, real_kopf_operator, real_namespace, tmp_path / "work"
+    )
 
 
 def _delete(op: Operator, name: str, timeout: int = 180) -> float:
     started = time.monotonic()
-    result = op.kubectl.delete("pgr", name, "-n", NAMESPACE, "--wait=true",
+    result = op.kubectl.delete("pgr", name, "-n", op.namespace, "--wait=true",
                                f"--timeout={timeout}s")
     assert result.returncode == 0, f"{result.stderr}\n{op.process.log_text()[-4000:]}"
-    gone = op.kubectl.get("pgr", name, "-n", NAMESPACE)
+    gone = op.kubectl.get("pgr", name, "-n", op.namespace)
     assert gone.returncode != 0, gone.stdout
     assert "NotFound" in gone.stderr, gone.stderr
     return time.monotonic() - started

@@ -1,10 +1,12 @@
 """Two operator replicas, one recovery: only one executes it; when that one is SIGKILLed in the
 middle of the restore, the other takes over after the executor Lease expires and completes it.
 
-Both replicas run standalone (no kopf peering), the worst case: both receive every event of
-the PgRecovery and both call its phase handlers. The real plan restores the simulated 3-VM
-cluster from a real S3 server. The restore job is held at its start on the VMs (hold file,
-`adapters/jobs.py`), so the kill lands while it runs, on any machine.
+Both replicas run standalone (no kopf peering) against the real kube-apiserver
+(tests/realkube, the test's own namespace: real optimistic concurrency on the Lease), the worst
+case: both receive every event of the PgRecovery and both call its phase handlers. The real
+plan restores the simulated 3-VM cluster from a real S3 server. The restore job is held at its
+start on the VMs (hold file, `adapters/jobs.py`), so the kill lands while it runs, on any
+machine.
 
 Proof that no step ran twice at once: the Lease changed hands exactly once, and not before a
 whole lease duration after the executor's last renewal (a live executor renews every third of
@@ -25,8 +27,9 @@ from typing import Any
 import pytest
 
 from tests.e2e.operator_harness import CRD, NAMESPACE, Operator, free_port
-from tests.kubeapi.harness import KopfProcess, KubeAPI, Kubectl
+from tests.kubeapi.harness import KopfProcess, Kubectl
 from tests.objectstores.servers import S3Server
+from tests.realkube.server import RealKubeAPI
 from tests.scenario import Scenario, leftover_scan
 from tests.simcluster.cluster import SimCluster
 
@@ -38,12 +41,12 @@ JOBS_ROOT = "/var/vcap/store/pgrecovery/jobs"
 PLAN_LOGGER = "pgrecovery.engine.plans"
 
 
-def _replica(kube_api: KubeAPI, kubectl: Kubectl, make: Callable[..., KopfProcess],
-             work: Path, identity: str) -> Operator:
+def _replica(kube_api: RealKubeAPI, kubectl: Kubectl, make: Callable[..., KopfProcess],
+             work: Path, identity: str, namespace: str) -> Operator:
     port = free_port()
     process = make(
         "pgrecovery.main",
-        namespace=NAMESPACE,
+        user=f"kopf-{identity}",
         env={
             "PGRECOVERY_WORK_DIR": str(work),
             "PGRECOVERY_METRICS_PORT": str(port),
@@ -54,12 +57,12 @@ def _replica(kube_api: KubeAPI, kubectl: Kubectl, make: Callable[..., KopfProces
         },
         watching=("pgrecoveries",),
     )
-    return Operator(kube_api, kubectl, process, port)
+    return Operator(kube_api, kubectl, process, port, namespace)
 
 
-def _lease(api: KubeAPI, uid: str) -> dict[str, Any]:
+def _lease(api: RealKubeAPI, uid: str, namespace: str) -> dict[str, Any]:
     code, lease = api.request(
-        "GET", f"/apis/coordination.k8s.io/v1/namespaces/{NAMESPACE}/leases/pgrecovery-{uid}")
+        "GET", f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/pgrecovery-{uid}")
     assert code == 200, lease
     spec: dict[str, Any] = lease["spec"]
     return spec
@@ -81,18 +84,19 @@ def _plan_lines_before_claim(log: str) -> list[str]:
 
 
 def test_only_one_replica_executes_and_the_other_takes_over_after_a_kill(
-    kube_api: KubeAPI,
-    kubectl: Kubectl,
-    kopf_operator_subprocess: Callable[..., KopfProcess],
+    real_kube_api: RealKubeAPI,
+    real_kubectl: Kubectl,
+    real_kopf_operator: Callable[..., KopfProcess],
+    real_namespace: str,
     healthy_sim_cluster: SimCluster,
     moto_s3: S3Server,
     tmp_path: Path,
 ) -> None:
-    kube_api.create_namespace(NAMESPACE)
+    kube_api, kubectl, ns = real_kube_api, real_kubectl, real_namespace
     kube_api.install_crd(CRD)
     work = tmp_path / "work"  # one volume, as two pods would mount one PVC (ReadWriteMany)
     replicas = {
-        identity: _replica(kube_api, kubectl, kopf_operator_subprocess, work, identity)
+        identity: _replica(kube_api, kubectl, real_kopf_operator, work, identity, ns)
         for identity in ("replica-a", "replica-b")
     }
     scenario = Scenario.prepare(healthy_sim_cluster, moto_s3, rows=2000, part_size=64 * 1024)
@@ -113,8 +117,8 @@ def test_only_one_replica_executes_and_the_other_takes_over_after_a_kill(
             assert status.get("phase") != "Failed", status
             assert time.monotonic() < deadline, status
             time.sleep(0.2)
-        uid = kubectl.json("pgr", NAME, "-n", NAMESPACE)["metadata"]["uid"]
-        before = _lease(kube_api, uid)
+        uid = kubectl.json("pgr", NAME, "-n", ns)["metadata"]["uid"]
+        before = _lease(kube_api, uid, ns)
         executor = before["holderIdentity"]
         survivor = "replica-b" if executor == "replica-a" else "replica-a"
         assert executor in replicas, before
@@ -127,15 +131,15 @@ def test_only_one_replica_executes_and_the_other_takes_over_after_a_kill(
         killed_at = time.time()
         # The dead executor's last renewal: nobody may take over before a whole lease
         # duration has passed since then (it would have stopped itself by two thirds of it).
-        last_renewal = _epoch(_lease(kube_api, uid)["renewTime"])
+        last_renewal = _epoch(_lease(kube_api, uid, ns)["renewTime"])
     finally:
         for vm in healthy_sim_cluster.vms:
             vm.run(f"rm -f {JOBS_ROOT}/hold-restore {JOBS_ROOT}/hold-prestore")
 
     other = replicas[survivor]
     other.wait(NAME, "Succeeded", timeout=300)
-    after = _lease(kube_api, uid) if kube_api.request(
-        "GET", f"/apis/coordination.k8s.io/v1/namespaces/{NAMESPACE}/leases/pgrecovery-{uid}"
+    after = _lease(kube_api, uid, ns) if kube_api.request(
+        "GET", f"/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/pgrecovery-{uid}"
     )[0] == 200 else None
     log = other.process.log_text()
     report = (f"executor {executor} killed; lease before {before}, after {after}; survivor log "
