@@ -95,6 +95,59 @@ async def test_store_source_streams_with_read_ahead(made: tuple[MadeBackup, Path
     assert await _collect(decrypt_stream(source, EncryptionKey.from_bytes(KEY))) == expected
 
 
+class IntoStore:
+    """A store with `read_range_into` (like the S3 and Azure adapters) that records the buffers
+    it was given and how many reads were in flight at once."""
+
+    def __init__(self, inner: LocalDirStore) -> None:
+        self.inner = inner
+        self.buffers: set[int] = set()
+        self.inflight = 0
+        self.max_inflight = 0
+
+    @property
+    def description(self) -> str:
+        return self.inner.description
+
+    async def list(self, prefix: str, *, limit: int | None = None) -> list[ObjectInfo]:
+        return await self.inner.list(prefix, limit=limit)
+
+    async def head(self, key: str) -> ObjectInfo:
+        return await self.inner.head(key)
+
+    async def read_range(self, key: str, start: int, end: int) -> bytes:
+        return await self.inner.read_range(key, start, end)
+
+    async def read_range_into(self, key: str, start: int, buffer: memoryview) -> None:
+        self.buffers.add(id(buffer.obj))
+        self.inflight += 1
+        self.max_inflight = max(self.max_inflight, self.inflight)
+        try:
+            await asyncio.sleep(0)  # let the other reads start
+            buffer[:] = await self.inner.read_range(key, start, start + len(buffer))
+        finally:
+            self.inflight -= 1
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def test_store_source_reuses_a_fixed_set_of_buffers(
+    made: tuple[MadeBackup, Path, bytes],
+) -> None:
+    """Every range is read into one of read_ahead + queued buffers allocated once, and a buffer
+    is refilled only after the decrypt thread has moved on: the bytes still come out right."""
+    backup, _, expected = made
+    store = IntoStore(LocalDirStore(backup.files[0].parent))
+    chosen = select_backup(await list_backups(store, G))
+    source = StorePartsSource(store, chosen, chunk_size=4096, read_ahead=3, queued=2)
+    assert chosen.total_size > 20 * 4096  # many more ranges than buffers
+    assert await _collect(decrypt_stream(source, EncryptionKey.from_bytes(KEY))) == expected
+    assert len(store.buffers) == 5
+    assert store.max_inflight == 3
+    assert source.buffer_bytes == 5 * 4096
+
+
 async def test_write_stream_to_file_returns_size_and_sha256(
     made: tuple[MadeBackup, Path, bytes], tmp_path: Path
 ) -> None:
@@ -230,8 +283,10 @@ async def test_download_gives_up_after_the_policy(
     made: tuple[MadeBackup, Path, bytes], tmp_path: Path
 ) -> None:
     backup, _, _ = made
-    store = FlakyStore(LocalDirStore(backup.files[0].parent), fail_every=1, fail_times=99)
-    chosen = select_backup(await list_backups(store, G))
+    local = LocalDirStore(backup.files[0].parent)
+    store = FlakyStore(local, fail_every=1, fail_times=99)
+    # Listed through the good store: the listing reads <id>.json, which would fail first.
+    chosen = select_backup(await list_backups(local, G))
     with pytest.raises(StoreUnavailable, match="SlowDown"):
         await download_backup(store, chosen, tmp_path / "w", retry=FAST)
     assert store.calls >= FAST.attempts

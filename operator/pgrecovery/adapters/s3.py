@@ -104,6 +104,53 @@ def convert_error(exc: Exception, what: str) -> RecoveryError:  # noqa: PLR0911 
     return StoreUnavailable(f"{what}: {type(exc).__name__}: {exc}")
 
 
+# Pieces of a body copied at a time when it cannot be received in place (small enough that
+# the transient bytes objects stay far below glibc's mmap threshold games).
+READ_PIECE = 256 << 10
+
+
+def _receive_into(body: Any, buffer: memoryview) -> int:
+    """Read a GetObject body into `buffer`; return the number of bytes received.
+
+    botocore's `StreamingBody` wraps urllib3's response, which wraps `http.client`'s. Reading
+    through the public `read(n)` costs three copies and as many allocations per piece; the
+    `http.client` response's `readinto` receives from the socket straight into `buffer`.
+    After a whole body urllib3's `release_conn()` (public) returns the connection to the pool;
+    anything else closes it. If the layers are not what we expect (a botocore that wraps the
+    body in a checksum reader, a content encoding), `read(n)` is used instead.
+    """
+    raw = getattr(body, "_raw_stream", None)
+    fp = getattr(raw, "_fp", None)
+    direct = (
+        type(body).__name__ == "StreamingBody"
+        and callable(getattr(fp, "readinto", None))
+        and callable(getattr(raw, "release_conn", None))
+        and not (getattr(raw, "headers", None) or {}).get("content-encoding")
+    )
+    got = 0
+    clean = False
+    try:
+        while got < len(buffer):
+            if direct:
+                n = fp.readinto(buffer[got:])  # type: ignore[union-attr]
+            else:
+                piece = body.read(min(READ_PIECE, len(buffer) - got))
+                n = len(piece)
+                buffer[got : got + n] = piece
+            if not n:
+                break
+            got += n
+        clean = got == len(buffer)
+    except OSError as exc:  # ssl.SSLError and socket errors raised by http.client directly
+        raise ConnectionError(f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        if direct and clean:
+            raw.release_conn()  # type: ignore[union-attr]
+        else:
+            body.close()
+    return got
+
+
 class S3ObjectStore:
     """One bucket, read-only. Build with `await S3ObjectStore.create(...)`."""
 
@@ -226,6 +273,27 @@ class S3ObjectStore:
             # A short body is a cut connection (or the object changed): retry the range.
             raise StoreUnavailable(f"{what}: got {len(data)} bytes, expected {end - start}")
         return data
+
+    async def read_range_into(self, key: str, start: int, buffer: memoryview) -> None:
+        """Bytes `[start, start + len(buffer))` of `key` written into `buffer`, exactly.
+
+        The body is received straight into `buffer` (no bytes object per range, no copy), so a
+        streaming decrypt holds only its fixed buffers; see `_receive_into`.
+        """
+        end = start + len(buffer)
+        if end <= start:
+            return
+        what = f"read s3://{self.bucket}/{key} bytes {start}-{end - 1}"
+
+        def run() -> int:
+            resp = self._client.get_object(
+                Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}"
+            )
+            return _receive_into(resp["Body"], buffer)
+
+        got = await self._call(what, run)
+        if got != len(buffer):
+            raise StoreUnavailable(f"{what}: got {got} bytes, expected {len(buffer)}")
 
     async def close(self) -> None:
         await asyncio.to_thread(self._client.close)

@@ -37,9 +37,9 @@ from pgrecovery.backups.sources import (
 )
 from pgrecovery.errors import BackupIncomplete
 
-# 8 MiB ranges, 6 in flight: ~64 MiB at most in flight + queued, enough to keep a fast store
-# busy while the decryptor works (measured: the store is not the slow stage with 4 x 4 MiB,
-# but a remote S3 has more latency than the test servers).
+# 8 MiB ranges, 6 in flight + 2 queued: eight 8 MiB buffers (64 MiB, allocated once), enough
+# to keep a fast store busy while the decryptor works (measured: the store is not the slow
+# stage with 4 x 4 MiB, but a remote S3 has more latency than the test servers).
 CACHED_CHUNK = 8 << 20
 CACHED_READ_AHEAD = 6
 
@@ -140,7 +140,7 @@ class CachedStoreSource(CiphertextSource):
                             f"part {part.name}: the store delivered {got} of {part.size} bytes"
                         )
                     data = item[1]
-                    writer.write(bytes(data) if isinstance(data, memoryview) else data, got)
+                    writer.write(data, got)
                     got += len(data)
                     self.fetched_bytes += len(data)
                     yield ordinal, data

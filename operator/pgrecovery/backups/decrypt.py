@@ -112,7 +112,8 @@ class StreamDecryptor:
     """AES-256-CBC over a byte stream that arrives in arbitrary pieces, PKCS#7 at the end.
 
     The last decrypted block is held back until more ciphertext arrives, because only the
-    very last block carries the padding. Output pieces are `bytes` of whole blocks.
+    very last block carries the padding. Output pieces are whole blocks, as `bytes` or as a
+    memoryview that owns its buffer.
     """
 
     def __init__(self, params: CipherParams) -> None:
@@ -120,15 +121,26 @@ class StreamDecryptor:
         self._held = b""
         self.ciphertext_bytes = 0
 
-    def update(self, data: bytes | bytearray | memoryview) -> bytes:
-        self.ciphertext_bytes += len(data)
-        out = self._ctx.update(data)
-        if not out:
+    def update(self, data: bytes | bytearray | memoryview) -> bytes | memoryview:
+        """Decrypt `data`; return the plaintext blocks that are certainly not the last one.
+
+        One allocation per call and no copy: the held block and the new plaintext are written
+        into one buffer (`update_into`), and a view of it is returned (it owns the buffer).
+        """
+        n = len(data)
+        self.ciphertext_bytes += n
+        if not n:
             return b""
-        if self._held:
-            out = self._held + out
-        self._held = out[-BLOCK:]
-        return out[:-BLOCK]
+        held = len(self._held)
+        buf = bytearray(held + n + BLOCK - 1)  # update_into wants block_size - 1 spare bytes
+        view = memoryview(buf)
+        view[:held] = self._held
+        total = held + self._ctx.update_into(data, view[held:])
+        if total <= BLOCK:
+            self._held = bytes(view[:total])
+            return b""
+        self._held = bytes(view[total - BLOCK : total])
+        return view[: total - BLOCK]
 
     def finalize(self, *, last_part: str = "the last part") -> bytes:
         """Check that the ciphertext is whole blocks and the padding is valid; return the rest."""
