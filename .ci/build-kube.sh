@@ -6,7 +6,7 @@
 #   /var/cache/pgrecovery-kube/<key>/bin/           kube-apiserver, etcd
 #   /var/cache/pgrecovery-kube/<key>/build.log      the last build's output
 #
-# <key> = k8s.io/kubernetes version + etcd version + a hash of go.mod/go.sum, so a version bump
+# <key> = k8s.io/kubernetes version + etcd version + a hash of go.mod/go.sum/this script, so a bump
 # builds anew and an unchanged pin costs one stat (seconds). Why a go.mod of ours:
 # k8s.io/kubernetes points its k8s.io/* staging modules at local folders, and `go install
 # pkg@version` refuses modules with replace directives; ours requires it and replaces each
@@ -29,7 +29,8 @@ fi
 
 kube_version="$(awk '$1 == "k8s.io/kubernetes" && $2 ~ /^v/ {print $2; exit}' go.mod)"
 etcd_version="$(awk '$1 == "go.etcd.io/etcd/server/v3" && $2 ~ /^v/ {print $2; exit}' go.mod)"
-pin_hash="$(cat go.mod go.sum | sha256sum | cut -c1-12)"
+# this script is part of the key: a change of how it builds (ldflags, …) builds anew
+pin_hash="$(cat go.mod go.sum ../build-kube.sh | sha256sum | cut -c1-12)"
 key="kube-${kube_version}-etcd-${etcd_version}-${pin_hash}"
 out="$CACHE_ROOT/$key"
 log="$out/build.log"
@@ -63,11 +64,12 @@ if ! {
   # Kubernetes' own build; without it the server calls itself v0.0.0-master.
   minor="${kube_version#v1.}"; minor="${minor%%.*}"
   v=k8s.io/component-base/version
+  # (set -e does not apply inside an `if` condition: each step is chained with &&)
   "$GO" build -trimpath -o "$staging/" -ldflags="-s -w -X $v.gitVersion=$kube_version \
     -X $v.gitMajor=1 -X $v.gitMinor=$minor -X $v.gitTreeState=clean" \
-    k8s.io/kubernetes/cmd/kube-apiserver go.etcd.io/etcd/server/v3
-  mv "$staging/server" "$staging/etcd"  # go names the binary of …/server/v3 "server"
-  "$staging/kube-apiserver" --version
+    k8s.io/kubernetes/cmd/kube-apiserver go.etcd.io/etcd/server/v3 &&
+  mv "$staging/server" "$staging/etcd" &&  # go names the binary of …/server/v3 "server"
+  "$staging/kube-apiserver" --version &&
   "$staging/etcd" --version
 } >"$log" 2>&1; then
   rm -rf "$staging"

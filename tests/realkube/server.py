@@ -70,7 +70,8 @@ def bin_dir() -> Path:
     override = os.environ.get("PGRECOVERY_KUBE_BIN_DIR")
     if override:
         return Path(override)
-    pin = (PIN_DIR / "go.mod").read_bytes() + (PIN_DIR / "go.sum").read_bytes()
+    pin = b"".join((PIN_DIR / name).read_bytes() for name in ("go.mod", "go.sum"))
+    pin += (PIN_DIR.parent / "build-kube.sh").read_bytes()
     key = (f"kube-{_pinned('k8s.io/kubernetes')}-etcd-{_pinned('go.etcd.io/etcd/server/v3')}"
            f"-{hashlib.sha256(pin).hexdigest()[:12]}")
     return CACHE_ROOT / key / "bin"
