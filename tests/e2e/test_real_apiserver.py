@@ -43,6 +43,7 @@ from tests.e2e.operator_harness import free_port
 from tests.kubeapi.harness import KopfProcess, Kubectl, log_problems, wait_for
 from tests.realkube.server import RealKubeAPI
 from tests.unit import test_crd, test_dingo_spec
+from tests.unit import test_helm_chart as chart_values
 
 pytestmark = pytest.mark.e2e
 
@@ -239,6 +240,48 @@ def test_cel_rule_rejects_with_its_message(
         assert message in result.stderr, result.stderr
 
 
+# ---------------------------------------------------------------------- installs
+
+
+def test_plain_manifests_install_is_accepted(
+    crd: None, real_kube_api: RealKubeAPI, tmp_path: Path,
+) -> None:
+    """`kubectl apply -k manifests/` for real (namespace pgrecovery, RBAC, Deployment, …)."""
+    real_kubectl = Kubectl(kubeconfig=real_kube_api.kubeconfig, cache_dir=tmp_path / "cache")
+    result = real_kubectl("apply", "-k", str(ROOT / "manifests"))
+    assert result.returncode == 0, result.stderr
+    for kind in ("deployment", "serviceaccount", "role", "rolebinding", "service"):
+        found = real_kubectl("get", kind, "-n", "pgrecovery", "-o", "name")
+        assert found.returncode == 0, (kind, found.stderr)
+        assert found.stdout.strip(), kind
+
+
+# Kinds whose CRDs come with the Prometheus Operator, which this server does not have.
+NO_CRD_HERE = {"ServiceMonitor", "PrometheusRule"}
+
+
+@pytest.mark.parametrize("combination", sorted(chart_values.COMBINATIONS))
+def test_every_chart_combination_is_accepted(
+    crd: None, real_kube_api: RealKubeAPI, real_namespace: str, combination: str,
+    tmp_path: Path,
+) -> None:
+    """Every values combination the chart tests render, checked by the server (dry run)."""
+    # no default namespace: the chart puts objects into several (as Helm would)
+    real_kubectl = Kubectl(kubeconfig=real_kube_api.kubeconfig, cache_dir=tmp_path / "cache")
+    peering = real_kubectl("apply", "-f", str(CHART / "crds" / "kopf-peering.yaml"))
+    assert peering.returncode == 0, peering.stderr
+    values = copy.deepcopy(chart_values.COMBINATIONS[combination])
+    if values.get("watchNamespaces"):
+        values["watchNamespaces"] = [f"{real_namespace}-{n}" for n in values["watchNamespaces"]]
+        for name in values["watchNamespaces"]:
+            real_kube_api.create_namespace(name)
+    objects = [o for o in _render_chart(f"pgr-{real_namespace}", real_namespace, values)
+               if o["kind"] not in NO_CRD_HERE]
+    result = real_kubectl("apply", "--dry-run=server", "-f", "-",
+                          input=yaml.safe_dump_all(objects))
+    assert result.returncode == 0, result.stderr
+
+
 # ---------------------------------------------------------------------- status round trip
 
 
@@ -304,9 +347,10 @@ def test_status_with_every_field_survives_a_round_trip(
 # ---------------------------------------------------------------------- chart + operator
 
 
-def _render_chart(release: str, namespace: str) -> list[dict[str, Any]]:
+def _render_chart(release: str, namespace: str,
+                  values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     helm = pytest.importorskip("helm_python", reason="helm-python-sdk missing: bash .ci/setup")
-    rendered = helm.Chart.load(CHART).render({}, name=release, namespace=namespace,
+    rendered = helm.Chart.load(CHART).render(values or {}, name=release, namespace=namespace,
                                              is_install=True)
     objects = []
     for path, text in sorted(rendered.items()):
