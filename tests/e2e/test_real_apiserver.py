@@ -78,6 +78,7 @@ def test_kubectl_apply_crds_is_accepted(real_kube_api: RealKubeAPI, real_kubectl
     for folder in (ROOT / "crds", ROOT / "manifests" / "crds", CHART / "crds"):
         result = real_kubectl("apply", "--server-side", "--force-conflicts", "-f", str(folder))
         assert result.returncode == 0, f"{folder}: {result.stderr}"
+        assert "Warning" not in result.stderr, result.stderr  # e.g. an unknown schema format
     name = "pgrecoveries.pgrecovery.dev"
     done = real_kubectl("wait", f"crd/{name}", "--for=condition=Established", "--timeout=30s")
     assert done.returncode == 0, done.stderr
@@ -101,6 +102,7 @@ def test_every_sample_is_accepted(crd: None, real_kubectl: Kubectl, real_namespa
         doc = _in(real_namespace, yaml.safe_load(sample.read_text()))
         result = real_kubectl("create", "--dry-run=server", "-f", "-", input=yaml.safe_dump(doc))
         assert result.returncode == 0, f"{sample.name}: {result.stderr}"
+        assert result.stderr == "", f"{sample.name}: {result.stderr}"
     dingo = _in(real_namespace, test_dingo_spec.DINGO)
     result = real_kubectl("create", "--dry-run=server", "-f", "-", input=yaml.safe_dump(dingo))
     assert result.returncode == 0, result.stderr

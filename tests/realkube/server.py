@@ -19,6 +19,7 @@ create their ServiceAccounts and leave namespaces to die with the session's etcd
 from __future__ import annotations
 
 import base64
+import ctypes
 import dataclasses
 import datetime
 import hashlib
@@ -268,11 +269,14 @@ class RealKubeAPI:
         shutil.rmtree(self.directory, ignore_errors=True)
 
     def _spawn(self, log: Path, command: list[str]) -> subprocess.Popen[bytes]:
+        # Own session: a Ctrl-C in the terminal reaches pytest, whose teardown stops them in
+        # order; killed when pytest dies without a teardown (SIGKILL), so nothing is orphaned.
         with log.open("ab") as out:
             out.write(f"===== {' '.join(command)}\n".encode())
             out.flush()
             return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    preexec_fn=_die_with_parent)  # noqa: PLW1509 - see _PRCTL
 
     def _wait(self, what: str, process: subprocess.Popen[bytes], log: Path,
               ready: Any) -> None:
@@ -471,6 +475,18 @@ def _record(event: dict[str, Any], code: int) -> RequestRecord:
         # a watch is recorded when it starts (0 = still streaming, as in the emulator)
         status=0 if event.get("stage") == "ResponseStarted" else code,
     )
+
+
+# Looked up once in the parent: between fork and exec the child only calls it (no dlopen, which
+# could wait forever on a lock another thread of pytest held at the fork).
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the process that started it exits (a
+    SIGTERMed kube-apiserver whose etcd is gone too was seen to hang in its shutdown)."""
+    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _http_ok(url: str, context: ssl.SSLContext | None, expect: bytes) -> bool:
