@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any, TextIO
 import yaml
 
 from pgrecovery.adapters.local_secrets import LocalSecrets
+from pgrecovery.engine.breakpoints import NO_BREAKPOINTS, Breakpoints
 from pgrecovery.engine.local import LocalRun, cleanup_local, run_local
 from pgrecovery.engine.plan import load_plan_factory
 from pgrecovery.engine.status import WARNING_CONDITIONS, ConditionType, RecoveryStatus
@@ -103,6 +105,9 @@ async def _recover(args: argparse.Namespace) -> int:
         work_dir=work_dir,
         secrets=LocalSecrets(secrets_dir),
         plan_factory=load_plan_factory(args.plan_factory),
+        # The operator's test-only setting, read the same way (unset: no breakpoints).
+        breakpoints=Breakpoints(Path(os.environ["PGRECOVERY_BREAKPOINT_DIR"]))
+        if os.environ.get("PGRECOVERY_BREAKPOINT_DIR") else NO_BREAKPOINTS,
     )
     out = sys.stdout
     reporter = TerminalReporter(out)

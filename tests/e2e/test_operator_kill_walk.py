@@ -31,9 +31,8 @@ nothing, and no secret value appears in the status, the events or the operator l
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -43,14 +42,11 @@ import pytest
 import yaml
 
 from pgrecovery.engine.breakpoints import before_step
-from pgrecovery.engine.phases import Phase
-from pgrecovery.engine.plan import PlanInputs
-from pgrecovery.engine.plans import build_plan
-from pgrecovery.engine.spec import SecretKeyRef, SecretRef, parse_spec
 from tests.e2e.operator_harness import NAMESPACE, free_port, start_recovery_operator
 from tests.faults.proxy import Fault, FaultProxy, fault_proxy, gate
 from tests.kubeapi.harness import KopfProcess, KubeAPI, Kubectl, log_problems
 from tests.objectstores.servers import S3Server
+from tests.plan_steps import plan_of
 from tests.scenario import Scenario, leftover_scan
 from tests.simcluster.cluster import SimCluster, SimVM
 
@@ -72,39 +68,7 @@ POLL_INTERVAL = "0.25"
 OBSERVE_INTERVAL = 0.05
 STEP_TIMEOUT = 180.0
 JOBS_ROOT = "/var/vcap/store/pgrecovery/jobs"  # adapters/jobs.py DEFAULT_JOBS_ROOT
-PHASES = (Phase.FETCHING, Phase.DECRYPTING, Phase.STAGING, Phase.RESTORING, Phase.REJOINED)
 FINISHED = ("Succeeded", "Skipped")
-
-
-# ---------------------------------------------------------------------- the plan
-
-
-class _NoSecrets:
-    """Building a plan reads no secret (clients open lazily); a read here is a bug."""
-
-    async def get_key(self, ref: SecretKeyRef) -> bytes:
-        raise AssertionError(f"plan construction read secret {ref.name}")
-
-    async def get_all(self, ref: SecretRef) -> Mapping[str, bytes]:
-        raise AssertionError(f"plan construction read secret {ref.name}")
-
-
-def plan_of(manifest: dict[str, Any], work_dir: Path) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """(phase, step names) in the order the operator runs them, from the real plan factory."""
-
-    async def build() -> tuple[tuple[str, tuple[str, ...]], ...]:
-        inputs = PlanInputs(NAME, NAMESPACE, "walk", parse_spec(manifest["spec"]), _NoSecrets(),
-                            str(work_dir))
-        plan = await build_plan(inputs)
-        try:
-            return tuple(
-                (phase.value, tuple(step.name for step in plan.for_phase(phase)))
-                for phase in PHASES
-            )
-        finally:
-            await plan.close()
-
-    return asyncio.run(build())
 
 
 # ---------------------------------------------------------------------- the operator

@@ -30,7 +30,7 @@ from pgrecovery.engine.supervisor import (
     Supervisor,
     execute_phase,
 )
-from pgrecovery.errors import BackupNotFound, NodeUnreachable
+from pgrecovery.errors import BackupNotFound, NodeUnreachable, RemoteCommandFailed
 
 pytestmark = pytest.mark.unit
 
@@ -243,6 +243,36 @@ async def test_fatal_error_fails_with_reason_and_keeps_step_records() -> None:
     record = outcome.status.step("find-backup")
     assert record is not None
     assert record.state is StepState.FAILED
+
+
+async def test_a_failure_past_the_point_of_no_return_says_the_state_and_what_to_do() -> None:
+    """The message names in words what the finished destructive steps did and the step that
+    may have run in part, says a new PgRecovery continues, and status.nodes is refreshed."""
+    spec = parse_spec(raw_spec())
+    done = CountingStep("ensure-standbys-stopped")
+    failing = CountingStep("ensure-connections-blocked",
+                           fail_with=RemoteCommandFailed("pg/0: exit 1 from sudo -n …"))
+    status = st.enter_phase(RecoveryStatus(), Phase.STAGING, st.now_utc())
+    status = st.set_nodes(status, (st.NodeState(name="pg/1", role="standby", state="running"),))
+    ctx, _ = ctx_for(status)
+
+    async def observed() -> list[st.NodeState]:
+        return [st.NodeState(name="pg/1", role="standby", state="postgres-down")]
+
+    plan = Plan(steps={Phase.STAGING: [done, failing]},
+                state_words={"ensure-standbys-stopped": "standbys stopped"},
+                observe_nodes=observed)
+    outcome = await execute_phase(Phase.STAGING, plan, ctx, RetryPolicy(), spec)
+    message = outcome.status.message
+    assert "pg/0: exit 1 from sudo" in message
+    assert "The cluster is left with: standbys stopped; ensure-connections-blocked may have " \
+           "run in part. Create a new PgRecovery for this deployment" in message, message
+    assert [n.state for n in outcome.status.nodes] == ["postgres-down"]
+    # Before the point of no return: no such words (nothing was changed).
+    ctx, _ = ctx_for(st.enter_phase(RecoveryStatus(), Phase.FETCHING, st.now_utc()))
+    early = await execute_phase(Phase.FETCHING, plan_of(Fetching=[CountingStep(
+        "x", fail_with=BackupNotFound("gone"))]), ctx, RetryPolicy(), spec)
+    assert "The cluster is left" not in early.status.message
 
 
 async def test_retryable_error_retries_then_gives_up() -> None:

@@ -228,31 +228,43 @@ class A9sOperations:
             try:
                 rows = await repmgr.cluster_show(self.shell, primary, self.layout)
             except RemoteCommandFailed as exc:
-                self._accept_without_repmgr(primary, views, exc)
+                self._accept_without_repmgr(
+                    primary, views, f"repmgr unreadable ({str(exc).splitlines()[0][:300]})")
             else:
-                self._check_repmgr_agrees(primary, rows)
+                if rows:
+                    self._check_repmgr_agrees(primary, rows)
+                else:
+                    # Empty, as a recovery leaves it between truncating repmgr's tables and
+                    # registering the primary again (a failure in between).
+                    self._accept_without_repmgr(primary, views, "repmgr lists no nodes")
         standbys = tuple(n for n in self.nodes if n != primary)
         return ClusterView(primary, standbys, tuple(views), tuple(rows))
 
-    def _accept_without_repmgr(
-        self, primary: Node, views: list[NodeView], exc: RemoteCommandFailed
-    ) -> None:
-        """repmgr cannot be read on the primary: its database is gone when an earlier
-        recovery was interrupted in Restoring (the `--clean` dump drops it first). Decided:
-        the primary is still unambiguous when it is the ONLY running PostgreSQL — the standbys
+    async def observe_nodes(self) -> list[NodeView | tuple[Node, str]]:
+        """Every node's role, PostgreSQL and monit as they are now, deciding nothing (after a
+        failure, for the status): a node that cannot be probed comes back with the reason."""
+        results = await asyncio.gather(*(self._probe_one(n) for n in self.nodes),
+                                       return_exceptions=True)
+        return [r if isinstance(r, NodeView) else (n, str(r)[:200] or type(r).__name__)
+                for n, r in zip(self.nodes, results, strict=True)]
+
+    def _accept_without_repmgr(self, primary: Node, views: list[NodeView], why: str) -> None:
+        """repmgr cannot confirm the primary: its database is gone when an earlier recovery
+        was interrupted in Restoring (the `--clean` dump drops it first), its node table is
+        empty when one failed between truncating it and registering the primary. Decided: the
+        primary is still unambiguous when it is the ONLY running PostgreSQL — the standbys
         stopped, as Staging leaves them — so a new recovery can repair such a cluster; with
         another server running, repmgr's word is needed and its absence is ambiguous."""
-        first = str(exc).splitlines()[0][:300]
         others = [v.node.name for v in views if v.node != primary and v.pg_running]
         if others:
             raise PrimaryAmbiguous(
                 f"{primary.name} is the PostgreSQL primary but repmgr cannot confirm it "
-                f"({first}) while PostgreSQL runs on {others}; fix repmgr by hand first"
+                f"({why}) while PostgreSQL runs on {others}; fix repmgr by hand first"
             ) from None
         self._report(
             "probe_nodes",
-            f"repmgr unreadable ({first}); the only running PostgreSQL, not in recovery, is "
-            "taken as the primary (an earlier recovery was interrupted?)",
+            f"{why}; the only running PostgreSQL, not in recovery, is taken as the primary "
+            "(an earlier recovery stopped half-way?)",
             primary,
         )
 

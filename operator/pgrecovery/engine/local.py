@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pgrecovery.engine import status as st
+from pgrecovery.engine.breakpoints import NO_BREAKPOINTS, Breakpoints
 from pgrecovery.engine.lifecycle import accept_or_reject, effective_spec
 from pgrecovery.engine.plan import PlanFactory, PlanInputs, SecretSource
 from pgrecovery.engine.spec import RecoverySpec
@@ -120,6 +121,8 @@ class LocalRun:
     secrets: SecretSource
     plan_factory: PlanFactory
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # Test-only stopping points (`engine.breakpoints`), as in the operator.
+    breakpoints: Breakpoints = NO_BREAKPOINTS
 
 
 async def run_local(
@@ -163,7 +166,7 @@ async def run_local(
             continue
         status = await reporter.update(lambda s: st.unblock(s, st.now_utc()))
         plan = await run.plan_factory(_inputs(run, spec, status))
-        ctx = StepContext(reporter=reporter, cancel_event=cancel)
+        ctx = StepContext(reporter=reporter, cancel_event=cancel, breakpoints=run.breakpoints)
         try:
             outcome = await execute_phase(status.phase, plan, ctx, run.retry, spec)
         except Cancelled:

@@ -16,7 +16,7 @@ from typing import Protocol
 
 from pgrecovery.engine.phases import Phase
 from pgrecovery.engine.spec import RecoverySpec, SecretKeyRef, SecretRef
-from pgrecovery.engine.status import RecoveryStatus
+from pgrecovery.engine.status import NodeState, RecoveryStatus
 from pgrecovery.engine.steps import Step
 from pgrecovery.errors import ConfigurationError
 
@@ -57,6 +57,11 @@ class Plan:
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     leftovers: Leftovers | None = None
     """None: this kind of recovery leaves nothing outside its status."""
+    state_words: Mapping[str, str] = field(default_factory=dict)
+    """Step name → what it did to the cluster, in words: a failure after the point of no
+    return says which of these hold (`engine.supervisor`)."""
+    observe_nodes: Callable[[], Awaitable[list[NodeState]]] | None = None
+    """The nodes as they are now (read-only), to refresh `status.nodes` when a run fails."""
 
     def for_phase(self, phase: Phase) -> Sequence[Step]:
         return self.steps.get(phase, ())

@@ -29,7 +29,7 @@ from pgrecovery.engine.breakpoints import NO_BREAKPOINTS, Breakpoints
 from pgrecovery.engine.phases import Phase, is_destructive, next_phase
 from pgrecovery.engine.plan import Plan, PlanFactory, PlanInputs
 from pgrecovery.engine.spec import RecoverySpec
-from pgrecovery.engine.status import ConditionType, RecoveryStatus
+from pgrecovery.engine.status import ConditionType, RecoveryStatus, StepState
 from pgrecovery.engine.steps import StatusChange, StepContext, StepEvent, run_steps
 from pgrecovery.errors import Cancelled, FatalError, RecoveryError, RetryableError
 
@@ -204,6 +204,18 @@ async def execute_phase(
     return await finish_phase(phase, ctx, spec)
 
 
+def left_in_words(plan: Plan, status: RecoveryStatus) -> str:
+    """What the destructive steps that finished did to the cluster, and what to do next."""
+    done = [plan.state_words.get(s.name, s.name) for s in status.steps
+            if is_destructive(s.phase) and s.state is StepState.SUCCEEDED]
+    stopped = [s.name for s in status.steps
+               if s.state in (StepState.RUNNING, StepState.FAILED) and is_destructive(s.phase)]
+    state = "; ".join(done) if done else "nothing changed yet"
+    partly = f"; {stopped[0]} may have run in part" if stopped else ""
+    return (f"The cluster is left with: {state}{partly}. Create a new PgRecovery for this "
+            "deployment (another name): it continues from here")
+
+
 # Listing what a failed run keeps is one SSH command per node; a node that does not answer must
 # not keep the failure from being reported.
 LEFTOVER_LISTING_TIMEOUT = 60.0
@@ -211,9 +223,20 @@ LEFTOVER_LISTING_TIMEOUT = 60.0
 
 async def _fail(plan: Plan, ctx: StepContext, reason: str, message: str) -> Outcome:
     """Failed, with what the run keeps on the VMs and the work volume listed in status
-    (`facts.leftovers`): it stays for the next run, and goes when the PgRecovery is deleted."""
+    (`facts.leftovers`): it stays for the next run, and goes when the PgRecovery is deleted.
+    After the point of no return the message also says, in words, what state the cluster was
+    left in and that a new PgRecovery continues from there; `status.nodes` is refreshed."""
     now = st.now_utc()
+    destructive = is_destructive(ctx.status.phase)
+    if destructive:
+        message = f"{message}. {left_in_words(plan, ctx.status)}"
     failed = await ctx.update(lambda s: st.fail(s, reason, message, now))
+    if plan.observe_nodes is not None and destructive:
+        try:
+            nodes = await asyncio.wait_for(plan.observe_nodes(), LEFTOVER_LISTING_TIMEOUT)
+            failed = await ctx.update(lambda s: st.set_nodes(s, tuple(nodes)))
+        except Exception as exc:  # noqa: BLE001 - the failure is what must be reported
+            log.warning("could not refresh the nodes after the failure: %s", exc)
     if plan.leftovers is not None:
         try:
             found = await asyncio.wait_for(plan.leftovers.find(failed), LEFTOVER_LISTING_TIMEOUT)

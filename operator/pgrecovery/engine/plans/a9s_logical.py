@@ -50,7 +50,14 @@ from pgrecovery.cluster import bulk_load, tools
 from pgrecovery.cluster.a9s import A9sOperations, StepResult, estimate_needed_bytes
 from pgrecovery.cluster.dump_index import DumpIndex, DumpIndexer
 from pgrecovery.cluster.leftovers import list_leftovers, remove_leftovers
-from pgrecovery.cluster.nodes import A9sLayout, ClusterView, Node, ProgressEvent, run_id_for
+from pgrecovery.cluster.nodes import (
+    A9sLayout,
+    ClusterView,
+    Node,
+    NodeView,
+    ProgressEvent,
+    run_id_for,
+)
 from pgrecovery.cluster.parallel_restore import (
     ParallelRestoreStatus,
     parallel_restore_job_id,
@@ -324,15 +331,7 @@ class A9sLogicalRecovery:
     async def probe_cluster(self, ctx: StepContext) -> None:
         ops = await self.ops(ctx)
         view = await ops.probe_nodes()
-        states = tuple(
-            NodeState(
-                name=nv.node.name,
-                role=str(getattr(nv.role, "value", nv.role)),
-                monit=" ".join(f"{svc}={state}" for svc, state in sorted(nv.monit.items())),
-                state="reachable" if nv.pg_running else "postgres-down",
-            )
-            for nv in view.nodes
-        )
+        states = tuple(_node_state(nv) for nv in view.nodes)
         await ctx.update(lambda s: st.set_nodes(s, states))
         await ctx.update(lambda s: s.model_copy(update={"primary": view.primary.name}))
 
@@ -705,6 +704,13 @@ class A9sLogicalRecovery:
         await ctx.update(lambda s: st.set_message(
             s, f"recovery files removed from {len(self.nodes)} node(s) and the work volume"))
 
+    async def observed_nodes(self) -> list[NodeState]:
+        """`Plan.observe_nodes`: the nodes as they are after a failure (read-only)."""
+        ops = await self._cluster_ops()
+        return [_node_state(seen) if isinstance(seen, NodeView)
+                else NodeState(name=seen[0].name, state=f"unreachable: {seen[1]}")
+                for seen in await ops.observe_nodes()]
+
     # ------------------------------------------------------------------ leftovers (Plan)
 
     async def find(self, status: RecoveryStatus) -> list[str]:
@@ -954,7 +960,8 @@ async def build_a9s_logical_plan(inputs: PlanInputs) -> Plan:
         ),
     ]
     steps[Phase.REJOINED] = with_recovery_files_removed(r, steps[Phase.REJOINED])
-    return Plan(steps=steps, closers=[recovery.close], leftovers=recovery)
+    return Plan(steps=steps, closers=[recovery.close], leftovers=recovery,
+                state_words=STATE_WORDS, observe_nodes=recovery.observed_nodes)
 
 
 def with_recovery_files_removed(r: A9sLogicalRecovery, rejoined: list[Step]) -> list[Step]:
@@ -965,6 +972,49 @@ def with_recovery_files_removed(r: A9sLogicalRecovery, rejoined: list[Step]) -> 
         FunctionStep("ensure-recovery-files-removed", _cleaned, r.remove_recovery_files,
                      verify_after=False),
     ]
+
+
+def _node_state(seen: NodeView) -> NodeState:
+    return NodeState(
+        name=seen.node.name,
+        role=str(getattr(seen.role, "value", seen.role)),
+        monit=" ".join(f"{svc}={state}" for svc, state in sorted(seen.monit.items())),
+        state="reachable" if seen.pg_running else "postgres-down",
+    )
+
+
+#: What each destructive step did to the cluster, in words, for the message of a failure after
+#: the point of no return (`Plan.state_words`).
+STATE_WORDS = {
+    "ensure-standbys-stopped": "standbys stopped (monit)",
+    "ensure-repmgr-stopped-on-primary": "repmgr stopped on the primary",
+    "ensure-inactive-slots-dropped": "inactive replication slots dropped",
+    "ensure-connections-blocked": "new connections to the primary refused (pg_hba narrowed; "
+                                  "the original kept as pg_hba.conf.pgrecovery-orig)",
+    "ensure-startup-locks-clear": "stale startup locks removed",
+    "ensure-bulk-load-settings": "checkpoint settings raised for the restore",
+    "restore-dump": "the dump restored into the primary",
+    "ensure-bulk-load-settings-reverted": "checkpoint settings back",
+    "ensure-repmgr-schema-truncated": "repmgr's tables emptied (no node listed until the "
+                                      "primary is registered again)",
+    "ensure-primary-registered": "the primary registered in repmgr",
+    "ensure-repmgr-running-on-primary": "repmgr running on the primary",
+    "ensure-clone-marker": "clone marker written on the primary",
+    "ensure-standbys-recloned": "standbys wiped, re-cloned and streaming",
+    "verify-cluster": "cluster verified",
+    "ensure-staging-file-removed": "staged dump removed",
+    "ensure-connections-unblocked": "connections allowed again",
+    "ensure-recovery-files-removed": "recovery files removed",
+    # WAL-E point in time (its Restoring steps)
+    "ensure-postgres-stopped-on-primary": "PostgreSQL stopped on the primary",
+    "ensure-data-dir-replaced": "the primary's data directory replaced (the old one set aside "
+                                "or wiped: see facts)",
+    "ensure-base-backup-extracted": "base backup extracted",
+    "ensure-recovery-configured": "recovery to the point in time configured",
+    "ensure-recovery-started": "WAL replay started",
+    "wait-for-promotion": "primary promoted at the point in time",
+    "ensure-recovery-settings-removed": "recovery settings removed",
+}
 
 
 def _size_of(path: Path) -> int:

@@ -70,6 +70,7 @@ from pgrecovery.engine import status as st
 from pgrecovery.engine.phases import Phase
 from pgrecovery.engine.plan import Plan, PlanInputs
 from pgrecovery.engine.plans.a9s_logical import (
+    STATE_WORDS,
     A9sLogicalRecovery,
     _human,
     _never,
@@ -625,4 +626,5 @@ async def build_wale_physical_plan(inputs: PlanInputs) -> Plan:
         ),
     ]
     steps[Phase.REJOINED] = with_recovery_files_removed(r, steps[Phase.REJOINED])
-    return Plan(steps=steps, closers=[r.close], leftovers=r)
+    return Plan(steps=steps, closers=[r.close], leftovers=r, state_words=STATE_WORDS,
+                observe_nodes=r.observed_nodes)
