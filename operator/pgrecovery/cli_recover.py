@@ -88,27 +88,31 @@ class TerminalReporter:
         self._last_progress = ""
 
 
-async def _recover(args: argparse.Namespace) -> int:
-    name, spec = load_recovery_file(Path(args.file))
-    if args.confirm is not None:
-        spec = {**spec, "confirm": args.confirm}
-    status_file = Path(args.status_file or f"{name}.status.json")
-    work_dir = Path(args.work_dir or f"{name}.work")
+def _local_run(args: argparse.Namespace, name: str, spec: dict[str, Any]) -> LocalRun:
+    """What `recover` and `cleanup` share: files named after the recovery, secrets, plans."""
     secrets_dir = Path(args.secrets_dir) if args.secrets_dir else None
     if secrets_dir is not None and not secrets_dir.is_dir():
         raise ConfigurationError(f"--secrets-dir {secrets_dir} is not a directory")
-    work_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before any work
-    run = LocalRun(
+    return LocalRun(
         name=name,
         spec=spec,
-        status_file=status_file,
-        work_dir=work_dir,
+        status_file=Path(args.status_file or f"{name}.status.json"),
+        work_dir=Path(args.work_dir or f"{name}.work"),
         secrets=LocalSecrets(secrets_dir),
         plan_factory=load_plan_factory(args.plan_factory),
         # The operator's test-only setting, read the same way (unset: no breakpoints).
         breakpoints=Breakpoints(Path(os.environ["PGRECOVERY_BREAKPOINT_DIR"]))
         if os.environ.get("PGRECOVERY_BREAKPOINT_DIR") else NO_BREAKPOINTS,
     )
+
+
+async def _recover(args: argparse.Namespace) -> int:
+    name, spec = load_recovery_file(Path(args.file))
+    if args.confirm is not None:
+        spec = {**spec, "confirm": args.confirm}
+    run = _local_run(args, name, spec)
+    status_file = run.status_file
+    run.work_dir.mkdir(parents=True, exist_ok=True)
     out = sys.stdout
     reporter = TerminalReporter(out)
     cancel = asyncio.Event()
@@ -164,21 +168,11 @@ def register_recover(groups: argparse._SubParsersAction[argparse.ArgumentParser]
 
 async def _cleanup(args: argparse.Namespace) -> int:
     name, spec = load_recovery_file(Path(args.file))
-    status_file = Path(args.status_file or f"{name}.status.json")
-    if not status_file.is_file():  # noqa: ASYNC240 - once, before any work
+    run = _local_run(args, name, spec)
+    status_file = run.status_file
+    if not status_file.is_file():
         raise ConfigurationError(f"--status-file {status_file} does not exist: cleanup removes "
                                  "what the run recorded there")
-    secrets_dir = Path(args.secrets_dir) if args.secrets_dir else None
-    if secrets_dir is not None and not secrets_dir.is_dir():
-        raise ConfigurationError(f"--secrets-dir {secrets_dir} is not a directory")
-    run = LocalRun(
-        name=name,
-        spec=spec,
-        status_file=status_file,
-        work_dir=Path(args.work_dir or f"{name}.work"),
-        secrets=LocalSecrets(secrets_dir),
-        plan_factory=load_plan_factory(args.plan_factory),
-    )
     removed = await cleanup_local(run)
     for entry in removed:
         print(f"removed {entry}", file=sys.stdout)

@@ -96,19 +96,21 @@ async def _on_node(shell: RemoteShell, node: Node, layout: A9sLayout, backup_id:
     return found
 
 
+async def _on_nodes(shell: RemoteShell, nodes: Sequence[Node], layout: A9sLayout,
+                    backup_id: str | None, mode: str) -> list[Leftover]:
+    found: list[Leftover] = []
+    for node in nodes:
+        found += await _on_node(shell, node, layout, backup_id, mode)
+    return found
+
+
 async def list_leftovers(shell: RemoteShell, nodes: Sequence[Node], layout: A9sLayout,
                          backup_id: str | None) -> list[Leftover]:
     """What pgrecovery has on the nodes now (read-only)."""
-    found: list[Leftover] = []
-    for node in nodes:
-        found += await _on_node(shell, node, layout, backup_id, "list")
-    return found
+    return await _on_nodes(shell, nodes, layout, backup_id, "list")
 
 
 async def remove_leftovers(shell: RemoteShell, nodes: Sequence[Node], layout: A9sLayout,
                            backup_id: str | None) -> list[Leftover]:
     """Remove them (idempotent: a second call finds nothing); returns what was removed."""
-    removed: list[Leftover] = []
-    for node in nodes:
-        removed += await _on_node(shell, node, layout, backup_id, "remove")
-    return removed
+    return await _on_nodes(shell, nodes, layout, backup_id, "remove")
