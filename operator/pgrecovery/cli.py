@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import importlib.metadata
 import json
 import logging
 import os
@@ -106,7 +107,8 @@ def _progress_enabled(args: argparse.Namespace) -> bool:
 # ------------------------------------------------------------------ options
 
 
-def _add_location_options(parser: argparse.ArgumentParser, *, allow_dir: bool) -> None:
+def _add_location_options(parser: argparse.ArgumentParser, *, allow_dir: bool,
+                          has_backup_id: bool = True) -> None:
     where = parser.add_argument_group("where the backups are (choose one)")
     group = where.add_mutually_exclusive_group(required=True)
     group.add_argument("--s3-bucket", metavar="BUCKET", help="S3 bucket holding the backups")
@@ -127,7 +129,9 @@ def _add_location_options(parser: argparse.ArgumentParser, *, allow_dir: bool) -
     )
     parser.add_argument(
         "--guid",
-        help="the backup GUID (a9s Backup Manager); optional when --backup-id is given",
+        help="the backup GUID (a9s Backup Manager); optional when --backup-id is given"
+        if has_backup_id else "the backup GUID (a9s Backup Manager); optional when the "
+        "location holds the backups of one GUID only",
     )
 
 
@@ -187,8 +191,9 @@ async def _listing(args: argparse.Namespace, store: ObjectStore, prefix: str) ->
         )
         if len(candidates) != 1:
             found = ", ".join(candidates[:10]) or "none"
+            choose = "--guid or --backup-id" if hasattr(args, "backup_id") else "--guid"
             raise ConfigurationError(
-                f"give --guid or --backup-id: {store.description} holds backups of "
+                f"give {choose}: {store.description} holds backups of "
                 f"{len(candidates)} GUIDs ({found})"
             )
         guid = candidates[0]
@@ -367,12 +372,22 @@ def _register_backups(groups: argparse._SubParsersAction[argparse.ArgumentParser
     )
     commands = backups.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = commands.add_parser("list", help="list the backups of a GUID, newest last")
-    _add_location_options(p, allow_dir=True)
+    p = commands.add_parser(
+        "list", help="list the backups of a GUID, newest last",
+        description="List the backups of one backup GUID at a location, oldest first: id, "
+        "time taken, parts, size, and what is wrong with an incomplete one (missing or short "
+        "parts, a part count or size that differs from its <id>.json).",
+    )
+    _add_location_options(p, allow_dir=True, has_backup_id=False)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_list)
 
-    p = commands.add_parser("fetch", help="download a backup's parts (resumable)")
+    p = commands.add_parser(
+        "fetch", help="download a backup's parts (resumable)",
+        description="Download the encrypted parts of a backup (the latest unless --backup-id) "
+        "into a directory, in parallel range requests; parts already there with the right size "
+        "are kept, so an interrupted fetch continues. Nothing is decrypted.",
+    )
     _add_location_options(p, allow_dir=False)
     p.add_argument("--backup-id", help="<guid>-<epoch-ms>; default: the latest backup")
     p.add_argument("--dir", type=Path, required=True, help="directory to download into")
@@ -383,6 +398,10 @@ def _register_backups(groups: argparse._SubParsersAction[argparse.ArgumentParser
     p = commands.add_parser(
         "decrypt",
         help="decrypt + gunzip a backup (from the store or a directory) to a dump file",
+        description="Stream a backup's parts in natural order through AES-256-CBC decryption "
+        "(OpenSSL enc format; the key from --key-file, --key-env or a prompt, never the "
+        "command line) and gunzip into a pg_dumpall script, in constant memory; the gzip "
+        "checksum is verified before the dump is reported complete.",
     )
     _add_location_options(p, allow_dir=True)
     p.add_argument("--backup-id", help="<guid>-<epoch-ms>; default: the latest backup")
@@ -434,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="PostgreSQL disaster recovery for a9s-pg / Dingo clusters on BOSH VMs.",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv)")
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {importlib.metadata.version('pgrecovery')}")
     groups = parser.add_subparsers(dest="group", required=True, metavar="GROUP")
     for register in GROUPS:
         register(groups)
