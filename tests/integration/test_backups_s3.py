@@ -273,6 +273,54 @@ async def test_empty_and_missing_bucket(moto_s3: S3Server) -> None:
         await store.close()
 
 
+async def test_read_range_into_direct_and_through_read(
+    seaweedfs_s3: S3Server,
+    seaweed_bucket: str,
+    corpus: Corpus,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The S3 adapter receives a body straight into the buffer; a body it does not recognise
+    (e.g. a checksumming wrapper) is read with read(n): same bytes, and a short or long body
+    is an error either way."""
+    import pgrecovery.adapters.s3 as s3_adapter  # noqa: PLC0415 - patched below
+
+    store = await _store(seaweedfs_s3, seaweed_bucket)
+    key = f"a9s/{LATEST}-1"
+    whole = corpus.latest.files[1].read_bytes()
+    try:
+        for start, size in ((0, len(whole)), (5, 1000), (len(whole) - 7, 7)):
+            buffer = bytearray(size)
+            await store.read_range_into(key, start, memoryview(buffer))  # type: ignore[attr-defined]
+            assert bytes(buffer) == whole[start : start + size]
+
+        class Wrapped:
+            def __init__(self, body: object) -> None:
+                self.body = body
+                self.reads = 0
+
+            def read(self, n: int) -> bytes:
+                self.reads += 1
+                return self.body.read(n)  # type: ignore[attr-defined, no-any-return]
+
+            def close(self) -> None:
+                self.body.close()  # type: ignore[attr-defined]
+
+        wrapped: list[Wrapped] = []
+        direct = s3_adapter._receive_into
+
+        def through_read(body: object, buffer: memoryview) -> int:
+            wrapped.append(Wrapped(body))
+            return direct(wrapped[-1], buffer)
+
+        monkeypatch.setattr(s3_adapter, "_receive_into", through_read)
+        buffer = bytearray(len(whole) - 3)
+        await store.read_range_into(key, 3, memoryview(buffer))  # type: ignore[attr-defined]
+        assert bytes(buffer) == whole[3:]
+        assert wrapped[-1].reads >= 2  # pieces, then the empty read at the end
+    finally:
+        await store.close()
+
+
 async def test_download_resume_and_decrypt_from_seaweedfs(
     seaweedfs_s3: S3Server,
     seaweed_bucket: str,
