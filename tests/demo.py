@@ -61,13 +61,15 @@ def _follow(kubectl: Kubectl, operator: KopfProcess, out: TextIO) -> dict[str, o
         result = kubectl("get", "pgr", NAME, "-n", NAMESPACE, "-o", "json")
         status = json.loads(result.stdout).get("status", {}) if result.returncode == 0 else {}
         phase = str(status.get("phase", ""))
-        if phase and phase != last_phase:
-            _say(out, f"\n== phase {phase}")
-            last_phase = phase
         for step in status.get("steps", []):
             key = f"{step['phase']}/{step['name']}"
             if seen_steps.get(key) != step["state"]:
                 seen_steps[key] = step["state"]
+                # Under the phase the step belongs to (status is read once a second: a step of
+                # the next phase can already be there when the phase changes).
+                if step["phase"] != last_phase:
+                    last_phase = step["phase"]
+                    _say(out, f"\n== phase {last_phase}")
                 mark = {"Running": "→", "Succeeded": "✓", "Failed": "✗"}.get(step["state"], "·")
                 message = f"  ({step['message']})" if step.get("message") else ""
                 _say(out, f"   {mark} {step['name']}{message[:140]}")
