@@ -114,6 +114,41 @@ def recovery_operator(
     return Operator(kube_api, kubectl, process, port)
 
 
+CHART = ROOT / "helm" / "pgrecovery-operator"
+
+
+def render_chart(namespace: str, values: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The chart's objects as Helm's library renders them for a release in `namespace` (its
+    own release name: the chart's ClusterRoleBinding is cluster-wide)."""
+    import helm_python  # noqa: PLC0415 - only the real-server tests need Helm's Go library
+
+    rendered = helm_python.Chart.load(CHART).render(
+        dict(values or {}), name=f"pgr-{namespace}", namespace=namespace, is_install=True
+    )
+    return [
+        doc
+        for path, text in sorted(rendered.items())
+        if path.endswith(".yaml")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
+
+
+def install_chart(
+    api: RealKubeAPI, kubectl: Kubectl, namespace: str, values: Mapping[str, Any] | None = None
+) -> tuple[list[dict[str, Any]], Path, str]:
+    """The chart applied in `namespace` (Deployment included: no kubelet runs it here); returns
+    its objects, a kubeconfig with the chart's ServiceAccount token and the user name the
+    server records for that token (`system:serviceaccount:<namespace>:<name>`)."""
+    objects = render_chart(namespace, values)
+    applied = kubectl.apply(yaml.safe_dump_all(objects))
+    assert applied.returncode == 0, applied.stderr
+    (account,) = [o for o in objects if o["kind"] == "ServiceAccount"]
+    name = account["metadata"]["name"]
+    user = f"system:serviceaccount:{namespace}:{name}"
+    return objects, api.serviceaccount_kubeconfig(namespace, name), user
+
+
 def real_recovery_operator(
     api: RealKubeAPI,
     kubectl: Kubectl,
@@ -122,11 +157,15 @@ def real_recovery_operator(
     work_dir: Path,
     env: Mapping[str, str] | None = None,
 ) -> Operator:
-    """The same on the real API server (tests/realkube), in the test's own `namespace`."""
+    """The same on the real API server (tests/realkube), in the test's own `namespace`, under
+    the Helm chart's ServiceAccount token and Role: a call the chart does not allow is a 403."""
     port = free_port()
     api.install_crd(CRD)
+    _, kubeconfig, user = install_chart(api, kubectl, namespace)
     process = real_kopf_operator(
         "pgrecovery.main",
+        kubeconfig=kubeconfig,
+        user=user,
         env={
             "PGRECOVERY_WORK_DIR": str(work_dir),
             "PGRECOVERY_METRICS_PORT": str(port),

@@ -7,8 +7,8 @@ per phase; a status change from one phase fires the next phase's handler; SIGKIL
 restart resumes that phase; a fatal error lands as Failed with its reason; an invalid spec never
 reaches the first phase; deletion of a running recovery stops it and releases the finalizer;
 `kubectl get pgr` shows the printer columns; `kubectl wait --for=condition=…` works for success
-and failure; confirm gating, dry run, and frozen spec. The operator runs as its own user
-(system:masters); the chart's RBAC is proven in test_real_apiserver.py.
+and failure; confirm gating, dry run, and frozen spec. The operator runs under the Helm chart's
+ServiceAccount token and Role (RBAC enforced by the server).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.e2e.operator_harness import install_chart
 from tests.kubeapi.harness import KopfProcess, Kubectl, wait_for
 from tests.realkube.server import RealKubeAPI
 
@@ -96,9 +97,12 @@ def world(
     tmp_path: Path,
 ) -> World:
     real_kube_api.install_crd(CRD)
+    _, kubeconfig, user = install_chart(real_kube_api, real_kubectl, real_namespace)
     work = tmp_path / "work"
     operator = real_kopf_operator(
         "pgrecovery.main",
+        kubeconfig=kubeconfig,
+        user=user,
         env={
             "PGRECOVERY_PLAN_FACTORY": "tests.e2e.plan_for_tests:build_plan",
             "PGRECOVERY_WORK_DIR": str(work),

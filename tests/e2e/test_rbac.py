@@ -31,6 +31,7 @@ import yaml
 
 from pgrecovery.engine.plan import Plan, PlanInputs
 from tests.e2e import plan_for_tests
+from tests.e2e.operator_harness import install_chart
 from tests.e2e.test_operator_machinery import manifest
 from tests.kubeapi.harness import KopfProcess, Kubectl, wait_for
 from tests.realkube.server import RealKubeAPI
@@ -127,30 +128,6 @@ def recorded(api: RealKubeAPI, user: str, namespace: str) -> set[Request]:
         where = NAMESPACE if record.namespace == namespace else record.namespace
         requests.add((record.verb, record.group, record.resource, record.subresource, where))
     return requests
-
-
-def install_chart(
-    api: RealKubeAPI, kubectl: Kubectl, namespace: str, values: dict[str, Any] | None = None
-) -> tuple[list[dict[str, Any]], Path, str]:
-    """The chart rendered by Helm for `namespace` and applied (a release name of its own: the
-    ClusterRoleBinding is cluster-wide); returns the objects, a kubeconfig with the chart's
-    ServiceAccount token and the name the audit log records for it."""
-    rendered = chart.helm.Chart.load(chart.CHART).render(
-        values or {}, name=f"pgr-{namespace}", namespace=namespace, is_install=True
-    )
-    objects = [
-        doc
-        for path, text in sorted(rendered.items())
-        if path.endswith(".yaml")
-        for doc in yaml.safe_load_all(text)
-        if doc
-    ]
-    applied = kubectl.apply(yaml.safe_dump_all(objects))
-    assert applied.returncode == 0, applied.stderr
-    (account,) = chart.of_kind(objects, "ServiceAccount")
-    name = account["metadata"]["name"]
-    user = f"system:serviceaccount:{namespace}:{name}"
-    return objects, api.serviceaccount_kubeconfig(namespace, name), user
 
 
 def assert_nothing_refused(api: RealKubeAPI, user: str) -> None:
