@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.operator_harness import CRD, NAMESPACE, Operator, free_port
+from tests.e2e.operator_harness import CRD, NAMESPACE, Operator, free_port, install_chart
 from tests.kubeapi.harness import KopfProcess, Kubectl
 from tests.objectstores.servers import S3Server
 from tests.realkube.server import RealKubeAPI
@@ -42,11 +42,13 @@ PLAN_LOGGER = "pgrecovery.engine.plans"
 
 
 def _replica(kube_api: RealKubeAPI, kubectl: Kubectl, make: Callable[..., KopfProcess],
-             work: Path, identity: str, namespace: str) -> Operator:
+             work: Path, identity: str, namespace: str, kubeconfig: Path, user: str) -> Operator:
+    """One replica, under the chart's ServiceAccount token (both pods of a Deployment share it)."""
     port = free_port()
     process = make(
         "pgrecovery.main",
-        user=f"kopf-{identity}",
+        kubeconfig=kubeconfig,
+        user=user,
         env={
             "PGRECOVERY_WORK_DIR": str(work),
             "PGRECOVERY_METRICS_PORT": str(port),
@@ -94,9 +96,11 @@ def test_only_one_replica_executes_and_the_other_takes_over_after_a_kill(
 ) -> None:
     kube_api, kubectl, ns = real_kube_api, real_kubectl, real_namespace
     kube_api.install_crd(CRD)
+    _, kubeconfig, user = install_chart(kube_api, kubectl, ns)
     work = tmp_path / "work"  # one volume, as two pods would mount one PVC (ReadWriteMany)
     replicas = {
-        identity: _replica(kube_api, kubectl, real_kopf_operator, work, identity, ns)
+        identity: _replica(kube_api, kubectl, real_kopf_operator, work, identity, ns,
+                           kubeconfig, user)
         for identity in ("replica-a", "replica-b")
     }
     scenario = Scenario.prepare(healthy_sim_cluster, moto_s3, rows=2000, part_size=64 * 1024)
