@@ -1,7 +1,8 @@
 """SIGKILL the operator at every step of a real recovery and inside the long steps; it completes.
 
-A real `kopf run -m pgrecovery.main` (the real a9s plan) restores the simulated 3-VM a9s-pg
-cluster from a real S3 server. The walk kills the operator (`KopfProcess.kill()`, as a node loss
+A real `kopf run -m pgrecovery.main` (the real a9s plan), on the real kube-apiserver under the
+Helm chart's ServiceAccount token and Role, restores the simulated 3-VM a9s-pg cluster from a
+real S3 server. The walk kills the operator (`KopfProcess.kill()`, as a node loss
 or an OOM kill would) at every point below, in order, and starts it again each time:
 
 - before every step of the plan (its step list is taken from the plan itself, so a step added
@@ -42,11 +43,13 @@ import pytest
 import yaml
 
 from pgrecovery.engine.breakpoints import before_step
-from tests.e2e.operator_harness import NAMESPACE, free_port, start_recovery_operator
+from tests.e2e.operator_harness import NAMESPACE, real_recovery_operator
+from tests.e2e.operator_harness import Operator as HarnessOperator
 from tests.faults.proxy import Fault, FaultProxy, fault_proxy, gate
-from tests.kubeapi.harness import KopfProcess, KubeAPI, Kubectl, log_problems
+from tests.kubeapi.harness import KopfProcess, Kubectl, log_problems
 from tests.objectstores.servers import S3Server
 from tests.plan_steps import plan_of
+from tests.realkube.server import RealKubeAPI
 from tests.scenario import Scenario, leftover_scan
 from tests.simcluster.cluster import SimCluster, SimVM
 
@@ -60,7 +63,6 @@ pytestmark = [
 ]
 
 NAME = "kill-walk"
-OBJECT_PATH = f"/apis/pgrecovery.dev/v1alpha1/namespaces/{NAMESPACE}/pgrecoveries/{NAME}"
 ROWS = 250_000  # a ~100 MiB dump: long enough that the parallel restore has real tasks
 PART_SIZE = 256 * 1024  # ~30 MiB encrypted → ~120 parts, so the gates can cut it finely
 # Status is written once per poll; the walk reads it 5 times as often.
@@ -75,24 +77,26 @@ FINISHED = ("Succeeded", "Skipped")
 
 
 class Operator:
-    def __init__(self, api: KubeAPI, kubectl: Kubectl, process: KopfProcess,
-                 breakpoints: Path) -> None:
-        self.api, self.kubectl, self.process = api, kubectl, process
+    """The harness's operator, plus what the walk needs: a raw status GET and the log."""
+
+    def __init__(self, harness: HarnessOperator, breakpoints: Path) -> None:
+        self.harness, self.api, self.kubectl = harness, harness.api, harness.kubectl
+        self.process = harness.process
         self.breakpoints = breakpoints
+        self.path = (f"/apis/pgrecovery.dev/v1alpha1/namespaces/{harness.namespace}/"
+                     f"pgrecoveries/{NAME}")
 
     def apply(self, *objects: dict[str, Any]) -> None:
-        result = self.kubectl.apply(yaml.safe_dump_all(objects))
-        assert result.returncode == 0, result.stderr
+        self.harness.apply(*objects)
 
     def status(self) -> dict[str, Any]:
         """A raw GET (not kubectl: spawning kubectl 20 times a second would load the machine)."""
-        code, obj = self.api.request("GET", OBJECT_PATH)
+        code, obj = self.api.request("GET", self.path)
         assert code == 200, obj
         return obj.get("status") or {}
 
     def events(self) -> list[dict[str, Any]]:
-        items = self.kubectl.json("events", "-n", NAMESPACE)["items"]
-        return [e for e in items if e["involvedObject"]["name"] == NAME]
+        return self.harness.events(NAME)
 
     def log_tail(self) -> str:
         return self.process.log_text()[-4000:]
@@ -100,19 +104,22 @@ class Operator:
 
 @pytest.fixture
 def operator(
-    kube_api: KubeAPI,
-    kubectl: Kubectl,
-    kopf_operator_subprocess: Callable[..., KopfProcess],
+    real_kube_api: RealKubeAPI,
+    real_kubectl: Kubectl,
+    real_kopf_operator: Callable[..., KopfProcess],
+    real_namespace: str,
     tmp_path: Path,
 ) -> Operator:
+    """The real operator on the real API server, in the test's own namespace, under the
+    chart's ServiceAccount token and Role."""
     breakpoints = tmp_path / "breakpoints"
     breakpoints.mkdir()
-    process = start_recovery_operator(
-        kube_api, kopf_operator_subprocess, tmp_path / "work", metrics_port=free_port(),
+    harness = real_recovery_operator(
+        real_kube_api, real_kubectl, real_kopf_operator, real_namespace, tmp_path / "work",
         env={"PGRECOVERY_POLL_INTERVAL": POLL_INTERVAL,
              "PGRECOVERY_BREAKPOINT_DIR": str(breakpoints)},
     )
-    return Operator(kube_api, kubectl, process, breakpoints)
+    return Operator(harness, breakpoints)
 
 
 @pytest.fixture
