@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.operator_harness import NAMESPACE, Operator, recovery_operator
-from tests.kubeapi.harness import KopfProcess, KubeAPI, Kubectl
+from tests.e2e.operator_harness import NAMESPACE, Operator, real_recovery_operator
+from tests.kubeapi.harness import KopfProcess, Kubectl
+from tests.realkube.server import RealKubeAPI
 from tests.scenario import leftover_scan
 from tests.simcluster.data import wait_for_replay
 from tests.wale import faults
@@ -31,12 +32,17 @@ SSH_SECRET = "a9s-pg-ssh"
 
 @pytest.fixture
 def wale_operator(
-    kube_api: KubeAPI,
-    kubectl: Kubectl,
-    kopf_operator_subprocess: Callable[..., KopfProcess],
+    real_kube_api: RealKubeAPI,
+    real_kubectl: Kubectl,
+    real_kopf_operator: Callable[..., KopfProcess],
+    real_namespace: str,
     tmp_path: Path,
 ) -> Operator:
-    return recovery_operator(kube_api, kubectl, kopf_operator_subprocess, tmp_path / "work")
+    """The operator on the real API server, in the test's own namespace, under the chart's
+    ServiceAccount token (objects built for NAMESPACE are applied there by Operator.apply)."""
+    return real_recovery_operator(
+        real_kube_api, real_kubectl, real_kopf_operator, real_namespace, tmp_path / "work"
+    )
 
 
 def _secret(name: str, data: dict[str, bytes]) -> dict[str, Any]:
