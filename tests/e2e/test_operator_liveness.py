@@ -23,9 +23,10 @@ from pathlib import Path
 import pytest
 
 from pgrecovery.liveness import LOOP_STALL_AFTER
-from tests.e2e.operator_harness import CRD, NAMESPACE, free_port
-from tests.e2e.test_operator_machinery import World, manifest
-from tests.kubeapi.harness import KopfProcess, KubeAPI, Kubectl
+from tests.e2e.operator_harness import CRD, free_port, install_chart
+from tests.e2e.test_operator_machinery import World
+from tests.kubeapi.harness import KopfProcess, Kubectl
+from tests.realkube.server import RealKubeAPI
 
 pytestmark = pytest.mark.e2e
 
@@ -52,18 +53,21 @@ def _wait_health(port: int, code: int, timeout: float) -> str:
 
 
 def test_healthz_fails_while_the_event_loop_is_blocked_and_recovers_after(
-    kube_api: KubeAPI,
-    kubectl: Kubectl,
-    kopf_operator_subprocess: Callable[..., KopfProcess],
+    real_kube_api: RealKubeAPI,
+    real_kubectl: Kubectl,
+    real_kopf_operator: Callable[..., KopfProcess],
+    real_namespace: str,
     tmp_path: Path,
 ) -> None:
-    kube_api.create_namespace(NAMESPACE)
+    kube_api, kubectl = real_kube_api, real_kubectl
     kube_api.install_crd(CRD)
+    _, kubeconfig, user = install_chart(kube_api, kubectl, real_namespace)
     port = free_port()
     work = tmp_path / "work"
-    operator = kopf_operator_subprocess(
+    operator = real_kopf_operator(
         "tests.e2e.freezable_operator",
-        namespace=NAMESPACE,
+        kubeconfig=kubeconfig,
+        user=user,
         env={
             "PGRECOVERY_PLAN_FACTORY": "tests.e2e.plan_for_tests:build_plan",
             "PGRECOVERY_WORK_DIR": str(work),
@@ -96,8 +100,8 @@ def test_healthz_fails_while_the_event_loop_is_blocked_and_recovers_after(
     assert _wait_health(port, 200, FREEZE_SECONDS + 10) == "ok\n"
     recovered_after = time.monotonic() - frozen_at
     assert recovered_after >= FREEZE_SECONDS - 1, recovered_after
-    world = World(kube_api, kubectl, operator, work)
-    assert kubectl.apply(manifest("after-freeze")).returncode == 0
+    world = World(kube_api, kubectl, operator, work, real_namespace)
+    assert kubectl.apply(world.manifest("after-freeze")).returncode == 0
     world.wait_condition("after-freeze", "Succeeded")
     print(f"/healthz: 503 {failed_after:.1f}s after the loop froze ({failing.strip()!r}), "
           f"200 again {recovered_after:.1f}s after (freeze {FREEZE_SECONDS:.0f}s)")
