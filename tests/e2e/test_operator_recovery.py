@@ -21,7 +21,7 @@ from tests.e2e.operator_harness import Operator, real_recovery_operator
 from tests.kubeapi.harness import KopfProcess, Kubectl, wait_for
 from tests.objectstores.servers import AzuriteServer, S3Server
 from tests.realkube.server import RealKubeAPI
-from tests.scenario import KEY_KEY, KEY_SECRET, Scenario
+from tests.scenario import KEY_KEY, KEY_SECRET, Scenario, leftover_scan
 from tests.simcluster.cluster import SimCluster
 from tests.simcluster.data import table_checksums
 
@@ -155,7 +155,7 @@ def test_operator_killed_in_decrypting_and_rejoined_resumes_and_completes(
 
 
 def test_dry_run_checks_everything_and_changes_nothing(
-    operator: Operator, healthy_sim_cluster: SimCluster, moto_s3: S3Server
+    operator: Operator, healthy_sim_cluster: SimCluster, moto_s3: S3Server, tmp_path: Path
 ) -> None:
     scenario = Scenario.prepare(healthy_sim_cluster, moto_s3, rows=200)
     damaged = {vm.name: table_checksums(vm) for vm in healthy_sim_cluster.vms}
@@ -184,3 +184,11 @@ def test_dry_run_checks_everything_and_changes_nothing(
     assert {vm.name: table_checksums(vm) for vm in healthy_sim_cluster.vms} == damaged
     for vm in healthy_sim_cluster.vms:
         assert vm.monit_status().get("postgresql-ha") == "OK"
+    # The verified dump stays staged for a real run; deleting the dry run removes it (and the
+    # downloaded parts): nothing of it is left on the VMs or the work volume.
+    assert leftover_scan(healthy_sim_cluster, tmp_path / "work")
+    deleted = operator.kubectl.delete("pgr", "dry", "-n", operator.namespace, "--wait=true",
+                                      "--timeout=120s")
+    assert deleted.returncode == 0, deleted.stderr
+    assert leftover_scan(healthy_sim_cluster, tmp_path / "work") == []
+    assert "CleanedUp" in {e["reason"] for e in operator.events("dry")}
