@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import secrets as pysecrets
+import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -260,17 +261,20 @@ def local_recover_argv(
     return argv, status_file
 
 
-def leftover_scan(cluster: SimCluster, work_root: Path) -> list[str]:
-    """pgrecovery's files on every VM (its state directory with jobs, journal and restore work,
-    clone markers, staged dumps) and on the work volume: what must be gone after a success."""
+def leftover_scan(cluster: SimCluster, work_root: Path, *, dump_of: str | None) -> list[str]:
+    """pgrecovery's files on every VM — its whole state directory (jobs, journal, restore work,
+    markers) and clone markers — the staged dump of backup `dump_of` (None: the recovery stages
+    none, as WAL-E), and the work volume: what must be gone after a success. Other files in the
+    staging directory are not pgrecovery's to remove (people stage dumps there by hand, and
+    other tests share the cluster), so only the recovery's own dump is looked for."""
+    staged = (f"find /var/vcap/store/postgresql-restore -name {shlex.quote(dump_of + '*')} "
+              "2>/dev/null; " if dump_of else "")
     found: list[str] = []
     for vm in cluster.vms:
         out = vm.run(
-            "find /var/vcap/store -path '*pgrecovery*' 2>/dev/null; "
-            "find /var/vcap/store/postgresql-restore -type f 2>/dev/null; true"
+            "find /var/vcap/store -path '*pgrecovery*' 2>/dev/null; " + staged + "true"
         ).stdout.split()
         found += [f"{vm.name}:{path}" for path in out]
     if work_root.exists():
         found += [str(p) for p in work_root.rglob("*") if p.is_file()]
     return found
-

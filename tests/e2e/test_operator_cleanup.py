@@ -98,7 +98,8 @@ def test_success_leaves_nothing_on_the_vms_or_the_work_volume(
                 if e["reason"] == "GhostDeploymentsPossible"]
     assert len(warnings) == 1, warnings
     assert warnings[0]["type"] == "Warning"
-    scan = leftover_scan(healthy_sim_cluster, tmp_path / "work")
+    scan = leftover_scan(healthy_sim_cluster, tmp_path / "work",
+                         dump_of=scenario.backup.backup_id)
     print("scan after success:", scan or "nothing")
     assert scan == []
     assert status["facts"]["cleanup"].startswith("done; removed "), status["facts"]
@@ -124,10 +125,12 @@ def test_failure_lists_what_it_keeps_and_deletion_removes_it(
         assert f"{dump} (" in listed, listed
         assert "/var/vcap/store/pgrecovery/jobs" in listed, listed
         assert "operator:" in listed, listed  # the downloaded parts
-        assert leftover_scan(healthy_sim_cluster, tmp_path / "work")
+        assert leftover_scan(healthy_sim_cluster, tmp_path / "work",
+                         dump_of=scenario.backup.backup_id)
 
         seconds = _delete(operator, "clean-failed")
-        scan = leftover_scan(healthy_sim_cluster, tmp_path / "work")
+        scan = leftover_scan(healthy_sim_cluster, tmp_path / "work",
+                         dump_of=scenario.backup.backup_id)
         print(f"scan after failure + delete ({seconds:.1f} s):", scan or "nothing")
         assert [s for s in scan if not s.endswith(HBA_ORIGINAL)] == []
         reasons = _reasons(operator.events("clean-failed"))
@@ -157,7 +160,8 @@ def test_deletion_mid_restore_stops_the_job_cleans_up_and_a_new_recovery_repairs
         assert any(j.startswith(("restore-", "prestore-")) for j in running), running
 
         seconds = _delete(operator, "clean-deleted")
-        scan = leftover_scan(healthy_sim_cluster, tmp_path / "work")
+        scan = leftover_scan(healthy_sim_cluster, tmp_path / "work",
+                         dump_of=scenario.backup.backup_id)
         print(f"scan after a deletion mid-restore ({seconds:.1f} s):", scan or "nothing")
         assert [s for s in scan if not s.endswith(HBA_ORIGINAL)] == []
         # The job is gone with its process; the checkpoint settings are the server's again.
@@ -179,6 +183,7 @@ def test_deletion_mid_restore_stops_the_job_cleans_up_and_a_new_recovery_repairs
                 if c["type"] == "GhostDeploymentsPossible"]
     assert scenario.restored_everywhere() == {vm.name: True for vm in healthy_sim_cluster.vms}
     assert healthy_sim_cluster.wait_healthy(timeout=30).ok
-    scan = leftover_scan(healthy_sim_cluster, tmp_path / "work")
+    scan = leftover_scan(healthy_sim_cluster, tmp_path / "work",
+                         dump_of=scenario.backup.backup_id)
     print("scan after the new recovery:", scan or "nothing")
     assert scan == []

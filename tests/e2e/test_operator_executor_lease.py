@@ -164,7 +164,7 @@ def test_only_one_replica_executes_and_the_other_takes_over_after_a_kill(
     assert not [s for s in status["steps"] if s["state"] == "Failed"], status["steps"]
     assert scenario.restored_everywhere() == {vm.name: True for vm in healthy_sim_cluster.vms}
     assert healthy_sim_cluster.wait_healthy(timeout=30).ok
-    assert leftover_scan(healthy_sim_cluster, work) == []
+    assert leftover_scan(healthy_sim_cluster, work, dump_of=scenario.backup.backup_id) == []
     print(f"\n{executor} killed mid-restore; {survivor} took over {took_at - killed_at:.1f} s "
           f"after the kill, {took_at - last_renewal:.1f} s after the last renewal (lease "
           f"{LEASE_SECONDS} s), and completed")

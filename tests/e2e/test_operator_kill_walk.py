@@ -531,7 +531,8 @@ def test_operator_killed_at_every_step_and_inside_long_steps_completes(
     # Nothing of the recovery is left on any VM (hold files of the walk included) nor on the
     # operator's work volume; the steps before the cleanup ran once (kills resumed them, the
     # kill inside the cleanup did not make them run again).
-    scan = leftover_scan(healthy_sim_cluster, tmp_path / "work")
+    scan = leftover_scan(healthy_sim_cluster, tmp_path / "work",
+                         dump_of=scenario.backup.backup_id)
     print("leftover scan:", scan or "nothing")
     assert not scan, f"{scan}\n{report}"
     cleanup_at = plan_steps.index("ensure-recovery-files-removed")

@@ -186,9 +186,11 @@ def test_dry_run_checks_everything_and_changes_nothing(
         assert vm.monit_status().get("postgresql-ha") == "OK"
     # The verified dump stays staged for a real run; deleting the dry run removes it (and the
     # downloaded parts): nothing of it is left on the VMs or the work volume.
-    assert leftover_scan(healthy_sim_cluster, tmp_path / "work")
+    assert leftover_scan(healthy_sim_cluster, tmp_path / "work",
+                         dump_of=scenario.backup.backup_id)
     deleted = operator.kubectl.delete("pgr", "dry", "-n", operator.namespace, "--wait=true",
                                       "--timeout=120s")
     assert deleted.returncode == 0, deleted.stderr
-    assert leftover_scan(healthy_sim_cluster, tmp_path / "work") == []
+    assert leftover_scan(healthy_sim_cluster, tmp_path / "work",
+                         dump_of=scenario.backup.backup_id) == []
     assert "CleanedUp" in {e["reason"] for e in operator.events("dry")}

@@ -111,7 +111,7 @@ def _repair(point: Point, scenario: Scenario, directory: Path, cluster: SimClust
         health = cluster.wait_healthy(timeout=60)
         if not health.ok:
             problems.append(f"unhealthy: {health.problems}")
-        left = leftover_scan(cluster, directory / "work")
+        left = leftover_scan(cluster, directory / "work", dump_of=scenario.backup.backup_id)
         if left:
             problems.append(f"left behind: {left}")
     point.repaired = not problems

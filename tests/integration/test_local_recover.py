@@ -76,7 +76,8 @@ def test_local_recover_restores_the_backup_on_every_node(
     # Nothing of the recovery is left on the VMs or in the work directory; the status file
     # (the report, no secret in it) stays.
     assert facts["cleanup"].startswith("done; removed "), facts
-    assert leftover_scan(healthy_sim_cluster, tmp_path / "work") == []
+    assert leftover_scan(healthy_sim_cluster, tmp_path / "work",
+                         dump_of=scenario.backup.backup_id) == []
     assert status_file.exists()
     # no secret in what the user saw or what was written down
     for secret in scenario.secret_strings():
@@ -196,14 +197,16 @@ def test_restore_error_fails_restoring_with_the_error_text_and_state(
         # What the failed run keeps is listed in its status; `pgrecovery cleanup` removes it.
         listed = str(status["facts"]["leftovers"])  # type: ignore[index]
         assert f"{scenario.backup.backup_id}.dump (" in listed, listed
-        assert leftover_scan(healthy_sim_cluster, tmp_path / "work")
+        assert leftover_scan(healthy_sim_cluster, tmp_path / "work",
+                         dump_of=scenario.backup.backup_id)
         argv, status_file = local_recover_argv(scenario, tmp_path, "no-clean")
         argv[argv.index("recover")] = "cleanup"
         cleanup = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True,
                                  timeout=300, check=False)
         assert cleanup.returncode == 0, cleanup.stdout + cleanup.stderr
         assert "cleanup done: " in cleanup.stdout, cleanup.stdout
-        assert leftover_scan(healthy_sim_cluster, tmp_path / "work") == []
+        assert leftover_scan(healthy_sim_cluster, tmp_path / "work",
+                         dump_of=scenario.backup.backup_id) == []
         assert status_file.exists()
     finally:
         # The failed recovery leaves standbys stopped and connections blocked, as it must;
