@@ -22,10 +22,8 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.operator_harness import NAMESPACE, Operator, real_recovery_operator
-from tests.kubeapi.harness import KopfProcess, Kubectl
+from tests.e2e.operator_harness import NAMESPACE, Operator
 from tests.objectstores.servers import S3Server
-from tests.realkube.server import RealKubeAPI
 from tests.scenario import Scenario, leftover_scan
 from tests.simcluster.cluster import SimCluster
 
@@ -33,21 +31,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.vms]
 
 JOBS_ROOT = "/var/vcap/store/pgrecovery/jobs"
 HBA_ORIGINAL = "pg_hba.conf.pgrecovery-orig"
-
-
-@pytest.fixture
-def operator(
-    real_kube_api: RealKubeAPI,
-    real_kubectl: Kubectl,
-    real_kopf_operator: Callable[..., KopfProcess],
-    real_namespace: str,
-    tmp_path: Path,
-) -> Operator:
-    """The operator on the real API server, in the test's own namespace (objects built for
-    NAMESPACE are applied there by Operator.apply)."""
-    return real_recovery_operator(
-        real_kube_api, real_kubectl, real_kopf_operator, real_namespace, tmp_path / "work"
-    )
 
 
 def _delete(op: Operator, name: str, timeout: int = 180) -> float:

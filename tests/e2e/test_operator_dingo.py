@@ -11,8 +11,7 @@ in status, events or the operator's log.
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -27,27 +26,16 @@ from tests.dingo.world import (
     manifest,
     table_digest,
 )
-from tests.e2e.operator_harness import NAMESPACE, Operator, real_recovery_operator
-from tests.kubeapi.harness import KopfProcess, Kubectl
+from tests.e2e.operator_harness import NAMESPACE, Operator
 from tests.objectstores.servers import S3Server
-from tests.realkube.server import RealKubeAPI
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.vms, pytest.mark.slow]
 
 
 @pytest.fixture
-def dingo_operator(
-    real_kube_api: RealKubeAPI,
-    real_kubectl: Kubectl,
-    real_kopf_operator: Callable[..., KopfProcess],
-    real_namespace: str,
-    tmp_path: Path,
-) -> Operator:
-    """The operator on the real API server, in the test's own namespace (objects built for
-    NAMESPACE are applied there by Operator.apply)."""
-    return real_recovery_operator(
-        real_kube_api, real_kubectl, real_kopf_operator, real_namespace, tmp_path / "work"
-    )
+def dingo_operator(operator: Operator) -> Operator:
+    """The shared operator (tests/e2e/conftest.py)."""
+    return operator
 
 
 @pytest.fixture

@@ -6,34 +6,14 @@ the session cluster of `test_operator_recovery.py`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-
 import pytest
 
-from tests.e2e.operator_harness import NAMESPACE, Operator, real_recovery_operator
-from tests.kubeapi.harness import KopfProcess, Kubectl
+from tests.e2e.operator_harness import NAMESPACE, Operator
 from tests.objectstores.servers import S3Server
-from tests.realkube.server import RealKubeAPI
 from tests.scenario import Scenario
 from tests.simcluster.cluster import SimCluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.vms]
-
-
-@pytest.fixture
-def operator(
-    real_kube_api: RealKubeAPI,
-    real_kubectl: Kubectl,
-    real_kopf_operator: Callable[..., KopfProcess],
-    real_namespace: str,
-    tmp_path: Path,
-) -> Operator:
-    """The operator on the real API server, in the test's own namespace, under the chart's
-    ServiceAccount token (objects built for NAMESPACE are applied there by Operator.apply)."""
-    return real_recovery_operator(
-        real_kube_api, real_kubectl, real_kopf_operator, real_namespace, tmp_path / "work"
-    )
 
 
 def test_operator_recovers_a_cluster_whose_helpers_drop_privileges(

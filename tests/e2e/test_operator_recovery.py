@@ -17,28 +17,14 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.operator_harness import Operator, real_recovery_operator
-from tests.kubeapi.harness import KopfProcess, Kubectl, wait_for
+from tests.e2e.operator_harness import Operator
+from tests.kubeapi.harness import wait_for
 from tests.objectstores.servers import AzuriteServer, S3Server
-from tests.realkube.server import RealKubeAPI
 from tests.scenario import KEY_KEY, KEY_SECRET, Scenario, leftover_scan
 from tests.simcluster.cluster import SimCluster
 from tests.simcluster.data import table_checksums
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.vms]
-
-@pytest.fixture
-def operator(
-    real_kube_api: RealKubeAPI,
-    real_kubectl: Kubectl,
-    real_kopf_operator: Callable[..., KopfProcess],
-    real_namespace: str,
-    tmp_path: Path,
-) -> Operator:
-    return real_recovery_operator(
-        real_kube_api, real_kubectl, real_kopf_operator, real_namespace, tmp_path / "work"
-    )
-
 
 def _assert_no_secret_leaked(op: Operator, scenario: Scenario, name: str) -> None:
     texts = {

@@ -9,16 +9,13 @@ showing the recovery window and the point reached, no secret in status, events o
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.e2e.operator_harness import NAMESPACE, Operator, real_recovery_operator
-from tests.kubeapi.harness import KopfProcess, Kubectl
-from tests.realkube.server import RealKubeAPI
+from tests.e2e.operator_harness import NAMESPACE, Operator
 from tests.scenario import leftover_scan
 from tests.simcluster.data import wait_for_replay
 from tests.wale import faults
@@ -31,18 +28,9 @@ SSH_SECRET = "a9s-pg-ssh"
 
 
 @pytest.fixture
-def wale_operator(
-    real_kube_api: RealKubeAPI,
-    real_kubectl: Kubectl,
-    real_kopf_operator: Callable[..., KopfProcess],
-    real_namespace: str,
-    tmp_path: Path,
-) -> Operator:
-    """The operator on the real API server, in the test's own namespace, under the chart's
-    ServiceAccount token (objects built for NAMESPACE are applied there by Operator.apply)."""
-    return real_recovery_operator(
-        real_kube_api, real_kubectl, real_kopf_operator, real_namespace, tmp_path / "work"
-    )
+def wale_operator(operator: Operator) -> Operator:
+    """The shared operator (tests/e2e/conftest.py)."""
+    return operator
 
 
 def _secret(name: str, data: dict[str, bytes]) -> dict[str, Any]:
