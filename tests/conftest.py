@@ -6,6 +6,8 @@
 - `tests.realkube.fixtures`: a real kube-apiserver + etcd (built by .ci/build-kube.sh).
 - `tests.wale.fixtures`: WAL-E archives of the simulated cluster (S3 on its bridge, archiving on).
 - `tests.dingo.fixtures`: the simulated Dingo cell (etcd, docker stand-in, instances).
+- `tests.boshdirector.fixtures`: the BOSH director emulator over the simulated cluster, and the
+  real bosh CLI (built by .ci/build-bosh.sh).
 """
 
 pytest_plugins = [
@@ -15,4 +17,5 @@ pytest_plugins = [
     "tests.realkube.fixtures",
     "tests.wale.fixtures",
     "tests.dingo.fixtures",
+    "tests.boshdirector.fixtures",
 ]

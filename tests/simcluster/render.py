@@ -230,6 +230,9 @@ check process repmgr
 ListenAddress {address}
 Port 22
 HostKey /etc/ssh/ssh_host_ed25519_key
+HostKey /etc/ssh/ssh_host_rsa_key
+# As on a stemcell: only members of bosh_sshers log in (`bosh ssh` users are added to it).
+AllowGroups bosh_sshers
 PidFile /run/sshd.pid
 PubkeyAuthentication yes
 AuthorizedKeysFile .ssh/authorized_keys

@@ -71,10 +71,14 @@ if [ ! -e /etc/pgsim-provisioned ]; then
     rm -f /etc/ssh/ssh_host_*
     install -m 0600 "$VMDIR/ssh_host_ed25519_key" /etc/ssh/ssh_host_ed25519_key &&
         install -m 0644 "$VMDIR/ssh_host_ed25519_key.pub" /etc/ssh/ssh_host_ed25519_key.pub &&
+        install -m 0600 "$VMDIR/ssh_host_rsa_key" /etc/ssh/ssh_host_rsa_key &&
+        install -m 0644 "$VMDIR/ssh_host_rsa_key.pub" /etc/ssh/ssh_host_rsa_key.pub &&
         install -m 0644 "$VMDIR/sshd_config" /etc/ssh/sshd_config || fail "sshd files"
     install -m 0644 "$VMDIR/hosts" /etc/hosts || fail "hosts"
     # As on a stemcell: interactive root shells (`sudo su -`) find /var/vcap/bosh/bin/monit.
     install -m 0644 "$VMDIR/bosh-path.sh" /etc/profile.d/bosh-path.sh || fail "profile"
+    # `bosh ssh` users live here (the agent's useradd -b); see tests/boshdirector.
+    install -d -m 0755 /var/vcap/bosh_ssh || fail "bosh_ssh"
     echo "$VM_HOSTNAME" >/etc/hostname
     touch /etc/pgsim-provisioned
 fi
