@@ -64,6 +64,7 @@ class Scenario:
         dumpall_args: tuple[str, ...] = DUMPALL_ARGS,
         before_backup: Callable[[SimCluster], None] | None = None,
         after_backup: Callable[[SimCluster], None] | None = None,
+        edit_dump: Callable[[bytes], bytes] | None = None,
     ) -> Scenario:
         primary = cluster.primary()
         write_sample_data(primary, rows=rows)
@@ -71,6 +72,8 @@ class Scenario:
         expected = table_checksums(primary)
         key = encryption_key or "pgr-" + pysecrets.token_urlsafe(24)
         kwargs: dict[str, Any] = {"dumpall_args": dumpall_args, "encryption_key": key}
+        if edit_dump is not None:  # S3 only: the plain dump changed before it is encrypted
+            kwargs["edit_dump"] = edit_dump
         if before_backup is not None:
             before_backup(cluster)
         if isinstance(store, S3Server):

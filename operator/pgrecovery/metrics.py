@@ -94,6 +94,12 @@ RECOVERY_STARTED = Gauge(
     ["recovery"],
     registry=REGISTRY,
 )
+RESTORED_ROWS = Counter(
+    "pgrecovery_restored_rows_total",
+    "Rows of restored tables proven (counted on the primary and every standby against the "
+    "dump) by recoveries that succeeded.",
+    registry=REGISTRY,
+)
 STEP_EVENTS = Counter(
     "pgrecovery_step_events_total",
     "Step transitions (StepStarted, StepFinished, StepSkipped, StepFailed) by phase.",
@@ -156,6 +162,10 @@ def record_result(recovery: str, result: str, reason: str | None) -> None:
     with _lock:
         _phase_of.pop(recovery, None)
         _refresh_in_progress()
+
+
+def record_restored_rows(count: int) -> None:
+    RESTORED_ROWS.inc(count)
 
 
 def record_bytes(stage: str, count: int) -> None:

@@ -36,6 +36,7 @@ from pgrecovery.engine.status import (
     NodeState,
     Progress,
     RecoveryStatus,
+    RestoreProof,
     StepRecord,
     StepState,
 )
@@ -319,6 +320,10 @@ def full_status(spec: dict[str, Any]) -> dict[str, Any]:
                         [Phase.FETCHING, Phase.DECRYPTING, Phase.STAGING, Phase.RESTORING],
                         list(StepState), strict=True))),
         facts={"failedInPhase": "Staging", "stagedFile": "/var/vcap/store/x.sql"},
+        restore_proof=RestoreProof(databases=5, tables=219, rows=12_345_678_901,
+                                   verified_on=("pg/0", "pg/1"), nodes=3,
+                                   not_verified=("repmgr_cluster.repmgr.*: repmgr's own",),
+                                   restore_lsn="0/5A000060", seconds={"pg/0": 1.5}),
         phase_started_at=ms,
         phase_durations={"Fetching": 1.25, "Decrypting": 3.0},
         accepted_spec={k: v for k, v in spec.items() if k != "confirm"},

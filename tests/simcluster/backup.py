@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -135,8 +135,12 @@ def write_backup_files(
     first_index: int = 0,
     digest: str = "md5",
     dumpall_args: Sequence[str] = (),
+    edit_dump: Callable[[bytes], bytes] | None = None,
 ) -> LocalBackupFiles:
     """Dump `vm`'s whole PostgreSQL into encrypted files in `directory`.
+
+    `edit_dump` (tests of what a restore does with an odd dump): the whole plain dump is read,
+    changed by it, then compressed and encrypted as usual (so only for small dumps).
 
     `pg_dumpall` runs inside the VM as postgres:vcap; gzip, openssl and split run on the host
     and read its output through a pipe. `part_size=None` writes one file `<backup-id>`
@@ -185,6 +189,11 @@ def write_backup_files(
         assert dump.stdout is not None
         assert gzip.stdin is not None
         try:
+            if edit_dump is not None:
+                edited = edit_dump(dump.stdout.read())
+                sha.update(edited)
+                plain += len(edited)
+                gzip.stdin.write(edited)
             while chunk := dump.stdout.read(_COPY_CHUNK):
                 sha.update(chunk)
                 plain += len(chunk)
@@ -268,6 +277,7 @@ def make_s3_backup(
     write_metadata: bool = True,
     dumpall_args: Sequence[str] = (),
     workdir: Path | None = None,
+    edit_dump: Callable[[bytes], bytes] | None = None,
 ) -> A9sBackup:
     """Back up `vm` (the primary) into an S3 bucket in the a9s layout and describe it."""
     guid = guid or new_guid()
@@ -299,6 +309,7 @@ def make_s3_backup(
             first_index=first_index,
             digest=digest,
             dumpall_args=dumpall_args,
+            edit_dump=edit_dump,
         )
         parts = []
         for f in files.files:

@@ -113,6 +113,25 @@ class StepRecord(_Model):
     message: str = ""
 
 
+class RestoreProof(_Model):
+    """Rows counted in every restored table against what the dump carries (logical restores;
+    `cluster.restore_proof`). Only tables whose counts matched are counted here."""
+
+    databases: int = 0
+    tables: int = 0
+    rows: int = 0
+    verified_on: tuple[str, ...] = ()
+    """Nodes where every table held exactly the rows of the dump (the primary first)."""
+    nodes: int = 0
+    """Nodes of the cluster (verified_on covers all of them once the standbys are proven)."""
+    not_verified: tuple[str, ...] = ()
+    """What the proof could not count, with the reason (never counted as verified)."""
+    restore_lsn: str | None = None
+    """The primary's WAL position at the end of the restore; standbys replayed past it."""
+    seconds: dict[str, float] = Field(default_factory=dict)
+    """Time the counts took per node."""
+
+
 class RecoveryStatus(_Model):
     phase: Phase = Phase.PENDING
     conditions: tuple[Condition, ...] = ()
@@ -129,6 +148,7 @@ class RecoveryStatus(_Model):
     # Free-form facts that steps need to resume (e.g. staged file path); values are plain
     # strings/numbers, never secrets.
     facts: dict[str, str] = Field(default_factory=dict)
+    restore_proof: RestoreProof | None = None
     phase_started_at: datetime | None = None
     phase_durations: dict[str, float] = Field(default_factory=dict)
     # The spec as accepted at start. A started recovery keeps it (only `confirm` may change
@@ -433,6 +453,25 @@ def set_backup(status: RecoveryStatus, backup: BackupInfo) -> RecoveryStatus:
 
 def set_facts(status: RecoveryStatus, **facts: str) -> RecoveryStatus:
     return status.model_copy(update={"facts": {**status.facts, **facts}})
+
+
+def set_restore_proof(status: RecoveryStatus, proof: RestoreProof) -> RecoveryStatus:
+    return status.model_copy(update={"restore_proof": proof})
+
+
+def proof_summary(proof: RestoreProof | None) -> str:
+    """One line for messages and the final Event: what was proven, on how many nodes."""
+    if proof is None:
+        return ""
+    text = (f"restore proven: {proof.rows} rows in {proof.tables} tables of {proof.databases} "
+            f"databases, verified on {len(proof.verified_on)} of {proof.nodes} nodes")
+    if proof.verified_on:
+        text += f" ({', '.join(proof.verified_on)})"
+    if proof.not_verified:
+        text += f"; not verified: {'; '.join(proof.not_verified[:3])}"
+        if len(proof.not_verified) > 3:
+            text += f"; and {len(proof.not_verified) - 3} more (status.restoreProof.notVerified)"
+    return text
 
 
 def set_message(status: RecoveryStatus, message: str) -> RecoveryStatus:

@@ -258,9 +258,12 @@ async def finish_phase(phase: Phase, ctx: StepContext, spec: RecoverySpec) -> Ou
         kind, status = verdict
         return Outcome(kind, await ctx.update(lambda _s: status))
     if following is None:
-        done = await ctx.update(
-            lambda s: st.succeed(s, "recovery complete: cluster rejoined and verified", now)
-        )
+        def succeeded(s: RecoveryStatus) -> RecoveryStatus:
+            proof = st.proof_summary(s.restore_proof)
+            message = "recovery complete: cluster rejoined and verified"
+            return st.succeed(s, f"{message}; {proof}" if proof else message, now)
+
+        done = await ctx.update(succeeded)
         return Outcome(OutcomeKind.SUCCEEDED, done)
     status = await ctx.update(lambda s: st.enter_phase(s, following, now))
     return Outcome(OutcomeKind.ADVANCED, status)

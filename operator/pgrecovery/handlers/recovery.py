@@ -98,6 +98,8 @@ def _record_metrics(body: Any, outcome: Outcome, phase: Phase) -> None:
             metrics.record_phase_duration(phase.value, duration)
     if outcome.kind is OutcomeKind.SUCCEEDED:
         metrics.record_result(name, "succeeded", None)
+        if status.restore_proof is not None:
+            metrics.record_restored_rows(status.restore_proof.rows)
     elif outcome.kind in (OutcomeKind.FAILED, OutcomeKind.CANCELLED):
         metrics.record_result(name, "failed", status.failure_reason)
     elif outcome.kind is OutcomeKind.DRY_RUN_DONE:
