@@ -29,11 +29,11 @@ specific class below; the engine and the handlers decide only on `retryable` and
         │   ├── InsufficientSpace         not enough room in /var/vcap/store on the primary
         │   ├── ClusterToolsMismatch      a helper, function, monit service or program the
         │   │                             destructive phases call is missing or undeterminable
+        │   ├── DatabasesExist            the dump (no --clean) would be restored into databases
+        │   │                             the target holds with objects
         │   ├── RemoteCommandFailed       a remote command exited non-zero unexpectedly
         │   ├── ChecksumMismatch          the staged dump on the VM differs from the stream
-        │   ├── RestoreFailed             psql reported an error not on the expected list
-        │   └── RestoreIncomplete         a restored table does not hold the rows the dump
-        │                                 carries, on the primary or a standby (the proof)
+        │   └── RestoreFailed             psql reported an error not on the expected list
         └── Cancelled                     the PgRecovery was deleted; stopped at a safe point
 
 Messages are for people: they say what is wrong and what to do, and never contain a secret.
@@ -168,6 +168,13 @@ class ClusterToolsMismatch(ClusterError):
     reason = "ClusterToolsMismatch"
 
 
+class DatabasesExist(ClusterError):
+    """Found in Decrypting, before anything changed: the dump does not drop databases that the
+    target already holds with objects (`cluster.existing_databases`; the databases named)."""
+
+    reason = "DatabasesExist"
+
+
 class RemoteCommandFailed(ClusterError):
     reason = "RemoteCommandFailed"
 
@@ -183,10 +190,6 @@ class ChecksumMismatch(ClusterError):
 
 class RestoreFailed(ClusterError):
     reason = "RestoreFailed"
-
-
-class RestoreIncomplete(ClusterError):
-    reason = "RestoreIncomplete"
 
 
 class Cancelled(FatalError):
@@ -205,9 +208,11 @@ FAILURE_REASONS: tuple[str, ...] = (
     "BackupNotFound", "BackupIncomplete", "WrongKey", "BackupCorrupt", "StoreAccessDenied",
     "ClusterError", "HostKeyMismatch", "AuthenticationFailed", "PrimaryAmbiguous",
     "InsufficientSpace", "RemoteCommandFailed", "ChecksumMismatch", "RestoreFailed", "Cancelled",
-    "ClusterToolsMismatch", "RestoreIncomplete",
+    "ClusterToolsMismatch",
     # WAL-E / point in time
     "TargetOutsideWindow", "SystemIdMismatch",
+    # found in Decrypting: the dump would be restored into databases that hold objects
+    "DatabasesExist",
     # given by keyword where raised
     "InternalError", "RestoreTimeout", "StepNotEffective",
     # Dingo targets

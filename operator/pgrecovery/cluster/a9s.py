@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from pgrecovery.adapters.jobs import JobRunner, JobState, JobStatus
 from pgrecovery.adapters.ssh import RemoteShell, ReplayableSource, UploadResult, shell_script_argv
-from pgrecovery.cluster import hba, monit, psql, repmgr, tools
+from pgrecovery.cluster import hba, monit, psql, repmgr, staged_dump, tools
 from pgrecovery.cluster.monit import ServiceState
 from pgrecovery.cluster.nodes import (
     A9sLayout,
@@ -954,18 +954,21 @@ find "$d" -mindepth 1 -delete
         return health
 
     async def ensure_staging_file_removed(self, view: ClusterView, backup_id: str) -> StepResult:
-        """Remove the staged dump (and its checksum/partial files) from the primary."""
+        """Remove the staged dump (and its marker, checksum and partial files) from the
+        primary."""
         step = "ensure_staging_file_removed"
         path = self.layout.dump_path(backup_id)
         script = r"""
+dir=$1; shift
 n=0
-for f in "$1" "$1.part" "$1.sha256" "$1.sha256.tmp"; do
+for f in "$@"; do
   if [ -e "$f" ]; then rm -f -- "$f"; n=$((n+1)); fi
 done
-rmdir -- "$2" 2>/dev/null || true
+rmdir -- "$dir" 2>/dev/null || true
 echo "$n"
 """
-        out = await self._script(view.primary, script, path, self.layout.restore_dir)
+        out = await self._script(view.primary, script, self.layout.restore_dir,
+                                 *staged_dump.staged_files(self.layout, backup_id))
         removed = int(out.strip() or 0)
         self._report(step, f"removed {removed} file(s)", view.primary)
         return StepResult(step, removed > 0, f"{path} removed")

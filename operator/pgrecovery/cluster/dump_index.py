@@ -16,11 +16,6 @@ for one. COPY data cannot confuse it either: a data row is never read as a line.
 The indexer is incremental (`feed(chunk)` / `finish()`) and gives the same index whatever the
 chunk sizes (a unit test splits the same dump at many sizes, down to 1 byte).
 
-Each COPY block's rows are counted as they pass (`bytes.count(b"\\n")` over the data: in
-pg_dump's text COPY format a row is exactly one line, a newline inside a value is written
-`\\n`), so the restore proof (`cluster.restore_proof`) knows how many rows each table must hold
-after the restore without another pass over the dump.
-
 Whatever it does not fully understand is not guessed at: a database whose section holds large
 objects, an unknown psql meta-command, a `\\connect` to another database, data entries that are
 not contiguous, statements between entries that are not session settings, … is marked
@@ -43,11 +38,7 @@ from typing import Any
 
 from pgrecovery.cluster.restore_errors import parse_connect_target
 
-INDEX_VERSION = 2
-# Version 1 (before row counts) is still read, with `Entry.rows` None: an upgrade of the operator
-# in the middle of a recovery restores as before, and the restore proof says the rows were not
-# counted instead of failing the restore.
-_READABLE_VERSIONS = frozenset({1, INDEX_VERSION})
+INDEX_VERSION = 1
 
 # A row boundary is recorded inside a COPY block at least this many bytes apart, so a table
 # larger than a few of these can be loaded in slices by several connections at once. One
@@ -88,6 +79,8 @@ _INDEX_EXTRA_SQL = re.compile(rb"^ALTER (?:TABLE|INDEX) (?:ONLY )?\S+\s+(?:CLUST
                               rb"|REPLICA IDENTITY USING INDEX \S+;"
                               rb"|ALTER COLUMN \d+ SET STATISTICS \d+;)$")
 _HEAD_BYTES = 1024
+_DATABASE_DDL = re.compile(rb'^(?P<verb>DROP|CREATE) DATABASE (?:IF EXISTS )?'
+                           rb'(?P<name>"(?:[^"]|"")+"|[^\s;"]+)')
 _DOLLAR = re.compile(rb"\$(?:[A-Za-z_\x80-\xff][A-Za-z0-9_\x80-\xff]*)?\$")
 _TOKEN = re.compile(rb"""[Ee]'|'|"|\$(?:[A-Za-z_\x80-\xff][A-Za-z0-9_\x80-\xff]*)?\$|--|/\*|;""")
 _IDENT_CHAR = re.compile(rb"[A-Za-z0-9_$\x80-\xff]")
@@ -114,8 +107,6 @@ class Entry:
     """COPY only: offsets just after a row end, about `SPLIT_EVERY` apart."""
     verified: bool = True
     """INDEX / CONSTRAINT only: its statements look like what the type says."""
-    rows: int | None = None
-    """COPY only: the rows the block carries (None: an index of version 1 did not count)."""
 
     @property
     def size(self) -> int:
@@ -141,6 +132,12 @@ class DatabaseIndex:
     post_kinds: dict[str, int] = field(default_factory=dict)
     """How many post-data entries of each type (for reports)."""
     fallback: str | None = None
+    created: bool = False
+    """The section creates the database (`CREATE DATABASE` before its `\\connect`)."""
+    dropped: bool = False
+    """The dump drops the database before creating or filling it (`pg_dumpall --clean`)."""
+    entries: int = 0
+    """pg_dump entries in the section: 0 = nothing is restored into the database."""
 
     @property
     def serial_range(self) -> Range:
@@ -163,12 +160,12 @@ class DumpIndex:
     @classmethod
     def from_json(cls, text: str) -> DumpIndex:
         raw = json.loads(text)
-        if not isinstance(raw, dict) or raw.get("version") not in _READABLE_VERSIONS:
+        if not isinstance(raw, dict) or raw.get("version") != INDEX_VERSION:
             raise ValueError(f"unsupported dump index version {raw.get('version')!r}"
                              if isinstance(raw, dict) else "dump index is not an object")
         dbs = [_db_from(d) for d in raw["databases"]]
         return cls(size=int(raw["size"]), globals=_range(raw["globals"]), databases=dbs,
-                   fallback=raw.get("fallback"), version=int(raw["version"]))
+                   fallback=raw.get("fallback"), version=INDEX_VERSION)
 
     @property
     def fallbacks(self) -> dict[str, str]:
@@ -190,7 +187,6 @@ def _entry_from(raw: dict[str, Any]) -> Entry:
         header_end=int(raw.get("header_end", 0)),
         splits=[int(x) for x in raw.get("splits", [])],
         verified=bool(raw.get("verified", True)),
-        rows=int(raw["rows"]) if raw.get("rows") is not None else None,
     )
 
 
@@ -203,6 +199,8 @@ def _db_from(raw: dict[str, Any]) -> DatabaseIndex:
         post_serial=[_range(r) for r in raw["post_serial"]],
         post_kinds={str(k): int(v) for k, v in raw.get("post_kinds", {}).items()},
         fallback=raw.get("fallback"),
+        created=bool(raw.get("created", False)), dropped=bool(raw.get("dropped", False)),
+        entries=int(raw.get("entries", 0)),
     )
 
 
@@ -247,6 +245,7 @@ class DumpIndexer:
         self._fatal: str | None = None
         self._trailer = False  # after "-- PostgreSQL database cluster dump complete"
         self._encoding_at: int | None = None  # offset of an `\\encoding` line just read
+        self._dropped: set[str] = set()  # databases the dump drops (`pg_dumpall --clean`)
 
     # ------------------------------------------------------------------ feeding
 
@@ -277,11 +276,6 @@ class DumpIndexer:
             if i >= 0:
                 found = base + i
         limit = n if found < 0 else min(n, found - base + 1)
-        # Every newline up to and including the one before `\.` ends a row. When the
-        # terminator began in an earlier chunk, `limit` is before `offset`, even negative
-        # (which `count` would read from the end): nothing to count here.
-        if limit > offset:
-            entry.rows = (entry.rows or 0) + chunk.count(b"\n", offset, limit)
         # A row end every SPLIT_EVERY bytes, looked for only where the chunk passes the target.
         while base + limit > self._next_split:
             nl = chunk.find(b"\n", max(self._next_split - base, offset), limit)
@@ -342,6 +336,8 @@ class DumpIndexer:
         self._close_db(size)
         globals_end = self._globals_end if self._globals_end is not None else size
         dbs = [d.index for d in self._dbs]
+        for db in dbs:
+            db.dropped = db.name in self._dropped
         return DumpIndex(size=size, globals=(0, globals_end), databases=dbs, fallback=self._fatal)
 
     # ------------------------------------------------------------------ lines
@@ -377,6 +373,8 @@ class DumpIndexer:
             self._first_line = line
             self._head = line[:_HEAD_BYTES]
             self._stmt_start = start
+            if line.startswith((b"DROP DATABASE ", b"CREATE DATABASE ")):
+                self._database_ddl(line)
             self._statement_start(start, line)
             self._lex(line, start)
         if self._copy is None and not self._in_stmt and self._quote is None \
@@ -459,6 +457,25 @@ class DumpIndexer:
         if db.preamble_done:
             self._end_entry(start)
             db.between.append(("meta", start))
+
+    def _database_ddl(self, line: bytes) -> None:
+        """`DROP DATABASE` in the globals (`--clean`) or before a section's `\\connect`
+        (`--clean` for postgres and template1), `CREATE DATABASE` before a `\\connect`: what
+        the dump drops and creates, so a restore over existing databases is decided before
+        anything changes (`cluster.existing_databases`)."""
+        db = self._dbs[-1] if self._dbs else None
+        if db is not None and (db.connect_line is not None or db.index.end):
+            return  # pg_dump writes neither inside a database's content
+        m = _DATABASE_DDL.match(line)
+        if m is None:
+            return
+        raw = m.group("name")
+        name = (raw[1:-1].replace(b'""', b'"') if raw.startswith(b'"') else raw.lower()).decode(
+            "utf-8", "replace")
+        if m.group("verb") == b"DROP":
+            self._dropped.add(name)
+        elif db is not None:
+            db.index.created = True
 
     def _statement_start(self, start: int, line: bytes) -> None:
         db = self._dbs[-1] if self._dbs else None
@@ -602,7 +619,6 @@ class DumpIndexer:
         if m and entry.table is None:
             entry.table = m.group("table").decode("utf-8", "replace")
         entry.header_end = header_end
-        entry.rows = 0
         self._copy = entry
         self._tail = b"\n"  # the COPY line's newline: an empty block is just `\\.`
         self._next_split = header_end + SPLIT_EVERY
@@ -626,6 +642,7 @@ class DumpIndexer:
         content_end = db.content_end if db.content_end is not None else end
         self._end_entry(content_end)
         db.index.end = end
+        db.index.entries = len(db.entries)
         if db.connect_line is None:
             self._fatal = self._fatal or f"database section {db.index.name!r} has no \\connect"
             return

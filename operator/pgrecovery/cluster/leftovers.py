@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pgrecovery.adapters.ssh import RemoteShell, shell_script_argv
-from pgrecovery.cluster import bulk_load
+from pgrecovery.cluster import bulk_load, staged_dump
 from pgrecovery.cluster.a9s import CLONE_MARKER
 from pgrecovery.cluster.nodes import A9sLayout, Node, validate_backup_id
 
@@ -78,8 +78,7 @@ class Leftover:
 def _staged_files(layout: A9sLayout, backup_id: str | None) -> list[str]:
     if not backup_id:
         return []
-    dump = layout.dump_path(validate_backup_id(backup_id))
-    return [dump, f"{dump}.part", f"{dump}.sha256", f"{dump}.sha256.tmp"]
+    return staged_dump.staged_files(layout, validate_backup_id(backup_id))
 
 
 async def _on_node(shell: RemoteShell, node: Node, layout: A9sLayout, backup_id: str | None,

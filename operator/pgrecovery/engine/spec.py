@@ -216,6 +216,13 @@ class Parallelism(_Model):
     standby_reclones: Annotated[int, Field(ge=1, le=16)] = 2
 
 
+class RestoreOptions(_Model):
+    # Databases the target already holds with objects, that the dump fills without dropping
+    # them first (pg_dumpall without --clean): refused in Decrypting unless this is set, then
+    # dropped right before the restore (cluster/existing_databases).
+    replace_existing_databases: bool = False
+
+
 class RecoverySpec(_Model):
     source: Source
     target: Target
@@ -223,11 +230,20 @@ class RecoverySpec(_Model):
     confirm: Annotated[str, Field(max_length=63)] = ""
     dry_run: bool = False
     parallelism: Parallelism = Parallelism()
+    restore: RestoreOptions = RestoreOptions()
 
     @model_validator(mode="after")
     def _pitr_only_with_wale(self) -> RecoverySpec:
         if self.point_in_time is not None and self.source.type is not SourceType.WAL_E:
             raise ValueError("pointInTime is only valid with source.type walE")
+        return self
+
+    @model_validator(mode="after")
+    def _replace_only_logical(self) -> RecoverySpec:
+        logical = self.source.type is SourceType.A9S_LOGICAL
+        if self.restore.replace_existing_databases and not logical:
+            raise ValueError("restore.replaceExistingDatabases applies to a logical dump "
+                             "(source.type a9sLogical) only")
         return self
 
     @model_validator(mode="after")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import shutil
 import time
@@ -33,7 +34,7 @@ from typing import Any
 
 from pgrecovery import metrics
 from pgrecovery.adapters.objectstore import ObjectStore
-from pgrecovery.adapters.ssh import SshAuth, SshPool, UploadResult
+from pgrecovery.adapters.ssh import SshAuth, SshPool, UploadResult, shell_script_argv
 from pgrecovery.backups.config import (
     AzureCredentials,
     AzureLocation,
@@ -46,9 +47,15 @@ from pgrecovery.backups.listing import Backup, list_backups, select_backup
 from pgrecovery.backups.pipeline import check_key
 from pgrecovery.backups.sources import StorePartsSource
 from pgrecovery.backups.stores import open_azure_store, open_s3_store
-from pgrecovery.cluster import bulk_load, restore_proof, tools
+from pgrecovery.cluster import bulk_load, tools
 from pgrecovery.cluster.a9s import A9sOperations, StepResult, estimate_needed_bytes
 from pgrecovery.cluster.dump_index import DumpIndex, DumpIndexer
+from pgrecovery.cluster.existing_databases import (
+    Verdict,
+    decide,
+    drop_databases,
+    existing_databases,
+)
 from pgrecovery.cluster.leftovers import list_leftovers, remove_leftovers
 from pgrecovery.cluster.nodes import (
     A9sLayout,
@@ -65,6 +72,7 @@ from pgrecovery.cluster.parallel_restore import (
     start_parallel_restore,
 )
 from pgrecovery.cluster.restore_script import default_concurrency
+from pgrecovery.cluster.staged_dump import DumpMarker, check_reusable, discard, write_marker
 from pgrecovery.engine import status as st
 from pgrecovery.engine.phases import Phase
 from pgrecovery.engine.plan import Plan, PlanInputs
@@ -73,12 +81,12 @@ from pgrecovery.engine.spec import RecoverySpec
 from pgrecovery.engine.status import BackupInfo, ConditionType, NodeState, RecoveryStatus
 from pgrecovery.engine.steps import FunctionStep, Step, StepContext
 from pgrecovery.errors import (
+    DatabasesExist,
     FatalError,
     InsufficientSpace,
     NotReadyYet,
     RecoveryError,
     RestoreFailed,
-    RestoreIncomplete,
     SecretError,
 )
 
@@ -406,8 +414,12 @@ class A9sLogicalRecovery:
         await self.note(ctx, result)
 
     async def dump_staged(self, ctx: StepContext) -> bool:
+        """This run staged (or re-used) the dump: its checksum is in status and on the VM, and
+        the dump's index is on the work volume (else `stage_dump` takes it from the marker)."""
         backup_id = ctx.status.backup.id
         if backup_id is None or ctx.status.backup.plain_sha256 is None:
+            return False
+        if self.load_index(ctx.status.backup.plain_size_bytes)[0] is None:
             return False
         ops = await self.ops(ctx)
         staged = await ops.staged_dump(self.view(ctx).primary, backup_id)
@@ -423,6 +435,8 @@ class A9sLogicalRecovery:
         ops = await self.ops(ctx)
         backup = await self.backup(ctx)
         view = self.view(ctx)
+        if await self._reuse_staged_dump(ctx, ops, backup):
+            return
         holder = _ProgressHolder(total=backup.total_size)
         last = {"fetched": 0, "decrypted": 0}
 
@@ -451,6 +465,7 @@ class A9sLogicalRecovery:
         async with _pumping(ctx, holder):
             result = await ops.upload_dump(view.primary, dump, backup.backup_id)
         metrics.record_bytes("uploaded", result.size - result.resumed_from)
+        await self._write_dump_marker(ctx, ops, backup, result)
         counters = dump.counters
         info = ctx.status.backup.model_copy(
             update={"plain_size_bytes": result.size, "plain_sha256": result.sha256}
@@ -466,6 +481,117 @@ class A9sLogicalRecovery:
             ),
         )
         await self.after_staged(ctx, result)
+
+    async def _reuse_staged_dump(self, ctx: StepContext, ops: A9sOperations,
+                                 backup: Backup) -> bool:
+        """A dump of this backup that an earlier run staged and verified is used as it is when
+        its marker names this backup and the file hashes (on the VM, now) to the marker's
+        sha256 (`cluster.staged_dump`); anything else found there is removed and staged again.
+        Either way the fact `stagedDumpReuse` says what was decided and why."""
+        primary = self.view(ctx).primary
+        reuse = await check_reusable(ops.shell, primary, ops.layout, backup_id=backup.backup_id,
+                                     cipher_size=backup.total_size, parts=backup.part_count)
+        marker = reuse.marker
+        if marker is None:
+            if reuse.found:
+                await discard(ops.shell, primary, ops.layout, backup.backup_id)
+                await ctx.fact(stagedDumpReuse=f"not re-used: {reuse.why_not}; staged "
+                                               "again"[:900])
+            return False
+        index = marker.dump_index()
+        tmp = self.index_path().with_name(self.index_path().name + ".tmp")
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(tmp.write_text, index.to_json())
+        await asyncio.to_thread(tmp.replace, self.index_path())
+        path = ops.layout.dump_path(backup.backup_id)
+        # The checksum file this run's own checks read (an earlier version may not have left it).
+        await ops.shell.run_root(primary.endpoint, shell_script_argv(
+            'printf "%s\\n" "$2" > "$1.sha256.tmp" && mv -f "$1.sha256.tmp" "$1.sha256"',
+            path, marker.plain_sha256), timeout=60)
+        info = ctx.status.backup.model_copy(
+            update={"plain_size_bytes": marker.plain_size, "plain_sha256": marker.plain_sha256})
+        await ctx.update(lambda s: st.set_backup(s, info))
+        await ctx.progress(marker.plain_size, marker.plain_size,
+                           f"re-used the dump staged on {primary.name} "
+                           f"({_human(marker.plain_size)})")
+        await ctx.fact(
+            stagedDump=path,
+            stagedBytes=f"re-used {marker.plain_size} B staged earlier; fetched 0, decrypted 0, "
+                        "sent 0",
+            stagedDumpReuse=(f"re-used: {path} on {primary.name}, staged by run "
+                             f"{marker.written_by or '?'}, {marker.plain_size} B, sha256 "
+                             f"{marker.plain_sha256} verified on the VM against its marker; "
+                             "not streamed again")[:900],
+        )
+        await ctx.update(lambda s: st.set_message(
+            s, f"stage-dump: re-used the verified dump an earlier run staged on {primary.name} "
+               f"({_human(marker.plain_size)}); nothing downloaded or decrypted"))
+        await self.after_staged(ctx, UploadResult(path, marker.plain_size, marker.plain_sha256))
+        return True
+
+    async def _write_dump_marker(self, ctx: StepContext, ops: A9sOperations, backup: Backup,
+                                 result: UploadResult) -> None:
+        """After the sha256 was verified on the VM: the marker that lets a later run re-use the
+        dump (without it, the dump is never re-used)."""
+        index, why = self.load_index(result.size)
+        if index is None:
+            log.warning("no marker for the staged dump (it will not be re-used): %s", why)
+            return
+        marker = DumpMarker(backup_id=backup.backup_id, cipher_size=backup.total_size,
+                            parts=backup.part_count, plain_size=result.size,
+                            plain_sha256=result.sha256, index=index.to_json(),
+                            written_by=self.run_id(ctx))
+        await write_marker(ops.shell, self.view(ctx).primary, ops.layout, marker)
+
+    async def check_existing_databases(self, ctx: StepContext) -> None:
+        """Before anything changes: a dump that does not drop what it creates (pg_dumpall
+        without --clean) must not be restored into databases the target holds with objects,
+        unless the spec asks to replace them (`cluster.existing_databases`). What was found
+        goes into the facts; the databases to replace are pinned for Restoring."""
+        index, why = self.load_index(ctx.status.backup.plain_size_bytes)
+        if index is None:
+            raise FatalError(f"cannot tell which databases the dump restores: {why}",
+                             reason="InternalError")
+        ops = await self.ops(ctx)
+        primary = self.view(ctx).primary
+        found = await existing_databases(ops.shell, primary, ops.layout,
+                                         [db.name for db in index.databases])
+        replace = self.spec.restore.replace_existing_databases
+        verdict = decide(index, found, replace=replace)
+        facts = {"dumpDropsDatabases": verdict.dump_fact()[:600],
+                 "databaseCollisions": verdict.collisions_fact()[:900]}
+        if replace:
+            facts["databasesToReplace"] = json.dumps(list(verdict.to_replace))[:900]
+        await ctx.fact(**facts)
+        if verdict.refused:
+            raise DatabasesExist(_collision_message(verdict, primary.name, replace=replace))
+        if verdict.to_replace:
+            text = (f"{', '.join(verdict.to_replace)} will be dropped right before the restore "
+                    "(spec.restore.replaceExistingDatabases) and created again by the dump")
+        elif verdict.not_dropped:
+            text = "the dump does not drop its databases, and none of them holds objects here"
+        else:
+            text = "the dump drops its databases itself (pg_dumpall --clean)"
+        await ctx.update(lambda s: st.set_message(s, f"existing databases checked: {text}"))
+
+    async def databases_replaced(self, ctx: StepContext) -> bool:
+        return "databasesReplaced" in ctx.status.facts
+
+    async def replace_existing_databases(self, ctx: StepContext) -> None:
+        """Drop the databases pinned in Decrypting (`databasesToReplace`), sessions terminated
+        first; the dump creates them again. Idempotent (a dropped one is skipped); the fact is
+        made durable before the restore can start, so a resumed run never drops what the
+        restore has begun to fill."""
+        raw = ctx.status.facts.get("databasesToReplace", "[]")
+        names = [str(n) for n in json.loads(raw)]
+        ops = await self.ops(ctx)
+        dropped = await drop_databases(ops.shell, self.view(ctx).primary, ops.layout, names)
+        text = (", ".join(names) + (f" (dropped now: {', '.join(dropped)})"
+                                    if dropped != names else "")) if names else "none"
+        await ctx.fact(databasesReplaced=text[:900])
+        await ctx.checkpoint()
+        await ctx.update(lambda s: st.set_message(
+            s, f"ensure-databases-replaced: {text}; the restore creates them again"))
 
     def dump_taps(self) -> list[Tap]:
         """Observers of the whole plain dump while it streams: the section index that the
@@ -638,108 +764,6 @@ class A9sLogicalRecovery:
     async def restore_done(self, ctx: StepContext) -> bool:
         return "restoreReport" in ctx.status.facts
 
-    # ------------------------------------------------------------------ restore proof
-
-    def _proof_sessions(self, ctx: StepContext) -> int:
-        """As many count sessions per node as the restore used (at least 2: the counts of two
-        tables overlap their reads and their round trips even on one CPU)."""
-        return max(2, _sessions_of(ctx.status.facts.get("restoreMode", "")))
-
-    async def _prove(self, ctx: StepContext, node: Node,
-                     plan: restore_proof.ProofPlan) -> restore_proof.NodeProof:
-        ops = await self.ops(ctx)
-        holder = _ProgressHolder()
-        done = 0
-        total = plan.bytes
-
-        def counted(size: int) -> None:
-            nonlocal done
-            done += size
-            holder.set(done, total or None,
-                       f"counted rows of {_human(done)} of {_human(total)} of table data on "
-                       f"{node.name}")
-
-        async with _pumping(ctx, holder):
-            holder.set(0, total or None, f"counting the rows of {len(plan.tables)} tables on "
-                                         f"{node.name}")
-            return await restore_proof.prove_node(
-                ops.shell, node, ops.layout, plan, sessions=self._proof_sessions(ctx),
-                on_counted=counted)
-
-    def _proof_plan(self, ctx: StepContext) -> restore_proof.ProofPlan:
-        index, why = self.load_index(ctx.status.backup.plain_size_bytes)
-        return restore_proof.plan_proof(index, why)
-
-    async def prove_restore_on_primary(self, ctx: StepContext) -> None:
-        """Count every restored table on the primary against the dump's index, before
-        anything is done to the standbys (they still hold their old data when this fails).
-        The primary's WAL position now is where the standbys must have replayed past."""
-        ops = await self.ops(ctx)
-        view = self.view(ctx)
-        plan = self._proof_plan(ctx)
-        lsn = await restore_proof.current_lsn(ops.shell, view.primary, ops.layout)
-        proof = await self._prove(ctx, view.primary, plan)
-        if not proof.ok:
-            raise RestoreIncomplete(
-                f"{proof.failure()}. psql reported no error for them. The standbys were not "
-                "touched. Look at the dump's COPY block of each table (the staged dump is "
-                "kept on the primary; a data line ending in `\\.` ends a COPY early without "
-                "an error in PostgreSQL 15) and at anything that wrote to the primary since "
-                "the restore")
-        result = st.RestoreProof(
-            databases=len(plan.databases), tables=proof.tables, rows=proof.rows,
-            verified_on=(view.primary.name,), nodes=len(view.all_nodes),
-            not_verified=tuple((plan.not_verified + proof.not_verified)
-                               [:restore_proof.MAX_NOT_VERIFIED]),
-            restore_lsn=lsn, seconds={view.primary.name: proof.seconds},
-        )
-        await ctx.update(lambda s: st.set_restore_proof(s, result))
-        await ctx.fact(restoreProofLsn=lsn)
-        summary = st.proof_summary(result)
-        await ctx.update(lambda s: st.set_message(s, f"{summary} ({proof.seconds:.1f} s)"))
-
-    async def prove_restore_on_standbys(self, ctx: StepContext) -> None:
-        """Each re-cloned standby must have replayed past the end of the restore (and all the
-        primary has flushed since: repmgr's registration) and hold the same rows in every
-        table; checked on all standbys at once."""
-        ops = await self.ops(ctx)
-        view = self.view(ctx)
-        proof0 = ctx.status.restore_proof
-        if "restoreProofLsn" not in ctx.status.facts or proof0 is None:
-            raise FatalError("the restore proof of the primary is not in status",
-                             reason="InternalError")
-        plan = self._proof_plan(ctx)
-        lsn = await restore_proof.current_lsn(ops.shell, view.primary, ops.layout)
-
-        async def one(node: Node) -> restore_proof.NodeProof:
-            why = await restore_proof.wait_replayed(ops.shell, node, ops.layout, lsn)
-            if why is not None:
-                raise RestoreIncomplete(
-                    f"the restore cannot be proven on {node.name}: {why}. The primary holds "
-                    "the restored data")
-            return await self._prove(ctx, node, plan)
-
-        proofs = await asyncio.gather(*(one(n) for n in view.standbys), return_exceptions=True)
-        errors = [p for p in proofs if isinstance(p, BaseException)]
-        if errors:
-            raise errors[0]
-        done = [p for p in proofs if isinstance(p, restore_proof.NodeProof)]
-        bad = [p for p in done if not p.ok]
-        if bad:
-            raise RestoreIncomplete(
-                "; ".join(p.failure() for p in bad) + ". The primary holds the rows the dump "
-                "carries: re-clone the standby (a new PgRecovery for this deployment does)")
-        verified = (*proof0.verified_on,
-                    *(p.node for p in done if p.node not in proof0.verified_on))
-        extra = [n for p in done for n in p.not_verified if n not in proof0.not_verified]
-        result = proof0.model_copy(update={
-            "verified_on": verified, "nodes": len(view.all_nodes),
-            "not_verified": (*proof0.not_verified, *extra)[:restore_proof.MAX_NOT_VERIFIED],
-            "seconds": {**proof0.seconds, **{p.node: p.seconds for p in done}},
-        })
-        await ctx.update(lambda s: st.set_restore_proof(s, result))
-        await ctx.update(lambda s: st.set_message(s, st.proof_summary(result)))
-
     async def apply_roles_sql(self, ctx: StepContext) -> None:
         ops = await self.ops(ctx)
         await self.note(ctx, await ops.apply_roles_sql(self.view(ctx), self.run_id(ctx)))
@@ -907,15 +931,6 @@ async def _never(_ctx: StepContext) -> bool:
     return False
 
 
-async def _primary_proven(ctx: StepContext) -> bool:
-    return "restoreProofLsn" in ctx.status.facts and ctx.status.restore_proof is not None
-
-
-async def _standbys_proven(ctx: StepContext) -> bool:
-    proof = ctx.status.restore_proof
-    return proof is not None and proof.nodes > 0 and len(proof.verified_on) == proof.nodes
-
-
 async def _tools_checked(ctx: StepContext) -> bool:
     """Pinned once: a resumed run keeps the convention the first check found."""
     return "helperConvention" in ctx.status.facts
@@ -999,6 +1014,8 @@ async def build_a9s_logical_plan(inputs: PlanInputs) -> Plan:
         Phase.DECRYPTING: [
             FunctionStep("ensure-restore-dir", _never, r.ensure_restore_dir, verify_after=False),
             FunctionStep("stage-dump", r.dump_staged, r.stage_dump),
+            FunctionStep("check-existing-databases", _never, r.check_existing_databases,
+                         verify_after=False),
         ],
         Phase.STAGING: [
             r.cluster_step("ensure-standbys-stopped", lambda o, v: o.ensure_standbys_stopped(v)),
@@ -1023,6 +1040,10 @@ async def build_a9s_logical_plan(inputs: PlanInputs) -> Plan:
         ],
         Phase.REJOINED: [],
     }
+    if spec.restore.replace_existing_databases:
+        steps[Phase.RESTORING].insert(0, FunctionStep(
+            "ensure-databases-replaced", r.databases_replaced, r.replace_existing_databases,
+            verify_after=False))
     if spec.target.new_site:
         steps[Phase.RESTORING].append(
             FunctionStep("apply-site-roles", _never, r.apply_roles_sql, verify_after=False)
@@ -1030,11 +1051,6 @@ async def build_a9s_logical_plan(inputs: PlanInputs) -> Plan:
     # Before Rejoined: the standbys' clones must get the original postgresql.auto.conf.
     steps[Phase.RESTORING].append(
         FunctionStep("ensure-bulk-load-settings-reverted", _never, r.revert_bulk_load_settings,
-                     verify_after=False)
-    )
-    # Last in Restoring: a restore that is not complete fails before the standbys are wiped.
-    steps[Phase.RESTORING].append(
-        FunctionStep("prove-restore-on-primary", _primary_proven, r.prove_restore_on_primary,
                      verify_after=False)
     )
 
@@ -1064,9 +1080,6 @@ async def build_a9s_logical_plan(inputs: PlanInputs) -> Plan:
     )
     steps[Phase.REJOINED] += [
         FunctionStep("verify-cluster", _never, r.verify_cluster, verify_after=False),
-        # Before the connections are allowed again: nothing but the restore has written yet.
-        FunctionStep("prove-restore-on-standbys", _standbys_proven, r.prove_restore_on_standbys,
-                     verify_after=False),
         FunctionStep(
             "ensure-staging-file-removed",
             _never,
@@ -1094,6 +1107,26 @@ def with_recovery_files_removed(r: A9sLogicalRecovery, rejoined: list[Step]) -> 
     ]
 
 
+def _collision_message(verdict: Verdict, primary: str, *, replace: bool) -> str:
+    """DatabasesExist: what was found, what to do, and that nothing changed (in that order:
+    the message is cut at a length)."""
+    held = "; ".join(e.describe() for e in verdict.unreplaceable)
+    held = held if len(held) <= 400 else held[:399] + "…"
+    kept = (f"Nothing was changed; the verified dump stays staged on {primary} and a new "
+            "PgRecovery of the same backup re-uses it")
+    if replace:
+        return (f"the dump restores into databases it does not create, and on {primary} they "
+                f"hold objects: {held}. pgrecovery never drops postgres, template0 or "
+                "template1: drop those objects yourself, or restore a dump made with "
+                f"pg_dumpall --clean. {kept}")
+    return (f"the dump was made without pg_dumpall --clean (it does not drop the databases it "
+            f"restores) and on {primary} these already hold objects: {held}. Restored over, "
+            "their data would fail on duplicate keys or be there twice. To replace them with "
+            "the backup's, create a new PgRecovery with spec.restore.replaceExistingDatabases: "
+            "true (each database the dump creates is dropped right before the restore and the "
+            f"dump creates it again), or drop or rename them yourself first. {kept}")
+
+
 def _node_state(seen: NodeView) -> NodeState:
     return NodeState(
         name=seen.node.name,
@@ -1112,6 +1145,8 @@ STATE_WORDS = {
     "ensure-connections-blocked": "new connections to the primary refused (pg_hba narrowed; "
                                   "the original kept as pg_hba.conf.pgrecovery-orig)",
     "ensure-startup-locks-clear": "stale startup locks removed",
+    "ensure-databases-replaced": "the dump's databases dropped (the restore creates them "
+                                 "again)",
     "ensure-bulk-load-settings": "checkpoint settings raised for the restore",
     "restore-dump": "the dump restored into the primary",
     "ensure-bulk-load-settings-reverted": "checkpoint settings back",
@@ -1122,8 +1157,6 @@ STATE_WORDS = {
     "ensure-clone-marker": "clone marker written on the primary",
     "ensure-standbys-recloned": "standbys wiped, re-cloned and streaming",
     "verify-cluster": "cluster verified",
-    "prove-restore-on-primary": "every restored table counted on the primary (read only)",
-    "prove-restore-on-standbys": "every restored table counted on the standbys (read only)",
     "ensure-staging-file-removed": "staged dump removed",
     "ensure-connections-unblocked": "connections allowed again",
     "ensure-recovery-files-removed": "recovery files removed",
