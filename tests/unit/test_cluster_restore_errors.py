@@ -124,3 +124,14 @@ def test_connect_map_positions() -> None:
     assert cm.database_at(61) == "repmgr_cluster"
     assert cm.database_at(10_000) == "app's db"
     assert cm.database_at(None) is None
+
+
+def test_summary_names_the_unexpected_errors_first() -> None:
+    """Messages are cut to a length; the error that failed the restore must survive the cut."""
+    log = f"""\
+psql:{DUMP}:9: ERROR:  role "postgres" already exists
+psql:{DUMP}:70: ERROR:  database "app" is being accessed by other users
+"""
+    summary = classify_output(log.splitlines(), ConnectMap(CONNECTS)).summary()
+    assert summary.startswith('1 unexpected error(s), first: ERROR: database "app" is being')
+    assert summary.endswith("expected errors: 1 x role already exists")

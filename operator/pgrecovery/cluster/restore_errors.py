@@ -82,13 +82,14 @@ class RestoreReport:
         return self.unexpected_count == 0
 
     def summary(self) -> str:
+        # The unexpected errors come first: messages and status fields are cut to a length,
+        # and the errors that failed the restore are the part a reader must not lose.
         parts = [f"{n} x {kind}" for kind, n in sorted(self.expected.items())]
-        text = "expected errors: " + (", ".join(parts) if parts else "none")
-        if self.unexpected_count:
-            text += f"; {self.unexpected_count} unexpected error(s), first: " + "; ".join(
-                m.describe() for m in self.unexpected[:5]
-            )
-        return text
+        expected = "expected errors: " + (", ".join(parts) if parts else "none")
+        if not self.unexpected_count:
+            return expected
+        first = "; ".join(m.describe() for m in self.unexpected[:5])
+        return f"{self.unexpected_count} unexpected error(s), first: {first}; {expected}"
 
 
 class ConnectMap:
