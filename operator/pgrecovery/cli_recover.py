@@ -21,6 +21,7 @@ from typing import Any, TextIO
 
 import yaml
 
+from pgrecovery.adapters.bosh_env import BoshEnvSecrets, apply_bosh_environment
 from pgrecovery.adapters.local_secrets import LocalSecrets
 from pgrecovery.engine.breakpoints import NO_BREAKPOINTS, Breakpoints
 from pgrecovery.engine.local import LocalRun, cleanup_local, run_local
@@ -95,10 +96,11 @@ def _local_run(args: argparse.Namespace, name: str, spec: dict[str, Any]) -> Loc
         raise ConfigurationError(f"--secrets-dir {secrets_dir} is not a directory")
     return LocalRun(
         name=name,
-        spec=spec,
+        # No nodes/ssh/bosh in the file: the bosh CLI's BOSH_* variables say where (issue 21).
+        spec=apply_bosh_environment(spec, os.environ),
         status_file=Path(args.status_file or f"{name}.status.json"),
         work_dir=Path(args.work_dir or f"{name}.work"),
-        secrets=LocalSecrets(secrets_dir),
+        secrets=BoshEnvSecrets(LocalSecrets(secrets_dir)),
         plan_factory=load_plan_factory(args.plan_factory),
         # The operator's test-only setting, read the same way (unset: no breakpoints).
         breakpoints=Breakpoints(Path(os.environ["PGRECOVERY_BREAKPOINT_DIR"]))

@@ -215,6 +215,10 @@ FAILURE_REASONS: tuple[str, ...] = (
     "DatabasesExist",
     # given by keyword where raised
     "InternalError", "RestoreTimeout", "StepNotEffective",
+    # the BOSH director (target.bosh): adapters/bosh_director.py, engine/plans/bosh_access.py
+    "DirectorAuthenticationFailed", "DirectorForbidden", "DirectorNotFound", "DirectorTaskFailed",
+    "DirectorCertificateUntrusted", "DirectorUnreachable", "DirectorRequestFailed",
+    "InstanceChanged", "InstanceNotRunning",
     # Dingo targets
     "ContainerNotFound", "ContainerMismatch", "ContainerAmbiguous", "ContainerReplaced",
     "NoDataVolume", "EtcdUnknown", "ArchiveMismatch", "ArchiveNotEmpty", "UnsafeDataDir",

@@ -47,6 +47,10 @@ URL_PATTERN = r"^https?://[A-Za-z0-9.:\[\]_-]+(/[A-Za-z0-9._~/-]*)?$"
 # Dingo: docker's container-name rule, and an etcd client URL without a path.
 CONTAINER_NAME_PATTERN = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$"
 ETCD_ENDPOINT_PATTERN = r"^https?://[A-Za-z0-9.-]+:[0-9]{1,5}$"
+# BOSH: the director's URL (https only: TLS is verified against caCertSecretRef), an instance
+# group name as in a deployment manifest.
+DIRECTOR_PATTERN = r"^https://[A-Za-z0-9.:\[\]_-]+(:[0-9]{1,5})?/?$"
+INSTANCE_GROUP_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
 
 
 class _Model(BaseModel):
@@ -158,6 +162,29 @@ class SshSpec(_Model):
     known_hosts_secret_ref: SecretKeyRef
 
 
+class BoshGateway(_Model):
+    """A jumpbox between pgrecovery and the VM network (like `bosh ssh --gw-host ...`)."""
+
+    host: Annotated[str, Field(pattern=ADDRESS_PATTERN, max_length=253)]
+    user: Annotated[str, Field(pattern=SSH_USER_PATTERN)]
+    port: Annotated[int, Field(ge=1, le=65535)] = 22
+    private_key_secret_ref: SecretKeyRef
+    known_hosts_secret_ref: SecretKeyRef
+
+
+class BoshTarget(_Model):
+    """The VMs found and opened through the BOSH director (instead of nodes + ssh)."""
+
+    director: Annotated[str, Field(pattern=DIRECTOR_PATTERN, max_length=300)]
+    ca_cert_secret_ref: SecretKeyRef
+    # keys `client` and `clientSecret` (a UAA client, or the director's basic-auth user)
+    credentials_secret_ref: SecretRef
+    # Absent: target.deployment (when given it must be the same).
+    deployment: Annotated[str, Field(pattern=DEPLOYMENT_PATTERN)] | None = None
+    instance_group: Annotated[str, Field(pattern=INSTANCE_GROUP_PATTERN)] = "pg"
+    gateway: BoshGateway | None = None
+
+
 class DingoEtcd(_Model):
     # Absent: the container's own ETCD_HOST_PORT (from `docker inspect`, as the runbook does).
     endpoint: Annotated[str, Field(pattern=ETCD_ENDPOINT_PATTERN)] | None = None
@@ -175,8 +202,9 @@ class DingoTarget(_Model):
 class Target(_Model):
     type: TargetType
     deployment: Annotated[str, Field(pattern=DEPLOYMENT_PATTERN)]
-    nodes: Annotated[list[NodeSpec], Field(min_length=1, max_length=16)]
-    ssh: SshSpec
+    nodes: Annotated[list[NodeSpec], Field(min_length=1, max_length=16)] | None = None
+    ssh: SshSpec | None = None
+    bosh: BoshTarget | None = None
     postgres_major_version: Annotated[int, Field(ge=10, le=17)] = 15
     new_site: bool = False
     dingo: DingoTarget | None = None
@@ -188,11 +216,33 @@ class Target(_Model):
         return self
 
     @model_validator(mode="after")
+    def _nodes_or_bosh(self) -> Target:
+        direct = self.nodes is not None or self.ssh is not None
+        if direct == (self.bosh is not None) or (direct and not (self.nodes and self.ssh)):
+            raise ValueError(
+                "give exactly one of target.nodes + target.ssh, or target.bosh (the director "
+                "finds and opens the VMs)"
+            )
+        if self.bosh and self.bosh.deployment not in (None, self.deployment):
+            raise ValueError("target.bosh.deployment must equal target.deployment (or be absent)")
+        return self
+
+    def require_nodes(self) -> tuple[list[NodeSpec], SshSpec]:
+        """nodes + ssh for the plans that do not go through the director (yet)."""
+        if self.nodes is None or self.ssh is None:
+            raise InvalidSpec(
+                "this recovery type needs target.nodes and target.ssh; target.bosh is supported "
+                "for source.type a9sLogical onto target.type a9sPg in this version",
+                field="spec.target.bosh",
+            )
+        return self.nodes, self.ssh
+
+    @model_validator(mode="after")
     def _unique_nodes(self) -> Target:
-        names = [node.name for node in self.nodes]
+        names = [node.name for node in self.nodes or ()]
         if len(set(names)) != len(names):
             raise ValueError("node names must be unique")
-        addresses = [node.address for node in self.nodes]
+        addresses = [node.address for node in self.nodes or ()]
         if len(set(addresses)) != len(addresses):
             raise ValueError("node addresses must be unique")
         return self

@@ -76,6 +76,7 @@ from pgrecovery.cluster.staged_dump import DumpMarker, check_reusable, discard, 
 from pgrecovery.engine import status as st
 from pgrecovery.engine.phases import Phase
 from pgrecovery.engine.plan import Plan, PlanInputs
+from pgrecovery.engine.plans.bosh_access import BoshAccess
 from pgrecovery.engine.plans.dump_stream import ReplayableDump, StageCounters, Tap
 from pgrecovery.engine.spec import RecoverySpec
 from pgrecovery.engine.status import BackupInfo, ConditionType, NodeState, RecoveryStatus
@@ -230,16 +231,27 @@ class A9sLogicalRecovery:
 
     async def _cluster_ops(self) -> A9sOperations:
         if self._ops is None:
-            ssh = self.spec.target.ssh
-            key = await self.inputs.secrets.get_key(ssh.private_key_secret_ref)
-            known_hosts = await self.inputs.secrets.get_key(ssh.known_hosts_secret_ref)
-            auth = SshAuth(username=ssh.user, private_key=key, known_hosts=known_hosts.decode())
-            self._pool = SshPool(auth)
+            self._pool = SshPool(await self._ssh_auth())
             self._closers.append(self._pool.close)
             self._ops = A9sOperations(
                 self._pool, self.nodes, layout=self.layout, progress=self._on_cluster_progress
             )
         return self._ops
+
+    async def _ssh_auth(self) -> SshAuth:
+        bosh = self.spec.target.bosh
+        if bosh is not None:
+            # The director finds the VMs (pinned in Fetching) and opens an ephemeral user;
+            # the closer removes it when this phase run ends (plans/bosh_access.py).
+            access = BoshAccess(bosh, self.spec.target.deployment, self.inputs.uid,
+                                self.inputs.secrets)
+            self._closers.append(access.close)
+            auth, self.nodes = await access.open(self._ctx, None)
+            return auth
+        _, ssh = self.spec.target.require_nodes()
+        key = await self.inputs.secrets.get_key(ssh.private_key_secret_ref)
+        known_hosts = await self.inputs.secrets.get_key(ssh.known_hosts_secret_ref)
+        return SshAuth(username=ssh.user, private_key=key, known_hosts=known_hosts.decode())
 
     async def encryption_key(self) -> EncryptionKey:
         if self._key is None:
@@ -981,8 +993,10 @@ def _azure_credentials(secret: str, values: dict[str, bytes] | Any) -> AzureCred
 
 async def build_a9s_logical_plan(inputs: PlanInputs) -> Plan:
     spec = inputs.spec
-    nodes = tuple(
-        Node(name=n.name, address=n.address, port=spec.target.ssh.port) for n in spec.target.nodes
+    # With target.bosh the nodes come from the director when the cluster is first reached.
+    nodes = () if spec.target.bosh is not None else tuple(
+        Node(name=n.name, address=n.address, port=ssh.port)
+        for node_specs, ssh in [spec.target.require_nodes()] for n in node_specs
     )
     recovery = A9sLogicalRecovery(
         inputs=inputs,

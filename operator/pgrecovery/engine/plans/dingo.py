@@ -152,7 +152,7 @@ class DingoRecovery(A9sLogicalRecovery):
 
     async def cell_ops(self) -> DingoOperations:
         if self._dingo_ops is None:
-            ssh = self.spec.target.ssh
+            _, ssh = self.spec.target.require_nodes()
             key = await self.inputs.secrets.get_key(ssh.private_key_secret_ref)
             known_hosts = await self.inputs.secrets.get_key(ssh.known_hosts_secret_ref)
             pool = SshPool(
@@ -484,9 +484,8 @@ def _fact(name: str) -> Callable[[StepContext], Awaitable[bool]]:
 
 async def build_dingo_plan(inputs: PlanInputs) -> Plan:
     spec = inputs.spec
-    nodes = tuple(
-        Node(name=n.name, address=n.address, port=spec.target.ssh.port) for n in spec.target.nodes
-    )
+    node_specs, ssh = spec.target.require_nodes()
+    nodes = tuple(Node(name=n.name, address=n.address, port=ssh.port) for n in node_specs)
     r = DingoRecovery(inputs=inputs, layout=A9sLayout(), nodes=nodes)
     # Derive both prefixes now: a prefix the new one cannot be derived from fails in Pending.
     if r.old_prefix == r.new_prefix:

@@ -514,9 +514,8 @@ def _bytes_source(data: bytes) -> Callable[[], AsyncIterator[bytes]]:
 
 async def build_wale_physical_plan(inputs: PlanInputs) -> Plan:
     spec = inputs.spec
-    nodes = tuple(
-        Node(name=n.name, address=n.address, port=spec.target.ssh.port) for n in spec.target.nodes
-    )
+    node_specs, ssh = spec.target.require_nodes()
+    nodes = tuple(Node(name=n.name, address=n.address, port=ssh.port) for n in node_specs)
     r = WalePhysicalRecovery(
         inputs=inputs,
         layout=A9sLayout(postgres_major=spec.target.postgres_major_version),

@@ -1,0 +1,154 @@
+"""Local mode through the BOSH director: `pgrecovery recover` with a recovery file that names
+no VM and no SSH key, and the bosh CLI's BOSH_* variables, reaches Rejoined on the simulated
+cluster through the director emulator; the backup is restored on every node and no
+bosh_pgrecovery_* user is left on any VM. Bad director inputs fail in Fetching with nothing
+changed on the VMs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.boshdirector.director import DirectorEmulator
+from tests.boshdirector.fixtures import CLIENT_ID
+from tests.objectstores.servers import S3Server
+from tests.scenario import Scenario, leftover_scan
+from tests.simcluster.cluster import SimCluster
+
+pytestmark = [pytest.mark.integration, pytest.mark.vms]
+
+
+def _recover(
+    scenario: Scenario,
+    director: DirectorEmulator,
+    tmp_path: Path,
+    name: str,
+    **env_over: str,
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    manifest = scenario.manifest(name)
+    target = manifest["spec"]["target"]
+    target.pop("nodes")
+    target.pop("ssh")
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    secrets = scenario.write_secrets_dir(tmp_path / "secrets")
+    status_file = tmp_path / f"{name}.status.json"
+    env = {
+        **os.environ,
+        "BOSH_ENVIRONMENT": director.url,
+        "BOSH_CA_CERT": str(director.ca_cert_path),
+        "BOSH_CLIENT": CLIENT_ID,
+        "BOSH_CLIENT_SECRET": director.clients[CLIENT_ID].secret,
+        "BOSH_DEPLOYMENT": target["deployment"],
+        **env_over,
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pgrecovery.cli",
+            "recover",
+            "-f",
+            str(path),
+            "--secrets-dir",
+            str(secrets),
+            "--status-file",
+            str(status_file),
+            "--work-dir",
+            str(tmp_path / "work"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    try:
+        status = json.loads(status_file.read_text())["status"]
+    except FileNotFoundError:
+        status = {}
+    return result, status
+
+
+def _ours(director: DirectorEmulator, cluster: SimCluster) -> dict[str, list[str]]:
+    users = director.ssh_users(cluster.config.deployment)
+    return {vm: [u for u in names if "pgrecovery" in u] for vm, names in users.items()}
+
+
+def test_local_recover_through_the_director_reaches_rejoined_and_leaves_no_user(
+    healthy_sim_cluster: SimCluster,
+    moto_s3: S3Server,
+    bosh_director: DirectorEmulator,
+    tmp_path: Path,
+) -> None:
+    cluster, d = healthy_sim_cluster, bosh_director
+    scenario = Scenario.prepare(cluster, moto_s3, part_size=64 * 1024)
+    result, status = _recover(scenario, d, tmp_path, "via-director")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert status["phase"] == "Rejoined"
+    assert scenario.restored_everywhere() == {vm.name: True for vm in cluster.vms}
+    pinned = json.loads(status["facts"]["boshInstances"])
+    assert [(name, addr) for name, _id, addr in pinned] == [
+        (vm.name, vm.address) for vm in cluster.vms
+    ]
+    assert _ours(d, cluster) == {vm.name: [] for vm in cluster.vms}
+    setups = [t for t in d._tasks.values() if t.description == "ssh: setup"]
+    cleanups = [t for t in d._tasks.values() if t.description == "ssh: cleanup"]
+    assert setups, "the VMs were not opened through the director"
+    assert all(t.state == "done" for t in setups + cleanups)
+    assert leftover_scan(cluster, tmp_path / "work", dump_of=scenario.backup.backup_id) == []
+    secret = d.clients[CLIENT_ID].secret
+    assert secret not in result.stdout + result.stderr
+    assert secret not in json.dumps(status)
+    assert "PRIVATE KEY" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        ("wrong-secret", "DirectorAuthenticationFailed"),
+        ("wrong-ca", "DirectorCertificateUntrusted"),
+        ("unknown-deployment", "DirectorNotFound"),
+        ("ssh-task-fails", "DirectorTaskFailed"),
+        ("wrong-host-key", "HostKeyMismatch"),
+    ],
+)
+def test_bad_director_inputs_fail_in_fetching_with_nothing_changed(
+    healthy_sim_cluster: SimCluster,
+    moto_s3: S3Server,
+    bosh_director: DirectorEmulator,
+    tmp_path: Path,
+    fault: str,
+    reason: str,
+) -> None:
+    cluster, d = healthy_sim_cluster, bosh_director
+    scenario = Scenario.prepare(cluster, moto_s3, part_size=64 * 1024, rows=50)
+    before = {vm.name: vm.run("cat /etc/passwd").stdout for vm in cluster.vms}
+    env: dict[str, str] = {}
+    if fault == "wrong-secret":
+        env["BOSH_CLIENT_SECRET"] = "not-the-secret"
+    elif fault == "wrong-ca":
+        env["BOSH_CA_CERT"] = DirectorEmulator({}).pki.ca_pem
+    elif fault == "unknown-deployment":
+        d.deployments = {"other-deployment": d.deployments[cluster.config.deployment]}
+    elif fault == "ssh-task-fails":
+        d.ssh_task_error = "Action Failed ssh: Creating user: exit status 9"
+    else:
+        d.host_key_override["pg/1"] = cluster.vm("pg/2").rsa_host_key_public
+    result, status = _recover(scenario, d, tmp_path, f"bad-{fault}", **env)
+    assert result.returncode != 0, result.stdout
+    assert status["phase"] == "Failed", status
+    assert status["failureReason"] == reason, status.get("message")
+    assert status["facts"].get("failedInPhase") == "Fetching", status["facts"]
+    # nothing changed on the VMs: no user, no file of the recovery
+    assert {vm.name: vm.run("cat /etc/passwd").stdout for vm in cluster.vms} == before
+    assert leftover_scan(cluster, tmp_path / "nowork", dump_of=scenario.backup.backup_id) == []
+    assert "not-the-secret" not in result.stdout + result.stderr
