@@ -33,7 +33,9 @@ specific class below; the engine and the handlers decide only on `retryable` and
         │   │                             the target holds with objects
         │   ├── RemoteCommandFailed       a remote command exited non-zero unexpectedly
         │   ├── ChecksumMismatch          the staged dump on the VM differs from the stream
-        │   └── RestoreFailed             psql reported an error not on the expected list
+        │   ├── RestoreFailed             psql reported an error not on the expected list
+        │   └── RestoreIncomplete         a restored table does not hold the rows the dump
+        │                                 carries, on the primary or a standby (the proof)
         └── Cancelled                     the PgRecovery was deleted; stopped at a safe point
 
 Messages are for people: they say what is wrong and what to do, and never contain a secret.
@@ -192,6 +194,10 @@ class RestoreFailed(ClusterError):
     reason = "RestoreFailed"
 
 
+class RestoreIncomplete(ClusterError):
+    reason = "RestoreIncomplete"
+
+
 class Cancelled(FatalError):
     reason = "Cancelled"
 
@@ -208,7 +214,7 @@ FAILURE_REASONS: tuple[str, ...] = (
     "BackupNotFound", "BackupIncomplete", "WrongKey", "BackupCorrupt", "StoreAccessDenied",
     "ClusterError", "HostKeyMismatch", "AuthenticationFailed", "PrimaryAmbiguous",
     "InsufficientSpace", "RemoteCommandFailed", "ChecksumMismatch", "RestoreFailed", "Cancelled",
-    "ClusterToolsMismatch",
+    "ClusterToolsMismatch", "RestoreIncomplete",
     # WAL-E / point in time
     "TargetOutsideWindow", "SystemIdMismatch",
     # found in Decrypting: the dump would be restored into databases that hold objects

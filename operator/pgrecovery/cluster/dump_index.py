@@ -16,6 +16,11 @@ for one. COPY data cannot confuse it either: a data row is never read as a line.
 The indexer is incremental (`feed(chunk)` / `finish()`) and gives the same index whatever the
 chunk sizes (a unit test splits the same dump at many sizes, down to 1 byte).
 
+Each COPY block's rows are counted as they pass (`bytes.count(b"\\n")` over the data: in
+pg_dump's text COPY format a row is exactly one line, a newline inside a value is written
+`\\n`), so the restore proof (`cluster.restore_proof`) knows how many rows each table must hold
+after the restore without another pass over the dump.
+
 Whatever it does not fully understand is not guessed at: a database whose section holds large
 objects, an unknown psql meta-command, a `\\connect` to another database, data entries that are
 not contiguous, statements between entries that are not session settings, … is marked
@@ -38,7 +43,11 @@ from typing import Any
 
 from pgrecovery.cluster.restore_errors import parse_connect_target
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
+# Version 1 (before row counts) is still read, with `Entry.rows` None: an upgrade of the operator
+# in the middle of a recovery restores as before, and the restore proof says the rows were not
+# counted instead of failing the restore.
+_READABLE_VERSIONS = frozenset({1, INDEX_VERSION})
 
 # A row boundary is recorded inside a COPY block at least this many bytes apart, so a table
 # larger than a few of these can be loaded in slices by several connections at once. One
@@ -107,6 +116,8 @@ class Entry:
     """COPY only: offsets just after a row end, about `SPLIT_EVERY` apart."""
     verified: bool = True
     """INDEX / CONSTRAINT only: its statements look like what the type says."""
+    rows: int | None = None
+    """COPY only: the rows the block carries (None: an index of version 1 did not count)."""
 
     @property
     def size(self) -> int:
@@ -160,12 +171,12 @@ class DumpIndex:
     @classmethod
     def from_json(cls, text: str) -> DumpIndex:
         raw = json.loads(text)
-        if not isinstance(raw, dict) or raw.get("version") != INDEX_VERSION:
+        if not isinstance(raw, dict) or raw.get("version") not in _READABLE_VERSIONS:
             raise ValueError(f"unsupported dump index version {raw.get('version')!r}"
                              if isinstance(raw, dict) else "dump index is not an object")
         dbs = [_db_from(d) for d in raw["databases"]]
         return cls(size=int(raw["size"]), globals=_range(raw["globals"]), databases=dbs,
-                   fallback=raw.get("fallback"), version=INDEX_VERSION)
+                   fallback=raw.get("fallback"), version=int(raw["version"]))
 
     @property
     def fallbacks(self) -> dict[str, str]:
@@ -187,6 +198,7 @@ def _entry_from(raw: dict[str, Any]) -> Entry:
         header_end=int(raw.get("header_end", 0)),
         splits=[int(x) for x in raw.get("splits", [])],
         verified=bool(raw.get("verified", True)),
+        rows=int(raw["rows"]) if raw.get("rows") is not None else None,
     )
 
 
@@ -276,6 +288,11 @@ class DumpIndexer:
             if i >= 0:
                 found = base + i
         limit = n if found < 0 else min(n, found - base + 1)
+        # Every newline up to and including the one before `\.` ends a row. When the
+        # terminator began in an earlier chunk, `limit` is before `offset`, even negative
+        # (which `count` would read from the end): nothing to count here.
+        if limit > offset:
+            entry.rows = (entry.rows or 0) + chunk.count(b"\n", offset, limit)
         # A row end every SPLIT_EVERY bytes, looked for only where the chunk passes the target.
         while base + limit > self._next_split:
             nl = chunk.find(b"\n", max(self._next_split - base, offset), limit)
@@ -619,6 +636,7 @@ class DumpIndexer:
         if m and entry.table is None:
             entry.table = m.group("table").decode("utf-8", "replace")
         entry.header_end = header_end
+        entry.rows = 0
         self._copy = entry
         self._tail = b"\n"  # the COPY line's newline: an empty block is just `\\.`
         self._next_split = header_end + SPLIT_EVERY

@@ -47,7 +47,7 @@ from pgrecovery.backups.listing import Backup, list_backups, select_backup
 from pgrecovery.backups.pipeline import check_key
 from pgrecovery.backups.sources import StorePartsSource
 from pgrecovery.backups.stores import open_azure_store, open_s3_store
-from pgrecovery.cluster import bulk_load, tools
+from pgrecovery.cluster import bulk_load, restore_proof, tools
 from pgrecovery.cluster.a9s import A9sOperations, StepResult, estimate_needed_bytes
 from pgrecovery.cluster.dump_index import DumpIndex, DumpIndexer
 from pgrecovery.cluster.existing_databases import (
@@ -88,6 +88,7 @@ from pgrecovery.errors import (
     NotReadyYet,
     RecoveryError,
     RestoreFailed,
+    RestoreIncomplete,
     SecretError,
 )
 
@@ -776,6 +777,108 @@ class A9sLogicalRecovery:
     async def restore_done(self, ctx: StepContext) -> bool:
         return "restoreReport" in ctx.status.facts
 
+    # ------------------------------------------------------------------ restore proof
+
+    def _proof_sessions(self, ctx: StepContext) -> int:
+        """As many count sessions per node as the restore used (at least 2: the counts of two
+        tables overlap their reads and their round trips even on one CPU)."""
+        return max(2, _sessions_of(ctx.status.facts.get("restoreMode", "")))
+
+    async def _prove(self, ctx: StepContext, node: Node,
+                     plan: restore_proof.ProofPlan) -> restore_proof.NodeProof:
+        ops = await self.ops(ctx)
+        holder = _ProgressHolder()
+        done = 0
+        total = plan.bytes
+
+        def counted(size: int) -> None:
+            nonlocal done
+            done += size
+            holder.set(done, total or None,
+                       f"counted rows of {_human(done)} of {_human(total)} of table data on "
+                       f"{node.name}")
+
+        async with _pumping(ctx, holder):
+            holder.set(0, total or None, f"counting the rows of {len(plan.tables)} tables on "
+                                         f"{node.name}")
+            return await restore_proof.prove_node(
+                ops.shell, node, ops.layout, plan, sessions=self._proof_sessions(ctx),
+                on_counted=counted)
+
+    def _proof_plan(self, ctx: StepContext) -> restore_proof.ProofPlan:
+        index, why = self.load_index(ctx.status.backup.plain_size_bytes)
+        return restore_proof.plan_proof(index, why)
+
+    async def prove_restore_on_primary(self, ctx: StepContext) -> None:
+        """Count every restored table on the primary against the dump's index, before
+        anything is done to the standbys (they still hold their old data when this fails).
+        The primary's WAL position now is where the standbys must have replayed past."""
+        ops = await self.ops(ctx)
+        view = self.view(ctx)
+        plan = self._proof_plan(ctx)
+        lsn = await restore_proof.current_lsn(ops.shell, view.primary, ops.layout)
+        proof = await self._prove(ctx, view.primary, plan)
+        if not proof.ok:
+            raise RestoreIncomplete(
+                f"{proof.failure()}. psql reported no error for them. The standbys were not "
+                "touched. Look at the dump's COPY block of each table (the staged dump is "
+                "kept on the primary; a data line ending in `\\.` ends a COPY early without "
+                "an error in PostgreSQL 15) and at anything that wrote to the primary since "
+                "the restore")
+        result = st.RestoreProof(
+            databases=len(plan.databases), tables=proof.tables, rows=proof.rows,
+            verified_on=(view.primary.name,), nodes=len(view.all_nodes),
+            not_verified=tuple((plan.not_verified + proof.not_verified)
+                               [:restore_proof.MAX_NOT_VERIFIED]),
+            restore_lsn=lsn, seconds={view.primary.name: proof.seconds},
+        )
+        await ctx.update(lambda s: st.set_restore_proof(s, result))
+        await ctx.fact(restoreProofLsn=lsn)
+        summary = st.proof_summary(result)
+        await ctx.update(lambda s: st.set_message(s, f"{summary} ({proof.seconds:.1f} s)"))
+
+    async def prove_restore_on_standbys(self, ctx: StepContext) -> None:
+        """Each re-cloned standby must have replayed past the end of the restore (and all the
+        primary has flushed since: repmgr's registration) and hold the same rows in every
+        table; checked on all standbys at once."""
+        ops = await self.ops(ctx)
+        view = self.view(ctx)
+        proof0 = ctx.status.restore_proof
+        if "restoreProofLsn" not in ctx.status.facts or proof0 is None:
+            raise FatalError("the restore proof of the primary is not in status",
+                             reason="InternalError")
+        plan = self._proof_plan(ctx)
+        lsn = await restore_proof.current_lsn(ops.shell, view.primary, ops.layout)
+
+        async def one(node: Node) -> restore_proof.NodeProof:
+            why = await restore_proof.wait_replayed(ops.shell, node, ops.layout, lsn)
+            if why is not None:
+                raise RestoreIncomplete(
+                    f"the restore cannot be proven on {node.name}: {why}. The primary holds "
+                    "the restored data")
+            return await self._prove(ctx, node, plan)
+
+        proofs = await asyncio.gather(*(one(n) for n in view.standbys), return_exceptions=True)
+        errors = [p for p in proofs if isinstance(p, BaseException)]
+        if errors:
+            raise errors[0]
+        done = [p for p in proofs if isinstance(p, restore_proof.NodeProof)]
+        bad = [p for p in done if not p.ok]
+        if bad:
+            raise RestoreIncomplete(
+                "; ".join(p.failure() for p in bad) + ". The primary holds the rows the dump "
+                "carries: re-clone the standby (a new PgRecovery for this deployment does)")
+        verified = (*proof0.verified_on,
+                    *(p.node for p in done if p.node not in proof0.verified_on))
+        extra = [n for p in done for n in p.not_verified if n not in proof0.not_verified]
+        result = proof0.model_copy(update={
+            "verified_on": verified, "nodes": len(view.all_nodes),
+            "not_verified": (*proof0.not_verified, *extra)[:restore_proof.MAX_NOT_VERIFIED],
+            "seconds": {**proof0.seconds, **{p.node: p.seconds for p in done}},
+        })
+        await ctx.update(lambda s: st.set_restore_proof(s, result))
+        await ctx.update(lambda s: st.set_message(s, st.proof_summary(result)))
+
     async def apply_roles_sql(self, ctx: StepContext) -> None:
         ops = await self.ops(ctx)
         await self.note(ctx, await ops.apply_roles_sql(self.view(ctx), self.run_id(ctx)))
@@ -943,6 +1046,15 @@ async def _never(_ctx: StepContext) -> bool:
     return False
 
 
+async def _primary_proven(ctx: StepContext) -> bool:
+    return "restoreProofLsn" in ctx.status.facts and ctx.status.restore_proof is not None
+
+
+async def _standbys_proven(ctx: StepContext) -> bool:
+    proof = ctx.status.restore_proof
+    return proof is not None and proof.nodes > 0 and len(proof.verified_on) == proof.nodes
+
+
 async def _tools_checked(ctx: StepContext) -> bool:
     """Pinned once: a resumed run keeps the convention the first check found."""
     return "helperConvention" in ctx.status.facts
@@ -1067,6 +1179,11 @@ async def build_a9s_logical_plan(inputs: PlanInputs) -> Plan:
         FunctionStep("ensure-bulk-load-settings-reverted", _never, r.revert_bulk_load_settings,
                      verify_after=False)
     )
+    # Last in Restoring: a restore that is not complete fails before the standbys are wiped.
+    steps[Phase.RESTORING].append(
+        FunctionStep("prove-restore-on-primary", _primary_proven, r.prove_restore_on_primary,
+                     verify_after=False)
+    )
 
     def run_id_step(
         name: str, op: Callable[[A9sOperations, ClusterView, str], Awaitable[StepResult]]
@@ -1094,6 +1211,9 @@ async def build_a9s_logical_plan(inputs: PlanInputs) -> Plan:
     )
     steps[Phase.REJOINED] += [
         FunctionStep("verify-cluster", _never, r.verify_cluster, verify_after=False),
+        # Before the connections are allowed again: nothing but the restore has written yet.
+        FunctionStep("prove-restore-on-standbys", _standbys_proven, r.prove_restore_on_standbys,
+                     verify_after=False),
         FunctionStep(
             "ensure-staging-file-removed",
             _never,
@@ -1171,6 +1291,8 @@ STATE_WORDS = {
     "ensure-clone-marker": "clone marker written on the primary",
     "ensure-standbys-recloned": "standbys wiped, re-cloned and streaming",
     "verify-cluster": "cluster verified",
+    "prove-restore-on-primary": "every restored table counted on the primary (read only)",
+    "prove-restore-on-standbys": "every restored table counted on the standbys (read only)",
     "ensure-staging-file-removed": "staged dump removed",
     "ensure-connections-unblocked": "connections allowed again",
     "ensure-recovery-files-removed": "recovery files removed",
