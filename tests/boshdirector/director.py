@@ -201,6 +201,16 @@ class DirectorEmulator:
         """VM name → the `host_public_key` to report instead of the VM's own."""
         self.hold_tasks = threading.Event()
         """While set, tasks stay `processing` (a deterministic moment to kill a client)."""
+        self.hold_before: dict[str, int] = {}
+        """Task description (`ssh: setup`, `ssh: cleanup`) → which one of them (1 = the first)
+        to hold `processing` before its effects, until `release()`."""
+        self.hold_after: dict[str, int] = {}
+        """The same, held after its effects (e.g. the user exists on the VMs, the client does
+        not know yet)."""
+        self._counts: dict[str, int] = {}
+        self.holding = threading.Event()
+        """Set while a task is held by `hold_before`/`hold_after`."""
+        self._released = threading.Event()
         self.instance_overrides: dict[str, dict[str, Any]] = {}
         """VM name → fields to report instead (`id`, `ips`, `job_state`): a recreated VM."""
         self.requests: list[tuple[str, str]] = []
@@ -241,6 +251,7 @@ class DirectorEmulator:
             self._stopping = True
             self._work_ready.notify_all()
         self.hold_tasks.clear()
+        self._released.set()
         for server in self._servers:
             server.shutdown()
             server.server_close()
@@ -276,6 +287,19 @@ class DirectorEmulator:
 
     def task(self, task_id: int) -> Task:
         return self._tasks[task_id]
+
+    def release(self) -> None:
+        """Let held tasks go on (and hold none from now on)."""
+        self.hold_before.clear()
+        self.hold_after.clear()
+        self._released.set()
+
+    def _hold(self, task: Task, when: dict[str, int]) -> None:
+        if when.get(task.description) != self._counts.get(task.description):
+            return
+        self.holding.set()
+        while not self._released.wait(0.05) and not self._stopping:
+            pass
 
     # ------------------------------------------------------------------ tokens
     def issue_token(self, client_id: str) -> dict[str, Any]:
@@ -342,8 +366,11 @@ class DirectorEmulator:
             self._event(task, "started")
             while self.hold_tasks.is_set() and not self._stopping:
                 time.sleep(0.05)
+            self._counts[task.description] = self._counts.get(task.description, 0) + 1
             try:
+                self._hold(task, self.hold_before)
                 result = work(task)
+                self._hold(task, self.hold_after)
             except TaskError as e:
                 task.error = str(e)
                 task.events.append(

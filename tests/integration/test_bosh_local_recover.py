@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -152,3 +153,83 @@ def test_bad_director_inputs_fail_in_fetching_with_nothing_changed(
     assert {vm.name: vm.run("cat /etc/passwd").stdout for vm in cluster.vms} == before
     assert leftover_scan(cluster, tmp_path / "nowork", dump_of=scenario.backup.backup_id) == []
     assert "not-the-secret" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("hold", "which"),
+    [
+        # the user exists on every VM, pgrecovery never heard back from the director
+        ("after", ("ssh: setup", 1)),
+        # the first phase run's own cleanup (the 1st cleanup removes stale users first)
+        ("before", ("ssh: cleanup", 2)),
+    ],
+)
+def test_killed_around_ssh_setup_or_cleanup_leaves_no_user_after_resume(
+    healthy_sim_cluster: SimCluster,
+    moto_s3: S3Server,
+    bosh_director: DirectorEmulator,
+    tmp_path: Path,
+    hold: str,
+    which: tuple[str, int],
+) -> None:
+    cluster, d = healthy_sim_cluster, bosh_director
+    scenario = Scenario.prepare(cluster, moto_s3, part_size=64 * 1024, rows=100)
+    (d.hold_after if hold == "after" else d.hold_before)[which[0]] = which[1]
+    name = f"kill-{hold}"
+    manifest = scenario.manifest(name)
+    manifest["spec"]["target"].pop("nodes")
+    manifest["spec"]["target"].pop("ssh")
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    secrets = scenario.write_secrets_dir(tmp_path / "secrets")
+    status_file = tmp_path / f"{name}.status.json"
+    env = {
+        **os.environ,
+        "BOSH_ENVIRONMENT": d.url,
+        "BOSH_CA_CERT": str(d.ca_cert_path),
+        "BOSH_CLIENT": CLIENT_ID,
+        "BOSH_CLIENT_SECRET": d.clients[CLIENT_ID].secret,
+    }
+    argv = [
+        sys.executable,
+        "-m",
+        "pgrecovery.cli",
+        "recover",
+        "-f",
+        str(path),
+        "--secrets-dir",
+        str(secrets),
+        "--status-file",
+        str(status_file),
+        "--work-dir",
+        str(tmp_path / "work"),
+    ]
+    proc = subprocess.Popen(
+        argv,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        assert d.holding.wait(300), "the director never reached the held task"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    left = _ours(d, cluster)
+    assert all(len(users) == 1 for users in left.values()), left  # the killed run's user
+    d.release()
+    result = subprocess.run(
+        [*argv, "--resume"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(status_file.read_text())["status"]["phase"] == "Rejoined"
+    assert scenario.restored_everywhere() == {vm.name: True for vm in cluster.vms}
+    assert _ours(d, cluster) == {vm.name: [] for vm in cluster.vms}
