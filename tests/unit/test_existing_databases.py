@@ -168,3 +168,17 @@ def test_the_marker_round_trips_and_checks_its_index() -> None:
         DumpMarker.from_json(json.dumps({**raw, "plain_sha256": "nope"}))
     with pytest.raises(ValueError, match="marker"):
         DumpMarker.from_json(json.dumps({**raw, "version": 99}))
+
+
+def test_an_invalid_database_the_dump_does_not_drop_refuses_unless_replaced() -> None:
+    """A power cut during DROP DATABASE leaves the database invalid (PostgreSQL 15.4+): the
+    dump's CREATE DATABASE and \\connect would fail after the point of no return; a --clean
+    dump drops it itself, the option drops it first, otherwise the recovery is refused."""
+    shop = Existing("shop", invalid=True)
+    verdict = decide(_index(_dump(clean=False)), {"shop": shop}, replace=False)
+    assert verdict.refused
+    assert "shop (invalid: left by an interrupted DROP DATABASE" in verdict.collisions_fact()
+    replaced = decide(_index(_dump(clean=False)), {"shop": shop}, replace=True)
+    assert not replaced.refused
+    assert "shop" in replaced.to_replace
+    assert not decide(_index(_dump(clean=True)), {"shop": shop}, replace=False).refused

@@ -74,12 +74,18 @@ class Existing:
     name: str
     relations: dict[str, int] = field(default_factory=dict)
     """kind (table, view, sequence, …) → how many the users created."""
+    invalid: bool = False
+    """Left invalid by an interrupted DROP DATABASE (PostgreSQL 15.4+ marks it with
+    `datconnlimit = -2`): nobody can connect to it, it can only be dropped."""
 
     @property
     def holds_objects(self) -> bool:
         return any(self.relations.values())
 
     def describe(self) -> str:
+        if self.invalid:
+            return (f"{self.name} (invalid: left by an interrupted DROP DATABASE, PostgreSQL "
+                    "only allows dropping it)")
         if not self.holds_objects:
             return f"{self.name} (empty)"
         kinds = ", ".join(f"{n} {kind}{'s' if n != 1 else ''}"
@@ -133,7 +139,11 @@ def decide(index: DumpIndex, existing: dict[str, Existing], *, replace: bool) ->
         found = existing.get(db.name)
         if db.dropped or found is None or db.entries == 0:
             continue
-        if db.name == REPMGR_DATABASE:
+        if found.invalid:
+            # The dump's CREATE DATABASE would fail ("already exists") and its \connect
+            # then too: the database must be dropped first, which only the option allows.
+            collisions.append(found)
+        elif db.name == REPMGR_DATABASE:
             restored_over.append(db.name)
         elif found.holds_objects:
             collisions.append(found)
@@ -158,12 +168,17 @@ def conninfo(database: str) -> str:
 async def existing_databases(shell: RemoteShell, node: Node, layout: A9sLayout,
                              names: Sequence[str]) -> dict[str, Existing]:
     """Which of `names` the primary has, with the relations users created in each
-    (read-only: two psql sessions' worth of catalog queries)."""
-    rows = await psql.query(shell, node, layout,
-                            "SELECT datname FROM pg_catalog.pg_database WHERE datallowconn;")
-    present = {row[0] for row in rows if row}
-    wanted = [name for name in dict.fromkeys(names) if name in present]
-    found = {name: Existing(name) for name in wanted}
+    (read-only: two psql sessions' worth of catalog queries). A database left invalid by an
+    interrupted DROP DATABASE (a power cut during a `--clean` restore does that) refuses
+    connections: it is reported as invalid, never connected to."""
+    rows = await psql.query(
+        shell, node, layout,
+        "SELECT datname, datconnlimit = -2 FROM pg_catalog.pg_database "
+        "WHERE datallowconn OR datconnlimit = -2;")
+    present = {row[0]: row[1] == "t" for row in rows if len(row) == 2}
+    found = {name: Existing(name, invalid=present[name])
+             for name in dict.fromkeys(names) if name in present}
+    wanted = [name for name, db in found.items() if not db.invalid]
     if not wanted:
         return found
     res = await shell.run_root(
