@@ -190,6 +190,17 @@ def _run_demo(out: TextIO, recorder: _Recorder) -> int:
             )
         for node, ok in checks.items():
             _say(out, f"   {node}: {'data equal to the backup' if ok else 'DIFFERENT'}")
+        proof = status.get("restoreProof") or {}
+        assert isinstance(proof, dict)
+        _say(
+            out,
+            f"   operator's restore proof: {proof.get('rows', 0)} rows in "
+            f"{proof.get('tables', 0)} tables of {proof.get('databases', 0)} databases counted "
+            f"against the dump on {len(proof.get('verifiedOn', []))} of "
+            f"{proof.get('nodes', 0)} nodes ({', '.join(proof.get('verifiedOn', []))})",
+        )
+        for line in proof.get("notVerified", []):
+            _say(out, f"     not verified: {line[:150]}")
         try:
             # The stand-in BOSH agent reports every 3 s: give it one heartbeat to catch up.
             health = cluster.wait_healthy(timeout=30)

@@ -813,6 +813,10 @@ class A9sLogicalRecovery:
         """Count every restored table on the primary against the dump's index, before
         anything is done to the standbys (they still hold their old data when this fails).
         The primary's WAL position now is where the standbys must have replayed past."""
+        if await _primary_proven(ctx):
+            await ctx.update(lambda s: st.set_message(
+                s, f"unchanged: {st.proof_summary(s.restore_proof)}"))
+            return
         ops = await self.ops(ctx)
         view = self.view(ctx)
         plan = self._proof_plan(ctx)
@@ -840,7 +844,12 @@ class A9sLogicalRecovery:
     async def prove_restore_on_standbys(self, ctx: StepContext) -> None:
         """Each re-cloned standby must have replayed past the end of the restore (and all the
         primary has flushed since: repmgr's registration) and hold the same rows in every
-        table; checked on all standbys at once."""
+        table; checked on all standbys at once. Once proven it is not counted again: a resumed
+        run may come back here after the connections were allowed again."""
+        if await _standbys_proven(ctx):
+            await ctx.update(lambda s: st.set_message(
+                s, f"unchanged: {st.proof_summary(s.restore_proof)}"))
+            return
         ops = await self.ops(ctx)
         view = self.view(ctx)
         proof0 = ctx.status.restore_proof
@@ -1180,8 +1189,10 @@ async def build_a9s_logical_plan(inputs: PlanInputs) -> Plan:
                      verify_after=False)
     )
     # Last in Restoring: a restore that is not complete fails before the standbys are wiped.
+    # Both proof steps check inside apply (as the cluster steps do), so a resumed phase that
+    # re-runs the steps before them records them again in plan order.
     steps[Phase.RESTORING].append(
-        FunctionStep("prove-restore-on-primary", _primary_proven, r.prove_restore_on_primary,
+        FunctionStep("prove-restore-on-primary", _never, r.prove_restore_on_primary,
                      verify_after=False)
     )
 
@@ -1212,7 +1223,7 @@ async def build_a9s_logical_plan(inputs: PlanInputs) -> Plan:
     steps[Phase.REJOINED] += [
         FunctionStep("verify-cluster", _never, r.verify_cluster, verify_after=False),
         # Before the connections are allowed again: nothing but the restore has written yet.
-        FunctionStep("prove-restore-on-standbys", _standbys_proven, r.prove_restore_on_standbys,
+        FunctionStep("prove-restore-on-standbys", _never, r.prove_restore_on_standbys,
                      verify_after=False),
         FunctionStep(
             "ensure-staging-file-removed",
