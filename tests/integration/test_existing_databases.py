@@ -6,14 +6,19 @@
   dump recreate them, reaches Rejoined with the data equal on every node — and re-uses the dump
   the refused run left staged: the backup in the store is damaged in between (same sizes), so
   streaming it again would have failed.
+* Killed (SIGKILL) right after the databases were dropped, before the restore started, the
+  replacing run resumes (`--resume`) and completes without dropping anything again.
 * A staged dump whose bytes changed on the VM is not re-used: it is staged again.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +38,8 @@ RESTORE_DIR = "/var/vcap/store/postgresql-restore"
 DESTRUCTIVE = ("Staging", "Restoring", "Rejoined")
 
 
-def _recover(scenario: Scenario, directory: Path, name: str,
-             **spec: Any) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
-    """`pgrecovery recover` of the scenario's manifest with `spec` merged in, in its own
-    directory (own work directory: a stream would have to fetch every part)."""
+def _argv(scenario: Scenario, directory: Path, name: str,
+          **spec: Any) -> tuple[list[str], Path]:
     directory.mkdir(parents=True, exist_ok=True)
     doc = scenario.manifest(name)
     doc["spec"].update(spec)
@@ -47,10 +50,21 @@ def _recover(scenario: Scenario, directory: Path, name: str,
     argv = [sys.executable, "-m", "pgrecovery.cli", "recover", "-f", str(manifest),
             "--secrets-dir", str(secrets), "--status-file", str(status_file),
             "--work-dir", str(directory / "work")]
+    return argv, status_file
+
+
+def _status(status_file: Path) -> dict[str, Any]:
+    return json.loads(status_file.read_text())["status"] if status_file.exists() else {}
+
+
+def _recover(scenario: Scenario, directory: Path, name: str,
+             **spec: Any) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """`pgrecovery recover` of the scenario's manifest with `spec` merged in, in its own
+    directory (own work directory: a stream would have to fetch every part)."""
+    argv, status_file = _argv(scenario, directory, name, **spec)
     result = subprocess.run(argv, cwd=directory, capture_output=True, text=True, timeout=900,
                             check=False)
-    status = json.loads(status_file.read_text())["status"] if status_file.exists() else {}
-    return result, status
+    return result, _status(status_file)
 
 
 def _s3(store: S3Server) -> Any:
@@ -128,6 +142,44 @@ def test_a_dump_without_clean_is_refused_then_replaced_re_using_the_staged_dump(
     assert scenario.restored_everywhere() == {vm.name: True for vm in cluster.vms}
     assert cluster.wait_healthy(timeout=30).ok
     assert leftover_scan(cluster, tmp_path / "replaced" / "work", dump_of=backup_id) == []
+
+
+def test_replacing_killed_after_the_drops_resumes_and_completes(
+    healthy_sim_cluster: SimCluster, moto_s3: S3Server, tmp_path: Path
+) -> None:
+    cluster = healthy_sim_cluster
+    scenario = Scenario.prepare(cluster, moto_s3, rows=150, dumpall_args=())
+    argv, status_file = _argv(scenario, tmp_path, "replace-killed",
+                              restore={"replaceExistingDatabases": True})
+    breakpoints = tmp_path / "breakpoints"
+    breakpoints.mkdir()
+    (breakpoints / "before-restore-dump.hold").touch()
+    env = {**os.environ, "PGRECOVERY_BREAKPOINT_DIR": str(breakpoints)}
+    try:
+        with subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) as proc:
+            deadline = time.monotonic() + 300
+            while not (breakpoints / "before-restore-dump.reached").exists():
+                assert proc.poll() is None, proc.communicate()[0][-3000:]
+                assert time.monotonic() < deadline, "never reached restore-dump"
+                time.sleep(0.05)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=30)
+        killed = _status(status_file)
+        assert killed["facts"]["databasesReplaced"], killed["facts"]
+        # Dropped, not yet created again.
+        have = set(cluster.primary().psql("SELECT datname FROM pg_database").split())
+        assert not {"shop", "crm"} & have, have
+        resumed = subprocess.run([*argv, "--resume"], cwd=tmp_path, capture_output=True,
+                                 text=True, timeout=900, check=False)
+    finally:
+        cluster.heal(timeout=60)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    status = _status(status_file)
+    assert status["phase"] == "Rejoined"
+    assert status["facts"]["databasesReplaced"] == killed["facts"]["databasesReplaced"]
+    assert scenario.restored_everywhere() == {vm.name: True for vm in cluster.vms}
 
 
 def test_a_staged_dump_that_changed_on_the_vm_is_staged_again(
