@@ -15,6 +15,11 @@ fix, no step of Staging/Restoring/Rejoined in `status.steps`, and the cluster un
 table checksums on every node, every monit process running, pg_hba.conf unchanged, nothing new
 in the staging directory. The wrong-key case repeats test_operator_recovery's check as one row
 of the table, so the matrix is complete on its own.
+
+One more backup of the same cluster is made without `pg_dumpall --clean`: restored over the
+databases the cluster still holds it would fail on duplicate keys, so it is refused in
+Decrypting (`DatabasesExist`). Its verified dump stays staged for the next run (listed in the
+status' leftovers, the only thing new on the primary) until the PgRecovery is deleted.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from tests.kubeapi.harness import KopfProcess, Kubectl
 from tests.objectstores.servers import S3Server
 from tests.realkube.server import RealKubeAPI
 from tests.scenario import KEY_KEY, Scenario
+from tests.simcluster.backup import make_s3_backup
 from tests.simcluster.cluster import SimCluster, SimVM
 from tests.simcluster.config import PG_BINDIR
 from tests.simcluster.data import TableDigest, table_checksums, wait_for_replay
@@ -364,7 +370,10 @@ def test_bad_inputs_fail_before_any_destructive_step_and_leave_the_cluster_untou
     after = _cluster_state(cluster)
     outcomes += [_check(operator, c, before, after) for c in cases]
 
-    # 2. Cluster-side cases, one at a time (each changes the cluster).
+    # 2. A dump without --clean over databases that hold objects.
+    outcomes.append(_no_clean_case(operator, scenario, moto_s3))
+
+    # 3. Cluster-side cases, one at a time (each changes the cluster).
     primary = cluster.primary()
     # The plan estimates about 11 times the compressed size; a quarter of 10 times is short.
     needed = 2 * 5 * scenario.backup.ciphertext_size
@@ -417,6 +426,41 @@ def test_bad_inputs_fail_before_any_destructive_step_and_leave_the_cluster_untou
     lines.append(f"inputs tried: {len(outcomes)}, rejected safely: {safe}")
     print("\n" + "\n".join(lines))
     assert safe == len(outcomes), "\n".join(lines)
+
+
+def _no_clean_case(op: Operator, scenario: Scenario, store: S3Server) -> Outcome:
+    cluster = scenario.cluster
+    backup = make_s3_backup(
+        cluster.primary(), endpoint_url=store.endpoint_url, bucket=scenario.backup.bucket,
+        access_key_id=store.access_key, secret_access_key=store.secret_key,
+        region=store.region or "us-east-1", encryption_key=scenario.encryption_key,
+        part_size=PART_SIZE, create_bucket=False, dumpall_args=(),
+    )
+    case = Case("dump-without-clean", "DatabasesExist", "Decrypting",
+                ("without pg_dumpall --clean", "shop (", "crm (",
+                 "spec.restore.replaceExistingDatabases", "Nothing was changed"),
+                source={"backupGuid": backup.guid})
+    before = _cluster_state(cluster)
+    op.apply(_manifest(scenario, case))
+    op.wait_failed(case.name)
+    outcome = _check(op, case, before, _cluster_state(cluster))
+    # The verified dump, its checksum and marker are the only thing new on the primary, and
+    # the status lists them; deleting the PgRecovery removes them.
+    kept = sorted(f"{backup.backup_id}.dump{suffix}"
+                  for suffix in ("", ".sha256", ".pgrecovery.json"))
+    staged = f"{cluster.primary().name}: left in {RESTORE_DIR}: {kept}"
+    problems = [p for p in outcome.problems if p != staged]
+    leftovers = outcome.status.get("facts", {}).get("leftovers", "")
+    problems += [f"{name} not in the leftovers" for name in kept if name not in leftovers]
+    facts = outcome.status.get("facts", {})
+    if not str(facts.get("dumpDropsDatabases", "")).startswith("no (pg_dumpall without"):
+        problems.append(f"dumpDropsDatabases: {facts.get('dumpDropsDatabases')!r}")
+    deleted = op.kubectl.delete("pgr", case.name, "-n", op.namespace, "--timeout=120s")
+    if deleted.returncode != 0:
+        problems.append(f"delete: {deleted.stderr}")
+    left = cluster.primary().run(f"ls -A {RESTORE_DIR} 2>/dev/null || true").stdout.split()
+    problems += [f"still staged after the deletion: {name}" for name in kept if name in left]
+    return Outcome(case, outcome.status, problems)
 
 
 def _cluster_case(
