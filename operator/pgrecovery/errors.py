@@ -224,7 +224,7 @@ FAILURE_REASONS: tuple[str, ...] = (
     # the BOSH director (target.bosh): adapters/bosh_director.py, engine/plans/bosh_access.py
     "DirectorAuthenticationFailed", "DirectorForbidden", "DirectorNotFound", "DirectorTaskFailed",
     "DirectorCertificateUntrusted", "DirectorUnreachable", "DirectorRequestFailed",
-    "InstanceChanged", "InstanceNotRunning",
+    "InstanceChanged", "InstanceNotRunning", "GatewayUnreachable",
     # Dingo targets
     "ContainerNotFound", "ContainerMismatch", "ContainerAmbiguous", "ContainerReplaced",
     "NoDataVolume", "EtcdUnknown", "ArchiveMismatch", "ArchiveNotEmpty", "UnsafeDataDir",

@@ -1,6 +1,6 @@
 """pytest fixtures: `bosh_director` (the emulator over the session's simulated cluster, one
-per test so faults do not leak) and `bosh_cli` (the real bosh CLI; under CI a CLI that cannot
-be built fails the test, never skips it)."""
+per test so faults do not leak), `bosh_jumpbox` (jumpbox.py) and `bosh_cli` (the real bosh
+CLI; under CI a CLI that cannot be built fails the test, never skips it)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ from tests.simcluster.cluster import SimCluster
 
 from . import cli
 from .director import Client, DirectorEmulator
+from .jumpbox import bosh_jumpbox
+
+__all__ = ["CLIENT_ID", "bosh_cli", "bosh_director", "bosh_jumpbox"]
 
 CLIENT_ID = "pgrecovery"
 

@@ -19,6 +19,7 @@ import yaml
 
 from tests.boshdirector.director import DirectorEmulator
 from tests.boshdirector.fixtures import CLIENT_ID
+from tests.boshdirector.jumpbox import Jumpbox
 from tests.objectstores.servers import S3Server
 from tests.scenario import Scenario, leftover_scan
 from tests.simcluster.cluster import SimCluster
@@ -233,3 +234,104 @@ def test_killed_around_ssh_setup_or_cleanup_leaves_no_user_after_resume(
     assert json.loads(status_file.read_text())["status"]["phase"] == "Rejoined"
     assert scenario.restored_everywhere() == {vm.name: True for vm in cluster.vms}
     assert _ours(d, cluster) == {vm.name: [] for vm in cluster.vms}
+
+
+@pytest.mark.parametrize("how", ["spec", "env"])
+def test_local_recover_through_a_jumpbox(
+    healthy_sim_cluster: SimCluster,
+    moto_s3: S3Server,
+    bosh_director: DirectorEmulator,
+    bosh_jumpbox: Jumpbox,
+    tmp_path: Path,
+    how: str,
+) -> None:
+    """target.bosh with a gateway (in the spec, or BOSH_ALL_PROXY as for `bosh ssh`): every SSH
+    connection to the VMs goes through the jumpbox (each VM's sshd logs the recovery's logins
+    from the jumpbox's address)."""
+    cluster, d, gw = healthy_sim_cluster, bosh_director, bosh_jumpbox
+    scenario = Scenario.prepare(cluster, moto_s3, part_size=64 * 1024, rows=100)
+    name = f"via-jumpbox-{how}"
+    if how == "env":
+        key, known = tmp_path / "gw_key", tmp_path / "gw_known_hosts"
+        key.write_bytes(gw.private_key)
+        key.chmod(0o600)
+        known.write_text(gw.known_hosts)
+        result, status = _recover(
+            scenario,
+            d,
+            tmp_path,
+            name,
+            BOSH_ALL_PROXY=f"ssh+socks5://{gw.user}@{gw.host}:{gw.port}?private-key={key}",
+            BOSH_GW_KNOWN_HOSTS=str(known),
+        )
+    else:
+        result, status = _recover_with_gateway_in_spec(scenario, d, gw, tmp_path, name)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert status["phase"] == "Rejoined"
+    assert scenario.restored_everywhere() == {vm.name: True for vm in cluster.vms}
+    assert _ours(d, cluster) == {vm.name: [] for vm in cluster.vms}
+    ours = f"Accepted publickey for bosh_pgrecovery_{status['facts']['localRunId']}"
+    for vm in cluster.vms:
+        log = vm.host_path("/var/vcap/sys/log/sshd.log").read_text()
+        logins = [line for line in log.splitlines() if ours in line]
+        assert logins, vm.name
+        assert all(f"from {gw.host} " in line for line in logins), (vm.name, logins[-3:])
+
+
+def _recover_with_gateway_in_spec(
+    scenario: Scenario, d: DirectorEmulator, gw: Jumpbox, tmp_path: Path, name: str
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    manifest = scenario.manifest(name)
+    target = manifest["spec"]["target"]
+    target.pop("nodes")
+    target.pop("ssh")
+    target["bosh"] = {
+        "director": d.url,
+        "caCertSecretRef": {"name": "bosh-director-ca", "key": "ca.crt"},
+        "credentialsSecretRef": {"name": "bosh-director"},
+        "gateway": {
+            "host": gw.host,
+            "user": gw.user,
+            "privateKeySecretRef": {"name": "jumpbox", "key": "id_ed25519"},
+            "knownHostsSecretRef": {"name": "jumpbox", "key": "known_hosts"},
+        },
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    secrets = scenario.write_secrets_dir(tmp_path / "secrets")
+    files = {
+        "bosh-director/client": CLIENT_ID.encode(),
+        "bosh-director/clientSecret": d.clients[CLIENT_ID].secret.encode(),
+        "bosh-director-ca/ca.crt": d.pki.ca_pem.encode(),
+        "jumpbox/id_ed25519": gw.private_key,
+        "jumpbox/known_hosts": gw.known_hosts.encode(),
+    }
+    for rel, data in files.items():
+        (secrets / rel).parent.mkdir(mode=0o700, exist_ok=True)
+        (secrets / rel).write_bytes(data)
+        (secrets / rel).chmod(0o600)
+    status_file = tmp_path / f"{name}.status.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BOSH_")}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pgrecovery.cli",
+            "recover",
+            "-f",
+            str(path),
+            "--secrets-dir",
+            str(secrets),
+            "--status-file",
+            str(status_file),
+            "--work-dir",
+            str(tmp_path / "work"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    return result, json.loads(status_file.read_text())["status"]

@@ -2,18 +2,22 @@
 `pgrecovery recover` without writing addresses, keys or director details.
 
 Why this module exists: `BOSH_ENVIRONMENT`, `BOSH_CLIENT`, `BOSH_CLIENT_SECRET`,
-`BOSH_CA_CERT` (a path or the PEM itself) and `BOSH_DEPLOYMENT` mean for pgrecovery what they
-mean for `bosh`. A recovery file without `target.nodes`/`ssh`/`bosh` gets a `target.bosh` that
-points at the reserved secret name `bosh-environment`, which `BoshEnvSecrets` answers from those
-variables; every other secret is read as before. The values stay in memory; nothing is
-written. Environment aliases from ~/.bosh/config and `BOSH_ALL_PROXY`/`BOSH_GW_*` (jumpbox) are
-not supported in this version and say so instead of being ignored.
+`BOSH_CA_CERT` (a path or the PEM itself), `BOSH_DEPLOYMENT` and the jumpbox variables
+`BOSH_GW_HOST`/`BOSH_GW_USER`/`BOSH_GW_PRIVATE_KEY` or `BOSH_ALL_PROXY=ssh+socks5://user@host:port
+?private-key=PATH` mean for pgrecovery what they mean for `bosh`. Unlike `bosh ssh`, the
+jumpbox's host key is verified: against `BOSH_GW_KNOWN_HOSTS` (a path; pgrecovery's own
+variable) or else ~/.ssh/known_hosts. A recovery file without `target.nodes`/`ssh`/`bosh`
+gets a `target.bosh` that points at the reserved secret name `bosh-environment`, which
+`BoshEnvSecrets` answers from those variables; every other secret is read as before. The
+values stay in memory; nothing is written. Environment aliases from ~/.bosh/config are not
+supported and say so.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -46,11 +50,6 @@ def apply_bosh_environment(spec: dict[str, Any], environ: Mapping[str, str]) -> 
     target = dict(spec.get("target") or {})
     if any(k in target for k in ("nodes", "ssh", "bosh")) or not environ.get("BOSH_ENVIRONMENT"):
         return spec
-    unsupported = [v for v in ("BOSH_ALL_PROXY", "BOSH_GW_HOST") if environ.get(v)]
-    if unsupported:
-        raise ConfigurationError(
-            f"{', '.join(unsupported)} set: a gateway (jumpbox) is not supported in this version"
-        )
     if "deployment" not in target and environ.get("BOSH_DEPLOYMENT"):
         target["deployment"] = environ["BOSH_DEPLOYMENT"]
     target["bosh"] = {
@@ -58,7 +57,39 @@ def apply_bosh_environment(spec: dict[str, Any], environ: Mapping[str, str]) -> 
         "caCertSecretRef": {"name": BOSH_ENV_SECRET, "key": "ca"},
         "credentialsSecretRef": {"name": BOSH_ENV_SECRET},
     }
+    gateway = gateway_from_env(environ)
+    if gateway is not None:
+        host, port, user, _key = gateway
+        target["bosh"]["gateway"] = {
+            "host": host,
+            "port": port,
+            "user": user,
+            "privateKeySecretRef": {"name": BOSH_ENV_SECRET, "key": "gw-private-key"},
+            "knownHostsSecretRef": {"name": BOSH_ENV_SECRET, "key": "gw-known-hosts"},
+        }
     return {**spec, "target": target}
+
+
+def gateway_from_env(environ: Mapping[str, str]) -> tuple[str, int, str, str] | None:
+    """(host, port, user, private key path or PEM) from BOSH_ALL_PROXY or BOSH_GW_*."""
+    proxy = environ.get("BOSH_ALL_PROXY", "")
+    if proxy:
+        parts = urllib.parse.urlsplit(proxy)
+        key = urllib.parse.parse_qs(parts.query).get("private-key", [""])[-1]
+        if parts.scheme != "ssh+socks5" or not parts.hostname or not parts.username or not key:
+            raise ConfigurationError(
+                "BOSH_ALL_PROXY must look like ssh+socks5://USER@HOST:PORT?private-key=PATH "
+                "(other proxies are not supported)"
+            )
+        return parts.hostname, parts.port or 22, parts.username, key
+    host = environ.get("BOSH_GW_HOST", "")
+    if not host:
+        return None
+    key = environ.get("BOSH_GW_PRIVATE_KEY", "")
+    if not key:
+        raise ConfigurationError("BOSH_GW_HOST is set but BOSH_GW_PRIVATE_KEY is not")
+    name, _, port = host.partition(":")
+    return name, int(port or 22), environ.get("BOSH_GW_USER") or "vcap", key
 
 
 class BoshEnvSecrets:
@@ -78,15 +109,25 @@ class BoshEnvSecrets:
     async def get_key(self, ref: SecretKeyRefLike) -> bytes:
         if ref.name != BOSH_ENV_SECRET:
             return bytes(await self._inner.get_key(ref))
-        if ref.key != "ca":
-            raise SecretError(f"{BOSH_ENV_SECRET} has no key {ref.key!r}")
-        value = self._need("BOSH_CA_CERT")
-        if "BEGIN CERTIFICATE" in value:
+        if ref.key == "ca":
+            return await self._pem_or_path("BOSH_CA_CERT", self._need("BOSH_CA_CERT"), "BEGIN")
+        gateway = gateway_from_env(self._env)
+        if ref.key == "gw-private-key" and gateway is not None:
+            return await self._pem_or_path("the jumpbox key", gateway[3], "PRIVATE KEY")
+        if ref.key == "gw-known-hosts" and gateway is not None:
+            path = self._env.get("BOSH_GW_KNOWN_HOSTS") or str(Path.home() / ".ssh/known_hosts")
+            return await self._pem_or_path("BOSH_GW_KNOWN_HOSTS", path, None)
+        raise SecretError(f"{BOSH_ENV_SECRET} has no key {ref.key!r}")
+
+    @staticmethod
+    async def _pem_or_path(what: str, value: str, marker: str | None) -> bytes:
+        """`value` itself when it contains `marker` (PEM text), else the file it names."""
+        if marker is not None and marker in value:
             return value.encode()
         try:
-            return await asyncio.to_thread(Path(value).read_bytes)
+            return await asyncio.to_thread(lambda: Path(value).expanduser().read_bytes())
         except OSError as exc:
-            raise SecretError(f"BOSH_CA_CERT: cannot read {value}: {exc.strerror}") from None
+            raise SecretError(f"{what}: cannot read {value}: {exc.strerror}") from None
 
     async def get_all(self, ref: SecretRefLike) -> Mapping[str, bytes]:
         if ref.name != BOSH_ENV_SECRET:

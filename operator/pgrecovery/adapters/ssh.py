@@ -208,6 +208,22 @@ class SshEndpoint:
 
 
 @dataclass(frozen=True)
+class SshGateway:
+    """A jumpbox every node connection is tunnelled through (`bosh ssh --gw-host`); its own
+    user, key and known_hosts (verified like the nodes')."""
+
+    host: str
+    user: str
+    private_key: bytes = field(repr=False)
+    known_hosts: str = field(repr=False)
+    port: int = 22
+
+    @property
+    def label(self) -> str:
+        return f"gateway {self.user}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
 class SshAuth:
     """Credentials and trust anchors for all nodes of one target.
 
@@ -221,6 +237,8 @@ class SshAuth:
     passphrase: bytes | None = field(default=None, repr=False)
     insecure_ignore_host_keys: bool = False
     """Skip host-key verification. Loud on purpose: a WARNING is logged on every connect."""
+    gateway: SshGateway | None = None
+    """Reach every node through this jumpbox (one connection to it, shared)."""
 
     @classmethod
     def from_files(
@@ -355,6 +373,8 @@ class SshPool:
         self._default_timeout = default_timeout
         self._conns: dict[tuple[str, int], _Conn] = {}
         self._locks: dict[tuple[str, int], asyncio.Lock] = {}
+        self._gateway: _Conn | None = None
+        self._gateway_lock = asyncio.Lock()
         try:
             self._key = asyncssh.import_private_key(auth.private_key, auth.passphrase)
         except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError) as exc:
@@ -380,11 +400,56 @@ class SshPool:
 
     async def close(self) -> None:
         conns, self._conns = list(self._conns.values()), {}
+        if self._gateway is not None:
+            # last: the node connections run inside it
+            conns.append(self._gateway)
+            self._gateway = None
         for c in conns:
             c.conn.close()
         for c in conns:
             with contextlib.suppress(Exception):
                 await c.conn.wait_closed()
+
+    async def _gateway_connection(self) -> asyncssh.SSHClientConnection | None:
+        """The jumpbox connection (opened once, reopened after a drop), or None."""
+        gw = self._auth.gateway
+        if gw is None:
+            return None
+        async with self._gateway_lock:
+            if self._gateway is not None and not self._gateway.client.closed:
+                return self._gateway.conn
+            try:
+                key = asyncssh.import_private_key(gw.private_key)
+                known = asyncssh.import_known_hosts(gw.known_hosts)
+            except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError, ValueError) as exc:
+                raise SecretError(f"{gw.label}: key or known_hosts cannot be read: {exc}") from None
+            try:
+                conn, raw_client = await asyncio.wait_for(
+                    asyncssh.create_connection(
+                        _Client, gw.host, gw.port, username=gw.user, client_keys=[key],
+                        known_hosts=known, agent_path=None, config=None, password=None,
+                        kbdint_auth=False, encryption_algs=CIPHER_PREFERENCE,
+                        keepalive_interval=KEEPALIVE_INTERVAL,
+                        keepalive_count_max=KEEPALIVE_COUNT_MAX,
+                        connect_timeout=self._connect_timeout,
+                    ),
+                    timeout=self._connect_timeout + 5,
+                )
+            except asyncssh.HostKeyNotVerifiable as exc:
+                raise HostKeyMismatch(
+                    f"{gw.label}: host key not trusted by its known_hosts ({exc.reason})"
+                ) from None
+            except asyncssh.PermissionDenied as exc:
+                raise AuthenticationFailed(f"{gw.label}: login refused ({exc.reason})") from None
+            except (TimeoutError, asyncssh.Error, OSError) as exc:
+                raise NodeUnreachable(
+                    f"{gw.label}: cannot connect: {_exc_text(exc)}", reason="GatewayUnreachable"
+                ) from None
+            if not isinstance(raw_client, _Client):  # pragma: no cover - our factory
+                raise TypeError(raw_client)
+            self._gateway = _Conn(conn, raw_client)
+            log.info("SSH through %s", gw.label)
+            return conn
 
     def forget(self, node: SshEndpoint) -> None:
         """Close and drop the cached connection of one node (next call reconnects)."""
@@ -410,12 +475,14 @@ class SshPool:
                     "anyone on the network path can impersonate this node",
                     node.label,
                 )
+            tunnel = await self._gateway_connection()
             try:
                 conn, raw_client = await asyncio.wait_for(
                     asyncssh.create_connection(
                         _Client,
                         node.host,
                         node.port,
+                        tunnel=tunnel,
                         username=self._auth.username,
                         client_keys=[self._key],
                         known_hosts=self._known_hosts,

@@ -27,14 +27,14 @@ from pgrecovery.adapters.bosh_director import (
     EphemeralKey,
     ssh_user_name,
 )
-from pgrecovery.adapters.ssh import SshAuth
+from pgrecovery.adapters.ssh import SshAuth, SshGateway
 from pgrecovery.cluster.nodes import Node
 from pgrecovery.engine.phases import Phase
 from pgrecovery.engine.plan import SecretSource
 from pgrecovery.engine.spec import BoshTarget
 from pgrecovery.engine.status import RecoveryStatus
 from pgrecovery.engine.steps import StepContext
-from pgrecovery.errors import ClusterError, InvalidSpec, SecretError
+from pgrecovery.errors import ClusterError, SecretError
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +118,7 @@ class BoshAccess:
         self, ctx: StepContext | None, status: RecoveryStatus | None
     ) -> tuple[SshAuth, tuple[Node, ...]]:
         """Discover (and pin, the first time), remove stale users, open a user for this run."""
-        if self.bosh.gateway is not None:
-            raise InvalidSpec(
-                "a gateway (jumpbox) is not supported in this version",
-                field="spec.target.bosh.gateway",
-            )
+        gateway = await self._gateway()
         status = ctx.status if ctx is not None else status
         found = await self.discover(status)
         if ctx is not None and PINNED_FACT not in ctx.status.facts:
@@ -154,13 +150,29 @@ class BoshAccess:
             )
         known_hosts = "".join(h.known_hosts_line() for h in hosts)
         log.info(
-            "director %s opened %s as %s (host keys from the director)",
+            "director %s opened %s as %s (host keys from the director)%s",
             self.bosh.director,
             ", ".join(n.name for n in nodes),
             user,
+            f", through {gateway.label}" if gateway else "",
         )
-        return SshAuth(username=user, private_key=key.private_openssh, known_hosts=known_hosts), (
-            tuple(sorted(nodes, key=lambda n: n.name))
+        auth = SshAuth(
+            username=user,
+            private_key=key.private_openssh,
+            known_hosts=known_hosts,
+            gateway=gateway,
+        )
+        return auth, tuple(sorted(nodes, key=lambda n: n.name))
+
+    async def _gateway(self) -> SshGateway | None:
+        """The jumpbox of `target.bosh.gateway`, its key and known_hosts from Secrets."""
+        gw = self.bosh.gateway
+        if gw is None:
+            return None
+        key = await self.secrets.get_key(gw.private_key_secret_ref)
+        known = await self.secrets.get_key(gw.known_hosts_secret_ref)
+        return SshGateway(
+            host=gw.host, user=gw.user, port=gw.port, private_key=key, known_hosts=known.decode()
         )
 
     async def close(self) -> None:
