@@ -5,8 +5,10 @@ repository — on one machine, with nothing but the README's set-up. It brings u
 3-VM a9s-pg cluster and an S3 server, writes sample data, takes a backup exactly the runbook's
 way (pg_dumpall | gzip | openssl enc -aes256 -md md5 | split), damages the data, applies a
 PgRecovery with the real `kubectl` to the real operator (a `kopf run` subprocess) against the
-Kubernetes API emulator, shows phases and progress live, verifies the data on every node, prints
-how long each phase took, and cleans everything up. It lives with the test world it drives; the
+Kubernetes API emulator — reaching the VMs the BOSH way, through a BOSH director (the emulator
+of tests/boshdirector: no addresses, no SSH key in the manifest) — shows phases and progress
+live, verifies the data on every node and that no ephemeral user is left on the VMs, prints how
+long each phase took, and cleans everything up. It lives with the test world it drives; the
 CLI imports it from a source checkout.
 """
 
@@ -17,6 +19,7 @@ import io
 import json
 import logging
 import os
+import secrets
 import socket
 import sys
 import tempfile
@@ -26,6 +29,8 @@ from typing import TextIO, cast
 
 import yaml
 
+from tests.boshdirector.director import Client, DirectorEmulator
+from tests.boshdirector.recovery import bosh_recovery_objects, ephemeral_users_left
 from tests.kubeapi.harness import KopfProcess, KubeAPI, Kubectl
 from tests.kubeapi.server import EmulatorThread
 from tests.objectstores.servers import start_moto
@@ -100,12 +105,13 @@ class _Recorder(io.TextIOBase):
         self.out.flush()
 
 
-def _secrets_audit(scenario: Scenario, texts: dict[str, str]) -> list[str]:
-    """Where a secret value of the recovery (key, SSH key, store credentials) appears."""
-    return [
-        where for where, text in texts.items()
-        if any(secret in text for secret in scenario.secret_strings())
-    ]
+def _secrets_audit(
+    scenario: Scenario, texts: dict[str, str], extra: list[str] | None = None
+) -> list[str]:
+    """Where a secret value of the recovery (key, SSH key, store credentials, the director
+    client's secret) appears."""
+    values = [*scenario.secret_strings(), *(extra or [])]
+    return [where for where, text in texts.items() if any(secret in text for secret in values)]
 
 
 def run_demo(out: TextIO = sys.stdout) -> int:
@@ -130,6 +136,14 @@ def _run_demo(out: TextIO, recorder: _Recorder) -> int:
         stack.callback(cluster.down)
         cluster.up()
         _say(out, f"   cluster up: {', '.join(f'{vm.name}={vm.address}' for vm in cluster.vms)}")
+        # The way real users reach BOSH VMs: the director lists them and opens ephemeral users.
+        director = stack.enter_context(
+            DirectorEmulator(
+                {cluster.config.deployment: cluster.vms},
+                clients={"pgrecovery": Client(secrets.token_urlsafe(16))},
+            )
+        )
+        _say(out, f"== BOSH director (emulated) at {director.url}, UAA client 'pgrecovery'")
 
         _say(out, "== writing sample data, taking a backup the runbook's way, then damaging data")
         scenario = Scenario.prepare(cluster, s3, rows=2000, part_size=256 * 1024)
@@ -165,9 +179,9 @@ def _run_demo(out: TextIO, recorder: _Recorder) -> int:
         operator.start()
 
         manifest = yaml.safe_dump_all(
-            [*scenario.kube_secrets(NAMESPACE), scenario.manifest(NAME, NAMESPACE)]
+            bosh_recovery_objects(scenario, director, NAME, NAMESPACE, "pgrecovery")
         )
-        _say(out, "== kubectl apply -f pgrecovery.yaml (Secrets + PgRecovery)")
+        _say(out, "== kubectl apply -f pgrecovery.yaml (Secrets + PgRecovery with target.bosh)")
         applied = kubectl.apply(manifest)
         _say(out, "   " + applied.stdout.strip().replace("\n", "\n   "))
         status = _follow(kubectl, operator, out)
@@ -213,11 +227,21 @@ def _run_demo(out: TextIO, recorder: _Recorder) -> int:
         )
         events = kubectl("get", "events", "-n", NAMESPACE, "-o", "json").stdout
         pgr = kubectl("get", "pgr", NAME, "-n", NAMESPACE, "-o", "yaml").stdout
+        left = ephemeral_users_left(director, cluster.config.deployment)
+        users_ok = not any(left.values())
+        tasks = [t.description for t in director._tasks.values()]
+        _say(
+            out,
+            f"   director: {tasks.count('ssh: setup')} ssh setups, "
+            f"{tasks.count('ssh: cleanup')} cleanups; ephemeral users left on the VMs: "
+            + ("none" if users_ok else str(left)),
+        )
+        director_secret = [director.clients["pgrecovery"].secret]
         leaks = _secrets_audit(scenario, {
             "demo output": recorder.text.getvalue(), "status": pgr, "events": events,
             "operator log": operator.log_text(),
-        })
-        count = len(scenario.secret_strings())
+        }, director_secret)
+        count = len(scenario.secret_strings()) + len(director_secret)
         _say(out, "   secrets: " + (
             f"none of the {count} secret values appears in the demo output, the status, the "
             "events or the operator log" if not leaks else f"LEAKED into {', '.join(leaks)}"
@@ -228,7 +252,7 @@ def _run_demo(out: TextIO, recorder: _Recorder) -> int:
         for phase in ("Fetching", "Decrypting", "Staging", "Restoring", "Rejoined"):
             if phase in durations:
                 _say(out, f"   {phase:<11} {float(durations[phase]):6.1f} s")
-        ok = all(checks.values()) and health.ok and not leaks
+        ok = all(checks.values()) and health.ok and not leaks and users_ok
         _say(
             out,
             f"\n{'DEMO OK' if ok else 'DEMO FAILED'}: recovery {status.get('phase')}, "

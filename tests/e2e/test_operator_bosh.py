@@ -15,6 +15,7 @@ import yaml
 
 from tests.boshdirector.director import DirectorEmulator
 from tests.boshdirector.fixtures import CLIENT_ID
+from tests.boshdirector.recovery import bosh_recovery_objects
 from tests.e2e.operator_harness import Operator
 from tests.objectstores.servers import S3Server
 from tests.scenario import Scenario
@@ -26,30 +27,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.vms]
 def _bosh_objects(
     scenario: Scenario, d: DirectorEmulator, name: str, namespace: str
 ) -> list[dict[str, Any]]:
-    manifest = scenario.manifest(name, namespace)
-    target = manifest["spec"]["target"]
-    target.pop("nodes")
-    target.pop("ssh")
-    target["bosh"] = {
-        "director": d.url,
-        "caCertSecretRef": {"name": "bosh-director-ca", "key": "ca.crt"},
-        "credentialsSecretRef": {"name": "bosh-director"},
-    }
-    secrets: list[dict[str, Any]] = [
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "bosh-director", "namespace": namespace},
-            "stringData": {"client": CLIENT_ID, "clientSecret": d.clients[CLIENT_ID].secret},
-        },
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "bosh-director-ca", "namespace": namespace},
-            "stringData": {"ca.crt": d.pki.ca_pem},
-        },
-    ]
-    return [*scenario.kube_secrets(namespace), *secrets, manifest]
+    return bosh_recovery_objects(scenario, d, name, namespace, CLIENT_ID)
 
 
 def _no_user_left(d: DirectorEmulator, cluster: SimCluster) -> None:
