@@ -1,8 +1,8 @@
 """The operator with `target.bosh`: `kubectl apply` of a PgRecovery that names the director
 instead of VMs and an SSH key reaches Rejoined on the simulated cluster through the director
-emulator, on the real kube-apiserver under the chart's RBAC; a recovery whose ssh task fails
-ends Failed in Fetching. Either way no bosh_pgrecovery_* user is left on any VM, and the
-director's client secret appears nowhere."""
+emulator (directly and through a jumpbox), on the real kube-apiserver under the chart's RBAC;
+a recovery whose ssh task fails ends Failed in Fetching; a deleted one goes. Every time no
+bosh_pgrecovery_* user is left on any VM, and the director's client secret appears nowhere."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import yaml
 
 from tests.boshdirector.director import DirectorEmulator
 from tests.boshdirector.fixtures import CLIENT_ID
+from tests.boshdirector.jumpbox import Jumpbox
 from tests.boshdirector.recovery import bosh_recovery_objects
 from tests.e2e.operator_harness import Operator
 from tests.objectstores.servers import S3Server
@@ -117,3 +118,42 @@ def test_deleted_while_the_user_exists_leaves_no_user(
     assert result[0].returncode == 0, result[0].stderr
     _no_user_left(d, cluster)
     assert cluster.health().ok
+
+
+def test_through_a_jumpbox(
+    operator: Operator,
+    healthy_sim_cluster: SimCluster,
+    moto_s3: S3Server,
+    bosh_director: DirectorEmulator,
+    bosh_jumpbox: Jumpbox,
+) -> None:
+    """target.bosh.gateway: the operator's SSH connections to the VMs all come from the
+    jumpbox (each VM's sshd logs this recovery's logins from the jumpbox's address)."""
+    cluster, d, gw = healthy_sim_cluster, bosh_director, bosh_jumpbox
+    scenario = Scenario.prepare(cluster, moto_s3, rows=100)
+    ns = operator.namespace
+    objects = _bosh_objects(scenario, d, "via-jumpbox", ns)
+    objects[-1]["spec"]["target"]["bosh"]["gateway"] = {
+        "host": gw.host,
+        "user": gw.user,
+        "privateKeySecretRef": {"name": "jumpbox", "key": "id_ed25519"},
+        "knownHostsSecretRef": {"name": "jumpbox", "key": "known_hosts"},
+    }
+    jumpbox_secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "jumpbox", "namespace": ns},
+        "stringData": {"id_ed25519": gw.private_key.decode(), "known_hosts": gw.known_hosts},
+    }
+    operator.apply(jumpbox_secret, *objects)
+    operator.wait("via-jumpbox", "Succeeded")
+    assert operator.status("via-jumpbox")["phase"] == "Rejoined"
+    assert scenario.restored_everywhere() == {vm.name: True for vm in cluster.vms}
+    _no_user_left(d, cluster)
+    uid = operator.kubectl.json("pgr", "via-jumpbox", "-n", ns)["metadata"]["uid"]
+    ours = "Accepted publickey for bosh_pgrecovery_" + uid.replace("-", "")[:8]
+    for vm in cluster.vms:
+        log = vm.host_path("/var/vcap/sys/log/sshd.log").read_text()
+        logins = [line for line in log.splitlines() if ours in line]
+        assert logins, vm.name
+        assert all(f"from {gw.host} " in line for line in logins), (vm.name, logins[-3:])
