@@ -261,7 +261,11 @@ async def finish_phase(phase: Phase, ctx: StepContext, spec: RecoverySpec) -> Ou
         def succeeded(s: RecoveryStatus) -> RecoveryStatus:
             proof = st.proof_summary(s.restore_proof)
             message = "recovery complete: cluster rejoined and verified"
-            return st.succeed(s, f"{message}; {proof}" if proof else message, now)
+            message = f"{message}; {proof}" if proof else message
+            # A plan whose work goes on outside the cluster (Dingo: Cloud Foundry's bindings)
+            # leaves what a person does next in the `nextSteps` fact; it ends the message.
+            nxt = s.facts.get("nextSteps")
+            return st.succeed(s, f"{message}. Next: {nxt}" if nxt else message, now)
 
         done = await ctx.update(succeeded)
         return Outcome(OutcomeKind.SUCCEEDED, done)

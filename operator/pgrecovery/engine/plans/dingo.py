@@ -466,13 +466,23 @@ class DingoRecovery(A9sLogicalRecovery):
                 f"archive reaches {format_lsn(end)} ({ctx.status.facts.get('lastSegment')}): "
                 "WAL is missing or was not replayed"
             )
-        await ctx.fact(restoredSysid=got, restoredLsn=format_lsn(int(optime)))
+        await ctx.fact(restoredSysid=got, restoredLsn=format_lsn(int(optime)),
+                       nextSteps=cf_next_steps(self.dingo.instance_id))
         await self.say(
             ctx,
             f"service instance {self.dingo.instance_id} restored from the archive of "
             f"{self.spec.source.backup_guid} (system id {got}); {container.label} is the "
             "leader and accepts connections",
         )
+
+
+def cf_next_steps(instance_id: str) -> str:
+    """The runbook's last step, in Cloud Foundry: the data is back in the new service instance,
+    the apps of the deleted one are not bound to it yet (README "Dingo: after the recovery")."""
+    return (f"the data is in service instance {instance_id}. In Cloud Foundry, for each app "
+            "the deleted instance was bound to: `cf bind-service <app> <service>` and `cf "
+            "restage <app>` (`cf service <service> --guid` must print "
+            f"{instance_id})")
 
 
 def _fact(name: str) -> Callable[[StepContext], Awaitable[bool]]:
