@@ -70,7 +70,7 @@ def test_deleted_instance_is_restored_into_the_new_instance(
     # The final message carries the runbook's last step in Cloud Foundry, for this instance.
     assert f"Next: the data is in service instance {new.instance_id}" in status["message"]
     assert "cf bind-service" in status["message"]
-    assert "cf restage" in status["message"]
+    assert "cf restart" in status["message"]
 
     # the old data is in the new instance; the new instance's own table is gone
     new.wait_leader()

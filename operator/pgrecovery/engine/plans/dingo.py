@@ -481,7 +481,7 @@ def cf_next_steps(instance_id: str) -> str:
     the apps of the deleted one are not bound to it yet (README "Dingo: after the recovery")."""
     return (f"the data is in service instance {instance_id}. In Cloud Foundry, for each app "
             "the deleted instance was bound to: `cf bind-service <app> <service>` and `cf "
-            "restage <app>` (`cf service <service> --guid` must print "
+            "restart <app>` (`cf service <service> --guid` must print "
             f"{instance_id})")
 
 
