@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
+import yaml
 from pydantic import SecretStr
 
 from pgrecovery.adapters.objectstore import ObjectStore
@@ -46,6 +47,7 @@ from pgrecovery.backups.localstore import LocalDirStore
 from pgrecovery.backups.naming import guess_guid, parse_backup_id, validate_guid
 from pgrecovery.backups.progress import Progress, human_size
 from pgrecovery.cli_recover import register_cleanup, register_demo, register_recover
+from pgrecovery.cli_status import register_status
 from pgrecovery.errors import ConfigurationError, RecoveryError, SecretError
 
 EX_TEMPFAIL = 75
@@ -241,19 +243,18 @@ async def _cmd_list(args: argparse.Namespace) -> int:
         listing = await _listing(args, store, prefix)
     finally:
         await store.close()
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "guid": listing.guid,
-                    "location": listing.location,
-                    "backups": [_backup_row(b) for b in listing.backups],
-                    "latest": listing.latest.backup_id if listing.latest else None,
-                    "ignored": [{"key": i.key, "reason": i.reason} for i in listing.ignored],
-                },
-                indent=2,
-            )
-        )
+    if args.output in ("json", "yaml"):
+        document = {
+            "guid": listing.guid,
+            "location": listing.location,
+            "backups": [_backup_row(b) for b in listing.backups],
+            "latest": listing.latest.backup_id if listing.latest else None,
+            "ignored": [{"key": i.key, "reason": i.reason} for i in listing.ignored],
+        }
+        if args.output == "json":
+            print(json.dumps(document, indent=2))
+        else:
+            sys.stdout.write(yaml.safe_dump(document, sort_keys=False))
         return 0 if listing.backups else 1
     if not listing.backups:
         try:
@@ -379,7 +380,10 @@ def _register_backups(groups: argparse._SubParsersAction[argparse.ArgumentParser
         "parts, a part count or size that differs from its <id>.json).",
     )
     _add_location_options(p, allow_dir=True, has_backup_id=False)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("-o", "--output", choices=("text", "json", "yaml"), default="text",
+                   help="text (default), json or yaml")
+    p.add_argument("--json", dest="output", action="store_const", const="json",
+                   help="the same as -o json")
     p.set_defaults(func=_cmd_list)
 
     p = commands.add_parser(
@@ -443,6 +447,7 @@ GROUPS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], Non
     _register_backups,
     register_recover,
     register_cleanup,
+    register_status,
     register_demo,
 ]
 

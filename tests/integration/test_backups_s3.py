@@ -9,6 +9,7 @@ output comes from the runbook's own `cat $(ls -1v …) | openssl enc -d … | gu
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import SecretStr
 
 from pgrecovery.adapters.objectstore import ObjectStore
@@ -449,6 +451,12 @@ def test_cli_list_fetch_decrypt(
     assert listed.returncode == 0, listed.stderr
     assert f"{LATEST}   2025-02-21 09:26:40" in listed.stdout.decode()
     assert "<- latest" in listed.stdout.decode()
+    # The same listing for scripts: -o yaml / -o json (and the older --json) agree.
+    as_yaml = _cli("backups", "list", *where, "-o", "yaml", env=env, cwd=tmp_path)
+    as_json = _cli("backups", "list", *where, "--json", env=env, cwd=tmp_path)
+    assert as_yaml.returncode == 0, as_yaml.stderr
+    assert yaml.safe_load(as_yaml.stdout) == json.loads(as_json.stdout)
+    assert yaml.safe_load(as_yaml.stdout)["latest"] == LATEST
 
     # Straight from the store, key from a file.
     out = tmp_path / "direct.dump"
