@@ -13,11 +13,12 @@ from pgrecovery.adapters.bosh_director import (
     EphemeralKey,
     ssh_user_name,
 )
-from pgrecovery.adapters.ssh import SshAuth, SshEndpoint, SshPool
+from pgrecovery.adapters.ssh import SshAuth, SshEndpoint, SshGateway, SshPool
 from pgrecovery.errors import (
     AuthenticationFailed,
     ClusterError,
     HostKeyMismatch,
+    NodeUnreachable,
     SecretError,
 )
 from tests.boshdirector.director import READ_SCOPE, Client, DirectorEmulator
@@ -162,3 +163,31 @@ async def test_director_errors_are_mapped(
         await reader.ssh_setup(dep, "pg", user, EphemeralKey.generate(user).public_openssh)
     assert e.value.reason == "DirectorForbidden"
     assert d.ssh_users(dep) == {vm.name: [] for vm in sim_cluster.vms}
+
+
+async def test_unreachable_gateway_is_retryable_gateway_unreachable(
+    sim_cluster: SimCluster,
+) -> None:
+    """Nothing listens on port 1 of the host's bridge address: the jumpbox connection is
+    refused, which maps to NodeUnreachable with reason GatewayUnreachable (retryable)."""
+    key = EphemeralKey.generate("gw")
+    host = sim_cluster.config.host_address
+    gateway = SshGateway(
+        host=host,
+        port=1,
+        user="jumpbox",
+        private_key=key.private_openssh,
+        known_hosts=f"[{host}]:1 {key.public_openssh}\n",
+    )
+    vm = sim_cluster.vm("pg/0")
+    auth = SshAuth(
+        username=sim_cluster.ssh_user,
+        private_key=sim_cluster.client_key_path.read_bytes(),
+        known_hosts=sim_cluster.known_hosts,
+        gateway=gateway,
+    )
+    async with SshPool(auth) as pool:
+        with pytest.raises(NodeUnreachable) as e:
+            await pool.run_root(SshEndpoint(vm.name, vm.address), ["true"])
+    assert e.value.reason == "GatewayUnreachable"
+    assert e.value.retryable

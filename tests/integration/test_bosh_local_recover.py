@@ -281,6 +281,25 @@ def test_local_recover_through_a_jumpbox(
 def _recover_with_gateway_in_spec(
     scenario: Scenario, d: DirectorEmulator, gw: Jumpbox, tmp_path: Path, name: str
 ) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    return _recover_with_bosh_in_spec(
+        scenario,
+        d,
+        tmp_path,
+        name,
+        gateway=(gw.host, gw.port, gw.user, gw.private_key, gw.known_hosts),
+    )
+
+
+def _recover_with_bosh_in_spec(
+    scenario: Scenario,
+    d: DirectorEmulator,
+    tmp_path: Path,
+    name: str,
+    *,
+    gateway: tuple[str, int, str, bytes, str] | None = None,
+    instance_group: str = "pg",
+    **env_over: str,
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     manifest = scenario.manifest(name)
     target = manifest["spec"]["target"]
     target.pop("nodes")
@@ -289,13 +308,16 @@ def _recover_with_gateway_in_spec(
         "director": d.url,
         "caCertSecretRef": {"name": "bosh-director-ca", "key": "ca.crt"},
         "credentialsSecretRef": {"name": "bosh-director"},
-        "gateway": {
-            "host": gw.host,
-            "user": gw.user,
+        "instanceGroup": instance_group,
+    }
+    if gateway is not None:
+        target["bosh"]["gateway"] = {
+            "host": gateway[0],
+            "port": gateway[1],
+            "user": gateway[2],
             "privateKeySecretRef": {"name": "jumpbox", "key": "id_ed25519"},
             "knownHostsSecretRef": {"name": "jumpbox", "key": "known_hosts"},
-        },
-    }
+        }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(manifest))
     secrets = scenario.write_secrets_dir(tmp_path / "secrets")
@@ -303,15 +325,16 @@ def _recover_with_gateway_in_spec(
         "bosh-director/client": CLIENT_ID.encode(),
         "bosh-director/clientSecret": d.clients[CLIENT_ID].secret.encode(),
         "bosh-director-ca/ca.crt": d.pki.ca_pem.encode(),
-        "jumpbox/id_ed25519": gw.private_key,
-        "jumpbox/known_hosts": gw.known_hosts.encode(),
     }
+    if gateway is not None:
+        files["jumpbox/id_ed25519"] = gateway[3]
+        files["jumpbox/known_hosts"] = gateway[4].encode()
     for rel, data in files.items():
         (secrets / rel).parent.mkdir(mode=0o700, exist_ok=True)
         (secrets / rel).write_bytes(data)
         (secrets / rel).chmod(0o600)
     status_file = tmp_path / f"{name}.status.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BOSH_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BOSH_")} | env_over
     result = subprocess.run(
         [
             sys.executable,
@@ -335,3 +358,25 @@ def _recover_with_gateway_in_spec(
         check=False,
     )
     return result, json.loads(status_file.read_text())["status"]
+
+
+def test_unknown_instance_group_fails_in_fetching_with_nothing_changed(
+    healthy_sim_cluster: SimCluster,
+    moto_s3: S3Server,
+    bosh_director: DirectorEmulator,
+    tmp_path: Path,
+) -> None:
+    cluster, d = healthy_sim_cluster, bosh_director
+    scenario = Scenario.prepare(cluster, moto_s3, part_size=64 * 1024, rows=50)
+    before = {vm.name: vm.run("cat /etc/passwd").stdout for vm in cluster.vms}
+    result, status = _recover_with_bosh_in_spec(
+        scenario, d, tmp_path, "bad-group", instance_group="postgres"
+    )
+    assert result.returncode != 0, result.stdout
+    assert status["phase"] == "Failed", status
+    assert status["failureReason"] == "DirectorNotFound", status.get("message")
+    assert status["facts"].get("failedInPhase") == "Fetching", status["facts"]
+    assert "'postgres'" in status["message"]
+    assert "groups there: pg" in status["message"]
+    assert {vm.name: vm.run("cat /etc/passwd").stdout for vm in cluster.vms} == before
+    assert not any(t.description == "ssh: setup" for t in d._tasks.values())
