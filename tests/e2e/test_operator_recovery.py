@@ -70,11 +70,24 @@ def test_kubectl_apply_restores_the_cluster(
         assert f"Phase{phase}" in reasons
     assert reasons.count("StepFailed") == 0
     assert "Succeeded" in reasons
+    # The restore proof: in status (stored by the API server, not pruned), in the final Event,
+    # and as rows in the metric.
+    proof = status["restoreProof"]
+    assert sorted(proof["verifiedOn"]) == sorted(vm.name for vm in healthy_sim_cluster.vms)
+    assert proof["rows"] >= 3000
+    assert proof["tables"] >= 6
+    succeeded = [e["message"] for e in operator.events(name) if e["reason"] == "Succeeded"]
+    assert f"restore proven: {proof['rows']} rows in {proof['tables']} tables" in succeeded[0]
+    assert "verified on 3 of 3 nodes" in succeeded[0]
 
     metrics = operator.metrics()
     assert 'pgrecovery_recoveries_total{result="succeeded"} 1.0' in metrics
     assert 'pgrecovery_bytes_total{stage="fetched"}' in metrics
     assert 'pgrecovery_bytes_total{stage="uploaded"}' in metrics
+    restored_rows = [line for line in metrics.splitlines()
+                     if line.startswith("pgrecovery_restored_rows_total ")]
+    assert restored_rows, "pgrecovery_restored_rows_total is not exported"
+    assert float(restored_rows[0].split()[1]) >= proof["rows"]
     _assert_no_secret_leaked(operator, scenario, name)
 
     # GitOps: applying the same manifest again runs nothing again
