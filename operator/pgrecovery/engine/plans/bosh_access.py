@@ -34,7 +34,7 @@ from pgrecovery.engine.plan import SecretSource
 from pgrecovery.engine.spec import BoshTarget
 from pgrecovery.engine.status import RecoveryStatus
 from pgrecovery.engine.steps import StepContext
-from pgrecovery.errors import ClusterError, SecretError
+from pgrecovery.errors import ClusterError, RecoveryError, SecretError
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,19 @@ class BoshAccess:
         if self._user is None or self._client is None:
             return
         user, self._user = self._user, None
-        await self._client.ssh_cleanup(self.deployment, self.bosh.instance_group, f"^{user}$")
+        try:
+            await self._client.ssh_cleanup(self.deployment, self.bosh.instance_group, f"^{user}$")
+        except RecoveryError as exc:
+            # The plan's close swallows errors; say here what stays behind. The next run of
+            # this recovery removes it (its users share the prefix), or `bosh ssh` cleanup.
+            log.warning(
+                "ephemeral user %s may remain on %s/%s: ssh cleanup failed: %s",
+                user,
+                self.deployment,
+                self.bosh.instance_group,
+                exc,
+            )
+            raise
         log.info("director removed ephemeral user %s", user)
 
 
