@@ -110,10 +110,13 @@ def test_compare_names_table_expected_and_found() -> None:
 
 
 def test_compare_all_equal_is_ok() -> None:
-    a = _t("public.a", 10)
-    proof = restore_proof.compare("pg/1", ProofPlan(tables=[a]), {a: Found(10)})
+    a, e = _t("public.a", 10), _t("public.ext_config", 2)
+    found = {a: Found(10), e: Found(2, extension=True)}
+    proof = restore_proof.compare("pg/1", ProofPlan(tables=[a, e]), found)
     assert proof.ok
-    assert (proof.tables, proof.rows) == (1, 10)
+    # An extension's table with exactly the dump's rows is verified like any other.
+    assert (proof.tables, proof.rows) == (2, 12)
+    assert proof.not_verified == []
 
 
 def test_groups_stay_in_one_database_and_balance_bytes() -> None:
