@@ -852,6 +852,10 @@ class A9sLogicalRecovery:
             return
         ops = await self.ops(ctx)
         view = self.view(ctx)
+        if "restoreProofLsn" not in ctx.status.facts or ctx.status.restore_proof is None:
+            # A recovery that passed Restoring under an operator without this step: the
+            # primary is proven now (connections are still blocked), then the standbys.
+            await self.prove_restore_on_primary(ctx)
         proof0 = ctx.status.restore_proof
         if "restoreProofLsn" not in ctx.status.facts or proof0 is None:
             raise FatalError("the restore proof of the primary is not in status",
