@@ -421,6 +421,21 @@ class A9sLogicalRecovery:
 
     # ------------------------------------------------------------------ Decrypting
 
+    async def restore_dir_ready(self, ctx: StepContext) -> bool:
+        """The staging directory is there as the runbook makes it (read-only). A real check, so
+        a restart later in Decrypting does not run the step again after stage-dump (its record
+        would move behind stage-dump's in status.steps)."""
+        ops = await self.ops(ctx)
+        script = r"""
+d=$1
+if [ -d "$d" ] && [ "$(stat -c %U:%G "$d")" = root:vcap ] \
+   && [ -n "$(find "$d" -maxdepth 0 -perm -g+w)" ]; then echo ready; else echo missing; fi
+"""
+        res = await ops.shell.run_root(self.view(ctx).primary.endpoint,
+                                       shell_script_argv(script, ops.layout.restore_dir),
+                                       timeout=60)
+        return res.stdout.strip() == "ready"
+
     async def ensure_restore_dir(self, ctx: StepContext) -> None:
         ops = await self.ops(ctx)
         result = await ops.ensure_restore_dir(self.view(ctx).primary)
@@ -494,6 +509,9 @@ class A9sLogicalRecovery:
             ),
         )
         await self.after_staged(ctx, result)
+        # What the later phases trust (the dump's size and sha256) is durable before the next
+        # step: a restart right after it does not hash the dump again to re-use it.
+        await ctx.checkpoint()
 
     async def _reuse_staged_dump(self, ctx: StepContext, ops: A9sOperations,
                                  backup: Backup) -> bool:
@@ -540,6 +558,7 @@ class A9sLogicalRecovery:
             s, f"stage-dump: re-used the verified dump an earlier run staged on {primary.name} "
                f"({_human(marker.plain_size)}); nothing downloaded or decrypted"))
         await self.after_staged(ctx, UploadResult(path, marker.plain_size, marker.plain_sha256))
+        await ctx.checkpoint()
         return True
 
     async def _write_dump_marker(self, ctx: StepContext, ops: A9sOperations, backup: Backup,
@@ -1151,7 +1170,8 @@ async def build_a9s_logical_plan(inputs: PlanInputs) -> Plan:
             FunctionStep("check-free-space", _never, r.check_free_space, verify_after=False),
         ],
         Phase.DECRYPTING: [
-            FunctionStep("ensure-restore-dir", _never, r.ensure_restore_dir, verify_after=False),
+            FunctionStep("ensure-restore-dir", r.restore_dir_ready, r.ensure_restore_dir,
+                         verify_after=False),
             FunctionStep("stage-dump", r.dump_staged, r.stage_dump),
             FunctionStep("check-existing-databases", _never, r.check_existing_databases,
                          verify_after=False),
