@@ -157,3 +157,40 @@ def test_through_a_jumpbox(
         logins = [line for line in log.splitlines() if ours in line]
         assert logins, vm.name
         assert all(f"from {gw.host} " in line for line in logins), (vm.name, logins[-3:])
+
+
+@pytest.mark.parametrize(
+    ("hold", "which"),
+    [
+        # the user exists on every VM, the operator never heard back from the director
+        ("after", ("ssh: setup", 1)),
+        # the first phase run's own cleanup (the 1st cleanup removes stale users first)
+        ("before", ("ssh: cleanup", 2)),
+    ],
+)
+def test_operator_killed_around_ssh_setup_or_cleanup_leaves_no_user(
+    operator: Operator,
+    healthy_sim_cluster: SimCluster,
+    moto_s3: S3Server,
+    bosh_director: DirectorEmulator,
+    hold: str,
+    which: tuple[str, int],
+) -> None:
+    """SIGKILL of the operator while the director holds a task (deterministic: the emulator
+    holds it until released); the restarted operator removes the dead run's user before it
+    opens its own, and reaches Rejoined with no user left."""
+    cluster, d = healthy_sim_cluster, bosh_director
+    scenario = Scenario.prepare(cluster, moto_s3, rows=100)
+    (d.hold_after if hold == "after" else d.hold_before)[which[0]] = which[1]
+    name = f"killed-{hold}"
+    operator.apply(*_bosh_objects(scenario, d, name, operator.namespace))
+    assert d.holding.wait(300), "the director never reached the held task"
+    operator.process.kill()
+    users = d.ssh_users(cluster.config.deployment)
+    assert all(any("pgrecovery" in u for u in us) for us in users.values()), users
+    d.release()
+    operator.process.start()
+    operator.wait(name, "Succeeded")
+    assert operator.status(name)["phase"] == "Rejoined"
+    assert scenario.restored_everywhere() == {vm.name: True for vm in cluster.vms}
+    _no_user_left(d, cluster)
