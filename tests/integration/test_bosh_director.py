@@ -15,6 +15,7 @@ import pytest
 
 from tests.boshdirector.director import DirectorEmulator
 from tests.boshdirector.fixtures import CLIENT_ID
+from tests.boshdirector.tls import make_pki
 from tests.simcluster.cluster import SimCluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.vms]
@@ -114,7 +115,7 @@ def test_bosh_cli_rejects_wrong_secret_and_wrong_ca(
     proc = _bosh(bosh_cli, bosh_director, tmp_path, "-d", dep, "instances", secret="wrong")
     assert proc.returncode != 0
     assert "Bad credentials" in proc.stdout + proc.stderr
-    other_ca = DirectorEmulator({}).pki.ca_pem
+    other_ca = make_pki().ca_pem
     proc = _bosh(bosh_cli, bosh_director, tmp_path, "-d", dep, "instances", ca_cert=other_ca)
     assert proc.returncode != 0
     assert "certificate" in (proc.stdout + proc.stderr).lower()

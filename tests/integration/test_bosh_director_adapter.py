@@ -23,6 +23,7 @@ from pgrecovery.errors import (
 )
 from tests.boshdirector.director import READ_SCOPE, Client, DirectorEmulator
 from tests.boshdirector.fixtures import CLIENT_ID
+from tests.boshdirector.tls import make_pki
 from tests.simcluster.cluster import SimCluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.vms]
@@ -135,9 +136,8 @@ async def test_director_errors_are_mapped(
     assert e.value.reason == "DirectorAuthenticationFailed"
     assert "Bad credentials" in str(e.value)
     assert "wrong-secret" not in str(e.value)
-    other = DirectorEmulator({})
     with pytest.raises(SecretError) as e:
-        await _client(d, ca=other.pki.ca_pem).instances(dep)
+        await _client(d, ca=make_pki().ca_pem).instances(dep)
     assert e.value.reason == "DirectorCertificateUntrusted"
     with pytest.raises(ClusterError) as e:
         await _client(d).instances("no-such-dep")

@@ -20,6 +20,7 @@ import yaml
 from tests.boshdirector.director import DirectorEmulator
 from tests.boshdirector.fixtures import CLIENT_ID
 from tests.boshdirector.jumpbox import Jumpbox
+from tests.boshdirector.tls import make_pki
 from tests.objectstores.servers import S3Server
 from tests.scenario import Scenario, leftover_scan
 from tests.simcluster.cluster import SimCluster
@@ -138,7 +139,7 @@ def test_bad_director_inputs_fail_in_fetching_with_nothing_changed(
     if fault == "wrong-secret":
         env["BOSH_CLIENT_SECRET"] = "not-the-secret"
     elif fault == "wrong-ca":
-        env["BOSH_CA_CERT"] = DirectorEmulator({}).pki.ca_pem
+        env["BOSH_CA_CERT"] = make_pki().ca_pem
     elif fault == "unknown-deployment":
         d.deployments = {"other-deployment": d.deployments[cluster.config.deployment]}
     elif fault == "ssh-task-fails":
