@@ -24,7 +24,12 @@ import pytest
 
 from tests.e2e.operator_harness import NAMESPACE, Operator
 from tests.objectstores.servers import S3Server
-from tests.scenario import Scenario, leftover_scan
+from tests.scenario import (
+    Scenario,
+    drop_the_object_owned_in_postgres,
+    leftover_scan,
+    role_owns_an_object_in_postgres,
+)
 from tests.simcluster.cluster import SimCluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.vms]
@@ -94,9 +99,11 @@ def test_success_leaves_nothing_on_the_vms_or_the_work_volume(
 def test_failure_lists_what_it_keeps_and_deletion_removes_it(
     operator: Operator, healthy_sim_cluster: SimCluster, moto_s3: S3Server, tmp_path: Path
 ) -> None:
-    # A dump without --clean restored over existing data: fails in Restoring, after the
-    # destructive steps, with the staged dump and the job records on the VMs.
-    scenario = Scenario.prepare(healthy_sim_cluster, moto_s3, rows=100, dumpall_args=())
+    # A restore error (DROP ROLE of a role that owns a table made after the backup): fails in
+    # Restoring, after the destructive steps, with the staged dump and the job records on the
+    # VMs. (A dump without --clean over existing data no longer gets this far: DatabasesExist.)
+    scenario = Scenario.prepare(healthy_sim_cluster, moto_s3, rows=100,
+                                after_backup=role_owns_an_object_in_postgres)
     try:
         operator.apply(*scenario.kube_secrets(NAMESPACE),
                        scenario.manifest("clean-failed", NAMESPACE))
@@ -119,8 +126,10 @@ def test_failure_lists_what_it_keeps_and_deletion_removes_it(
         reasons = _reasons(operator.events("clean-failed"))
         assert "CleanedUp" in reasons, reasons
         assert dump in reasons["CleanedUp"], reasons["CleanedUp"]
+        assert status["failureReason"] == "RestoreFailed", status
     finally:
         healthy_sim_cluster.heal(timeout=30)
+        drop_the_object_owned_in_postgres(healthy_sim_cluster)
 
 
 def test_deletion_mid_restore_stops_the_job_cleans_up_and_a_new_recovery_repairs(
