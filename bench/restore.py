@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO / "operator"))
 
 from tests.localpg import PG_BINDIR, LocalPostgres, postgres_dir  # noqa: E402
 
+from pgrecovery.cluster import restore_script  # noqa: E402
 from pgrecovery.cluster.dump_index import index_file  # noqa: E402
 from pgrecovery.cluster.local_restore import run_local_restore  # noqa: E402
 from pgrecovery.cluster.restore_script import Task, default_concurrency  # noqa: E402
@@ -198,6 +199,10 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int,
                         help="parallel sessions (default: from nproc, as the operator)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--modes", default="psql -f,parallel,WAL-free",
+                        help="comma-separated, in the order run each round: psql -f, parallel, "
+                             "WAL-free (wal_level minimal, TRUNCATE + COPY FREEZE, big tables "
+                             "whole), WAL-free sliced (big tables in row slices without FREEZE)")
     args = parser.parse_args()
     size = parse_size(args.size)
     nproc = subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout
@@ -230,21 +235,36 @@ def main() -> int:
               f"{sum(len(d.data) for d in index.databases)} data entries, serial fallback: "
               f"{index.fallbacks or index.fallback or 'none'}", flush=True)
 
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        unknown = set(modes) - {"psql -f", "parallel", "WAL-free", "WAL-free sliced"}
+        if unknown or "psql -f" not in modes:
+            parser.error(f"--modes: unknown {sorted(unknown)} (psql -f is the reference)")
         target = LocalPostgres(work / "target").init()
         fresh = work / "fresh-data"
         target.snapshot(fresh)
+        # The WAL-free modes on a server with the settings `cluster.wal_free` gives the primary.
+        wal_free_target = LocalPostgres(
+            work / "target-wf",
+            conf="wal_level = minimal\nmax_wal_senders = 0\narchive_mode = off\n").init()
+        fresh_wf = work / "fresh-data-wf"
+        wal_free_target.snapshot(fresh_wf)
+        plain_target = target
         rss_file = work / "rss"
         timed = ["/usr/bin/time", "-f", "%M", "-o", str(rss_file)]
         psql = str(PG_BINDIR / "psql")
-        results: dict[str, list[tuple[float, int]]] = {"psql -f": [], "parallel": []}
+        results: dict[str, list[tuple[float, int]]] = {m: [] for m in modes}
         # The machine's ceiling: a restore that keeps a fraction b of all CPUs busy can get at
         # most 1/b faster by running more sessions on the same CPUs.
-        cpu_busy: dict[str, list[float]] = {"psql -f": [], "parallel": []}
+        cpu_busy: dict[str, list[float]] = {m: [] for m in modes}
         loads: list[str] = []
         ok = True
         for round_ in range(1, args.runs + 1):
             for name, runs in results.items():
-                target.reset_to(fresh)
+                wal_free = name.startswith("WAL-free")
+                target = wal_free_target if wal_free else plain_target
+                (plain_target if wal_free else wal_free_target).stop()
+                target.reset_to(fresh_wf if wal_free else fresh)
+                restore_script.FREEZE_WHOLE_TABLES = name != "WAL-free sliced"
                 rss_file.unlink(missing_ok=True)
                 cpu_before = cpu_times()
                 start = time.perf_counter()
@@ -256,14 +276,14 @@ def main() -> int:
                     elapsed = time.perf_counter() - start
                     good = res.returncode == 0
                 else:
-                    run_dir = work / f"run-{round_}"
+                    run_dir = work / f"run-{round_}-{name.replace(' ', '-')}"
                     run_dir.mkdir()
                     shutil.chown(run_dir, "postgres" if target.prefix else None,
                                  "postgres" if target.prefix else None)
                     result = run_local_restore(
                         index, dump, run_dir, concurrency=concurrency,
                         psql_argv=[psql, "-X", "--quiet", "--no-password", "-d", "postgres"],
-                        env=target.env, run_as=[*timed, *target.prefix])
+                        env=target.env, run_as=[*timed, *target.prefix], wal_free=wal_free)
                     elapsed = time.perf_counter() - start
                     good = result.ok
                     print("    " + phase_profile(result.plan.tasks, run_dir / "progress"))
@@ -286,7 +306,8 @@ def main() -> int:
                       f"{'yes' if same else 'NO'} (checked in {check_s:.0f}s), load {load:.1f}, "
                       f"CPUs busy {busy:.0%}",
                       flush=True)
-        target.destroy()
+        plain_target.destroy()
+        wal_free_target.destroy()
 
         print()
         print(f"{'':<12}{'median s':>10}{'min s':>8}{'MB/s':>8}{'peak RSS':>11}")
@@ -297,12 +318,15 @@ def main() -> int:
             rss = max(r for _, r in runs) / 1024
             print(f"{name:<12}{medians[name]:>10.2f}{min(walls):>8.2f}"
                   f"{dump_size / medians[name] / 1e6:>8.1f}{rss:>8.0f} MiB")
-        print(f"\nspeed-up (psql -f / parallel, medians, concurrency {concurrency}, "
-              f"{nproc.strip()} CPUs): {medians['psql -f'] / medians['parallel']:.2f}x")
+        print()
+        for name in modes[1:] if modes[0] == "psql -f" else [m for m in modes if m != "psql -f"]:
+            print(f"speed-up (psql -f / {name}, medians, concurrency {concurrency}, "
+                  f"{nproc.strip()} CPUs): {medians['psql -f'] / medians[name]:.2f}x")
         serial_busy = statistics.median(cpu_busy["psql -f"])
-        print(f"CPU busy (median, all {nproc.strip()} CPUs): psql -f {serial_busy:.0%}, parallel "
-              f"{statistics.median(cpu_busy['parallel']):.0%} -> ceiling for any parallel "
-              f"restore on this machine about {1 / max(serial_busy, 1e-6):.2f}x")
+        print(f"CPU busy (median, all {nproc.strip()} CPUs): " + ", ".join(
+            f"{m} {statistics.median(cpu_busy[m]):.0%}" for m in modes)
+            + f" -> ceiling for any parallel restore on this machine about "
+              f"{1 / max(serial_busy, 1e-6):.2f}x")
         uptime = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout
         print(f"load average at the end of each run: {' '.join(loads)}; uptime: {uptime.strip()}")
         print(f"every restore identical to the source (schema and checksums): "
@@ -312,7 +336,7 @@ def main() -> int:
         if args.keep:
             print(f"kept {work}")
         else:
-            for sub in ("source", "target"):
+            for sub in ("source", "target", "target-wf"):
                 LocalPostgres(work / sub).stop()
             shutil.rmtree(work, ignore_errors=True)
 

@@ -111,6 +111,11 @@ def _repair(point: Point, scenario: Scenario, directory: Path, cluster: SimClust
         health = cluster.wait_healthy(timeout=60)
         if not health.ok:
             problems.append(f"unhealthy: {health.problems}")
+        # The WAL-free load's settings (wal_level minimal, no WAL senders) are back everywhere.
+        for vm in cluster.vms:
+            level = vm.psql("SHOW wal_level;").strip()
+            if level != "replica":
+                problems.append(f"{vm.name}: wal_level {level}")
         left = leftover_scan(cluster, directory / "work", dump_of=scenario.backup.backup_id)
         if left:
             problems.append(f"left behind: {left}")
@@ -124,6 +129,11 @@ def test_every_destructive_step_fails_for_real_and_a_new_run_repairs(
     scenario = Scenario.prepare(healthy_sim_cluster, moto_s3, rows=300, part_size=64 * 1024)
     plan = plan_of(scenario.manifest("failing"), tmp_path / "plan")
     steps = [step for phase, names in plan if phase in DESTRUCTIVE for step in names]
+    # A targeted run (the whole walk takes long): PGRECOVERY_FAILURE_WALK_STEPS=a,b
+    only = [s for s in os.environ.get("PGRECOVERY_FAILURE_WALK_STEPS", "").split(",") if s]
+    if only:
+        assert set(only) <= set(steps), f"not in the plan: {sorted(set(only) - set(steps))}"
+        steps = [s for s in steps if s in only]
     points: list[Point] = []
     for step in steps:
         directory = tmp_path / step

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pgrecovery.cluster import dump_index
+from pgrecovery.cluster import dump_index, restore_script
 from pgrecovery.cluster.dump_index import DumpIndexer
 from pgrecovery.cluster.restore_errors import RestoreReport
 from pgrecovery.cluster.restore_script import (
@@ -284,3 +284,108 @@ def test_tasks_json_names_each_task_database() -> None:
     assert raw["total_bytes"] == plan.total_bytes
     assert [t["database"] for t in raw["tasks"]] == [t.database for t in plan.tasks]
     assert "ranges" not in raw["tasks"][0]
+
+
+# ----------------------------------------------------------------- WAL-free load
+
+
+def _wal_free_plan(tmp_path: Path, data: bytes, **kw: object) -> tuple[RestorePlan, Path]:
+    dump = tmp_path / "x.dump"
+    dump.write_bytes(data)
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    plan = build_plan(_index(data), str(dump), str(work), concurrency=4, psql_argv=["cat"],
+                      wal_free=True, **kw)  # type: ignore[arg-type]
+    (work / "freeze.sql").write_text(plan.freeze_sql)
+    return plan, work
+
+
+def test_wal_free_wraps_each_fresh_table_in_truncate_and_copy_freeze(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dump_index, "SPLIT_EVERY", 1500)  # orders would be sliced otherwise
+    plan, work = _wal_free_plan(tmp_path, dumptext.dump())
+    assert plan.frozen == 2  # customers, orders; `empty` has no CREATE TABLE in pre-data
+    assert _run(plan, work) == 0
+    fed = b"".join(_fed(work, t.id) for t in plan.tasks if t.phase == "data")
+    for table, cols, rows in (("customers", "id, note", dumptext.TRICKY_ROWS),
+                              ("orders", "id, customer, note", dumptext.ORDERS_ROWS)):
+        block = (f"BEGIN;\nTRUNCATE ONLY public.{table};\n").encode()
+        assert fed.count(block) == 1, table
+        after = fed[fed.index(block):]
+        copy = f"COPY public.{table} ({cols}) FROM stdin WITH (FREEZE);\n{rows}\\.\n"
+        assert copy.encode() in after
+        # The transaction ends right after its entry, before the next one begins.
+        tail = after[after.index(copy.encode()) + len(copy):]
+        assert tail.lstrip(b"\n").startswith(b"COMMIT;\n")
+    # A table without its CREATE TABLE in this database's pre-data loads as before.
+    assert b"COPY public.empty (id) FROM stdin;\n\\.\n" in fed
+    assert b"TRUNCATE ONLY public.empty" not in fed
+    # Row slices of one table cannot each TRUNCATE it: orders is one task.
+    assert sum(b"COPY public.orders" in _fed(work, t.id) for t in plan.tasks) == 1
+
+
+def test_wal_free_script_still_holds_only_integers(tmp_path: Path) -> None:
+    plan, _ = _wal_free_plan(tmp_path, dumptext.dump())
+    for word in ("customers", "orders", "TRUNCATE", "FREEZE", "COPY", "BEGIN"):
+        assert word not in plan.script, word
+    body = plan.script.split('while [ "$i" -lt 4 ]; do echo >&3; i=$((i + 1)); done\n', 1)[1]
+    allowed = re.compile(
+        r"^(f\d+\(\) \{ (r \d+ \d+; )+\}|d\d+\(\) \{|  (one|go) \d+ \d+|  d\d+ &|  wait"
+        r"|  ok \|\| return 0|\}|one 0 \d+|if ok; then|fi|ok \|\| exit 1|exit 0)$")
+    for line in body.splitlines():
+        assert allowed.match(line), line
+    # freeze.sql: fixed statements around names that passed _SAFE_TABLE, nothing else.
+    stmt = re.compile(r"^(BEGIN;|TRUNCATE ONLY public\.(customers|orders);|COMMIT;"
+                      r"| WITH \(FREEZE\);)$")
+    for line in plan.freeze_sql.splitlines():
+        assert stmt.match(line), line
+
+
+def test_wal_free_only_in_databases_dropped_before_the_restore(tmp_path: Path) -> None:
+    kept = dumptext.dump(globals_=dumptext.GLOBALS.replace("DROP DATABASE IF EXISTS shop;\n",
+                                                           ""))
+    plan, work = _wal_free_plan(tmp_path, kept)
+    assert plan.frozen == 0
+    assert _run(plan, work) == 0
+    assert b"TRUNCATE" not in b"".join(_fed(work, t.id) for t in plan.tasks)
+    # ... unless pgrecovery drops it first (replaceExistingDatabases).
+    plan, _ = _wal_free_plan(tmp_path, kept, fresh_databases=["shop"])
+    assert plan.frozen == 2
+
+
+@pytest.mark.parametrize("name", [
+    'public."a\\b"', 'public."caf\u00e9"', "public.Upper", 'public."tab\tx"',
+])
+def test_wal_free_refuses_names_it_cannot_prove_safe(tmp_path: Path, name: str) -> None:
+    data = dumptext.PRE_DATA + dumptext.entry(
+        name.split(".", 1)[-1], "TABLE", f"CREATE TABLE {name} (id int);")
+    body = dumptext.entry(name, "TABLE DATA", f"COPY {name} (id) FROM stdin;\n1\n\\.",
+                          data=True)
+    raw = dumptext.dump(shop_pre=data, shop_data=body + dumptext.DATA)
+    plan, _ = _wal_free_plan(tmp_path, raw)
+    assert not plan.fallbacks
+    assert name not in plan.freeze_sql
+    assert plan.frozen == 2  # customers, orders still
+
+
+@pytest.mark.parametrize("name", [
+    "public.t; DROP TABLE y", 'public."x"; DROP TABLE y; --"', 'public."a"b"', "t",
+    'public."new\nline"', "public.t\\! id", 'public."x" (a)', "a.b.c",
+])
+def test_safe_table_names(name: str) -> None:
+    assert restore_script._unquote(name) is None
+    assert restore_script._unquote('public."My ""T"""') == ("public", 'My "T"')
+    assert restore_script._unquote('s."a;b".x') is None
+
+
+def test_wal_free_takes_quoted_names(tmp_path: Path) -> None:
+    pre = dumptext.PRE_DATA + dumptext.entry('My "T"', "TABLE",
+                                             'CREATE TABLE public."My ""T""" (id int);')
+    data = dumptext.entry('My "T"', "TABLE DATA",
+                          'COPY public."My ""T""" (id) FROM stdin;\n1\n\\.', data=True)
+    plan, work = _wal_free_plan(tmp_path, dumptext.dump(shop_pre=pre, shop_data=data))
+    assert plan.frozen == 1
+    assert _run(plan, work) == 0
+    fed = b"".join(_fed(work, t.id) for t in plan.tasks)
+    assert b'TRUNCATE ONLY public."My ""T""";\n' in fed
+    assert b'COPY public."My ""T""" (id) FROM stdin WITH (FREEZE);\n1\n\\.\n' in fed

@@ -149,6 +149,9 @@ class DatabaseIndex:
     """The dump drops the database before creating or filling it (`pg_dumpall --clean`)."""
     entries: int = 0
     """pg_dump entries in the section: 0 = nothing is restored into the database."""
+    tables: list[tuple[str, str]] = field(default_factory=list)
+    """(schema, name) of each `TABLE` entry in pre-data, as its header comment names it: the
+    tables this section creates (not an extension's). Empty in an index of an older build."""
 
     @property
     def serial_range(self) -> Range:
@@ -213,6 +216,7 @@ def _db_from(raw: dict[str, Any]) -> DatabaseIndex:
         fallback=raw.get("fallback"),
         created=bool(raw.get("created", False)), dropped=bool(raw.get("dropped", False)),
         entries=int(raw.get("entries", 0)),
+        tables=[(str(t[0]), str(t[1])) for t in raw.get("tables", [])],
     )
 
 
@@ -694,6 +698,7 @@ def _plan_sections(db: _Db, content_end: int) -> None:
             idx.fallback = idx.fallback or "a statement outside any pg_dump entry after pre-data"
             return
     idx.pre = (idx.preamble[1], data_start)
+    idx.tables = [(e.schema, e.name) for e in entries[:first] if e.type == "TABLE"]
     idx.data = entries[first: last + 1]
     post = entries[last + 1:]
     post_start = post[0].start if post else content_end

@@ -9,10 +9,10 @@ the deletion and `pgrecovery cleanup` remove the same things, and a failed run c
 status exactly what it keeps for the next run.
 
 Decisions:
-- The whole state directory goes, except `KEPT`: the bulk-load marker (`cluster.bulk_load`:
-  while it exists the primary still runs with a restore's checkpoint settings, and the marker
-  is what lets the next run put them back; the revert removes it) and a WAL-E recovery's saved
-  configuration.
+- The whole state directory goes, except `KEPT`: the bulk-load and WAL-free markers
+  (`cluster.bulk_load`, `cluster.wal_free`: while one exists the primary still runs with a
+  restore's settings, and the marker is what lets the next run put them back; the revert
+  removes it) and a WAL-E recovery's saved configuration.
 - The staging directory is removed only when empty: people (and the runbook) keep files there.
 - Paths come from the layout (validated) and the backup id (validated); the script gets them as
   arguments, never spliced into its text.
@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pgrecovery.adapters.ssh import RemoteShell, shell_script_argv
-from pgrecovery.cluster import bulk_load, staged_dump
+from pgrecovery.cluster import bulk_load, staged_dump, wal_free
 from pgrecovery.cluster.a9s import CLONE_MARKER
 from pgrecovery.cluster.nodes import A9sLayout, Node, validate_backup_id
 
@@ -59,10 +59,10 @@ exit 0
 
 
 # Kept in the state directory: records of a change to the cluster that is still in effect,
-# which whoever repairs it needs — the bulk-load marker (the primary still has a restore's
-# checkpoint settings) and the WAL-E recovery's saved configuration (`physical.py`; removed by
-# that plan's own step once the recovery succeeded).
-KEPT = (bulk_load.MARKER, "config")
+# which whoever repairs it needs — the bulk-load and WAL-free markers (the primary still has a
+# restore's checkpoint settings, or wal_level minimal) and the WAL-E recovery's saved
+# configuration (`physical.py`; removed by that plan's own step once the recovery succeeded).
+KEPT = (bulk_load.MARKER, wal_free.MARKER, "config")
 
 
 @dataclass(frozen=True)

@@ -55,13 +55,18 @@ def run_local_restore(
     run_as: Sequence[str] = (),
     maintenance_work_mem_mb: int = 256,
     timeout: float = 7200,
+    wal_free: bool = False,
 ) -> LocalRestoreResult:
     """Build the plan for `dump`, run its script with `sh` in `work_dir`, classify the logs.
 
-    `work_dir` must be writable by the user the script runs as.
+    `work_dir` must be writable by the user the script runs as. `wal_free`: the WAL-free load
+    (`restore_script`; the server should run with `wal_level = minimal`).
     """
     plan = build_plan(index, str(dump), str(work_dir), concurrency=concurrency,
-                      psql_argv=psql_argv, maintenance_work_mem_mb=maintenance_work_mem_mb)
+                      psql_argv=psql_argv, maintenance_work_mem_mb=maintenance_work_mem_mb,
+                      wal_free=wal_free)
+    if plan.freeze_sql:
+        (work_dir / "freeze.sql").write_text(plan.freeze_sql)
     script = work_dir / "restore.sh"
     script.write_text(plan.script)
     script.chmod(0o755)

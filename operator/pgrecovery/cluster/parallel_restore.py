@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from pgrecovery.adapters.jobs import JobState, JobStatus
@@ -105,8 +105,13 @@ async def start_parallel_restore(
     run_id: str,
     index: DumpIndex,
     concurrency: int,
+    *,
+    wal_free: bool = False,
+    fresh_databases: Sequence[str] = (),
 ) -> JobStatus:
-    """Start the parallel restore of the staged dump as one detached job (idempotent)."""
+    """Start the parallel restore of the staged dump as one detached job (idempotent).
+    `wal_free`: the WAL-free load (`restore_script`), with `fresh_databases` the databases
+    dropped before the restore besides those the dump drops itself."""
     primary = view.primary
     job_id = parallel_restore_job_id(run_id)
     existing = await ops.jobs.poll_job(primary.endpoint, job_id, tail_bytes=0)
@@ -122,19 +127,24 @@ async def start_parallel_restore(
     work = work_dir(ops, run_id)
     plan = build_plan(index, dump, work, concurrency=concurrency, psql_argv=PSQL,
                       maintenance_work_mem_mb=maintenance_work_mem_mb(meminfo.stdout,
-                                                                       concurrency))
+                                                                       concurrency),
+                      wal_free=wal_free, fresh_databases=fresh_databases)
     await ops.shell.run_root(primary.endpoint, shell_script_argv(_PREPARE, work), timeout=60)
     await ops.shell.upload(primary.endpoint, _one_chunk(plan.script.encode()),
                            f"{work}/restore.sh")
     await ops.shell.upload(primary.endpoint, _one_chunk(plan.tasks_json().encode()),
                            f"{work}/plan.json")
+    if plan.freeze_sql:
+        await ops.shell.upload(primary.endpoint, _one_chunk(plan.freeze_sql.encode()),
+                               f"{work}/freeze.sql")
     argv = psql.as_postgres_argv(ops.layout, ["sh", f"{work}/restore.sh"])
     status = await ops.jobs.start_job(primary.endpoint, job_id, argv)
     serial = ", ".join(f"{db}: {why}" for db, why in plan.fallbacks.items()) or "none"
     ops.progress(ProgressEvent(
         "start_parallel_restore",
         f"restore job {job_id} {status.state.value}: {len(plan.tasks)} tasks, "
-        f"{concurrency} sessions; serial fallback: {serial}", primary.name, 0,
+        f"{concurrency} sessions; serial fallback: {serial}"
+        + (f"; WAL-free load of {plan.frozen} tables" if wal_free else ""), primary.name, 0,
         plan.total_bytes))
     return status
 

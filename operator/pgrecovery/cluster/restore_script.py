@@ -32,6 +32,30 @@ starts after that. Each task writes its own log `t<id>.log`; when it ends, `<id>
 <bytes> <started> <ended>` is appended to `progress` (a short O_APPEND write is atomic), so the
 caller can report bytes done, classify errors per task and database, and see where the time
 went.
+
+WAL-free load (`wal_free=True`, while `cluster.wal_free` has the primary at `wal_level =
+minimal`): each COPY entry runs in one transaction with a TRUNCATE of its table and `COPY …
+WITH (FREEZE)`, so PostgreSQL writes the table without WAL (it syncs the file at commit) and its
+rows frozen (no hint-bit writes later). That needs the table's name (TRUNCATE) and an option on
+the dump's COPY line, and the script must still hold no dump text. So the SQL around each COPY
+goes into a second file, `freeze.sql`, built here only from table names that pass
+`_SAFE_TABLE` (schema-qualified, plain or double-quoted ASCII identifiers without backslashes
+or control characters), and the script reads ranges of that file exactly as it reads the dump:
+a range at or past the dump's size + 1 (so no range can join the two files) is `freeze.sql`'s.
+A task then feeds, per table: `BEGIN;` and `TRUNCATE ONLY <table>;` (freeze.sql), the dump's
+entry up to its COPY line without the closing `;\\n`, ` WITH (FREEZE);` (freeze.sql), the rows
+and `\\.` (dump), `COMMIT;` (freeze.sql). Psql meta-commands cannot help decide at run time:
+PostgreSQL 15.18's dumps begin with `\\restrict`, which turns them off.
+
+TRUNCATE must never remove a row the restore did not write, so a table is loaded this way only
+when its rows cannot be there before its COPY: its database is dropped before the restore (the
+dump's `--clean`, or `replaceExistingDatabases`: `fresh_databases`), its own `CREATE TABLE`
+is in that database's pre-data (not an extension's table, which CREATE EXTENSION may have
+filled), and the COPY line names the entry's own table (not a partition root). Anything else
+loads as before. The prefix before the cut is lexed by psql as before (the indexer found the
+line to end `FROM stdin;` outside any quote); a COPY line not ending in `;\\n` (pg_dump never
+writes one) could only make that COPY fail. Row slices of one table cannot each TRUNCATE it,
+so in this mode a table is one task (`FREEZE_WHOLE_TABLES`, measured in bench/restore.py).
 """
 
 from __future__ import annotations
@@ -44,7 +68,7 @@ import shlex
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
-from pgrecovery.cluster.dump_index import DatabaseIndex, DumpIndex, Range
+from pgrecovery.cluster.dump_index import DatabaseIndex, DumpIndex, Entry, Range
 from pgrecovery.cluster.restore_errors import (
     MAX_UNEXPECTED_KEPT,
     ConnectMap,
@@ -54,6 +78,13 @@ from pgrecovery.cluster.restore_errors import (
 
 _SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/-]+$")
 _SAFE_ARG = re.compile(r"^[A-Za-z0-9_./=:,+-]+$")
+_IDENT = r'([a-z_][a-z0-9_$]*|"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|"")+")'
+_SAFE_TABLE = re.compile(rf"^{_IDENT}\.{_IDENT}$")
+
+# WAL-free mode: a big table loads as one task with FREEZE rather than in row slices without.
+FREEZE_WHOLE_TABLES = True
+_COPY_TAIL = " WITH (FREEZE);\n"
+_COMMIT = "COMMIT;\n"
 
 # Bulk-load session settings, decided here (they hold only while the standbys are stopped,
 # which the Staging phase guarantees before Restoring starts):
@@ -99,6 +130,10 @@ class RestorePlan:
     concurrency: int
     fallbacks: dict[str, str]
     """database (or "*" for the whole dump) → why it is restored serially."""
+    freeze_sql: str = ""
+    """`freeze.sql` (WAL-free mode), to be placed in the work directory beside the script."""
+    frozen: int = 0
+    """COPY entries wrapped for the WAL-free load."""
 
     def tasks_json(self) -> str:
         """task id → database, phase, bytes (stored beside the script for the poller)."""
@@ -155,6 +190,12 @@ class _Item:
     state: list[Range]
     bytes: int
     cost: int
+    pos: int = -1
+    """Where the item is in the dump, when its first range is not (WAL-free mode)."""
+
+    @property
+    def order(self) -> int:
+        return self.pos if self.pos >= 0 else self.ranges[0][0]
 
 
 def _pack(items: list[_Item], bins: int) -> list[list[_Item]]:
@@ -170,7 +211,7 @@ def _pack(items: list[_Item], bins: int) -> list[list[_Item]]:
     target = sum(i.cost for i in items) / max(1, bins)
     runs: list[list[_Item]] = [[]]
     load = 0
-    for item in sorted(items, key=lambda i: i.ranges[0][0]):
+    for item in sorted(items, key=lambda i: i.order):
         if runs[-1] and (load + item.cost > target or item.cost > target):
             runs.append([])
             load = 0
@@ -179,11 +220,63 @@ def _pack(items: list[_Item], bins: int) -> list[list[_Item]]:
     return sorted(runs, key=lambda r: -sum(i.cost for i in r))
 
 
-def _data_items(db: DatabaseIndex, concurrency: int) -> list[_Item]:
+class _FreezeSql:
+    """`freeze.sql`'s text and the ranges of it (offsets from `base`) for each table."""
+
+    def __init__(self, base: int) -> None:
+        self.base = base
+        self.parts: list[str] = []
+        self.size = 0
+        self.tables = 0
+        self.tail = self._add(_COPY_TAIL)
+        self.commit = self._add(_COMMIT)
+
+    def _add(self, text: str) -> Range:
+        data = text.encode()
+        start = self.base + self.size
+        self.parts.append(text)
+        self.size += len(data)
+        return (start, start + len(data))
+
+    def prologue(self, table: str) -> Range:
+        """`table` matched _SAFE_TABLE: a quoted name cannot end its quotes, so this is one
+        TRUNCATE of that table whatever the name holds."""
+        self.tables += 1
+        return self._add(f"BEGIN;\nTRUNCATE ONLY {table};\n")
+
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+def _unquote(table: str) -> tuple[str, str] | None:
+    """(schema, name) of a name that matches _SAFE_TABLE, as pg_dump's header comments show it."""
+    m = _SAFE_TABLE.match(table)
+    if m is None:
+        return None
+    a, b = (p[1:-1].replace('""', '"') if p.startswith('"') else p for p in m.groups())
+    return (a, b)
+
+
+def _freezable(e: Entry, db: DatabaseIndex, fresh: bool) -> bool:
+    return (fresh and e.type == "TABLE DATA" and e.copy is not None and e.table is not None
+            and _unquote(e.table) == (e.schema, e.name) and (e.schema, e.name) in db.tables
+            and e.header_end >= e.start + 2 and e.copy[0] == e.header_end)
+
+
+def _data_items(db: DatabaseIndex, concurrency: int,
+                freeze: _FreezeSql | None = None, fresh: bool = False) -> list[_Item]:
     total = sum(e.size for e in db.data)
     target = max(total // max(1, concurrency * TASKS_PER_SESSION), 1)
     items: list[_Item] = []
     for e in db.data:
+        if freeze is not None and _freezable(e, db, fresh) and (FREEZE_WHOLE_TABLES or not e.splits
+                                                     or e.size <= 2 * target):
+            assert e.table is not None  # noqa: S101 - _freezable
+            assert e.copy is not None  # noqa: S101 - _freezable
+            ranges = [freeze.prologue(e.table), (e.start, e.header_end - 2), freeze.tail,
+                      (e.copy[0], e.end), freeze.commit]
+            items.append(_Item(ranges, e.state, e.size, e.size, e.start))
+            continue
         if e.copy is None or not e.splits or e.size <= 2 * target:
             items.append(_Item([(e.start, e.end)], e.state, e.size, e.size))
             continue
@@ -239,10 +332,15 @@ def build_plan(
     concurrency: int,
     psql_argv: Sequence[str],
     maintenance_work_mem_mb: int = DEFAULT_MAINTENANCE_WORK_MEM_MB,
+    wal_free: bool = False,
+    fresh_databases: Iterable[str] = (),
 ) -> RestorePlan:
     """The script and its tasks. `psql_argv` is the command each task pipes its bytes into,
     e.g. `["psql", "-X", "--quiet", "--no-password", "-d", "postgres"]` (every task starts in
-    a database that always exists and `\\connect`s from there)."""
+    a database that always exists and `\\connect`s from there). `wal_free`: each COPY in one
+    transaction with a TRUNCATE and FREEZE (the module's docstring) in the databases the dump
+    drops and in `fresh_databases` (dropped before the restore); the plan's `freeze_sql` then
+    goes to `<work_dir>/freeze.sql`."""
     _check_path(dump_path, "dump path")
     _check_path(work_dir, "work directory")
     if not 1 <= concurrency <= MAX_CONCURRENCY:
@@ -252,6 +350,7 @@ def build_plan(
     mwm = max(MIN_MAINTENANCE_WORK_MEM_MB, min(MAX_MAINTENANCE_WORK_MEM_MB,
                                                 int(maintenance_work_mem_mb)))
     b = _Builder(concurrency)
+    freeze = _FreezeSql(index.size + 1) if wal_free else None
     chains: list[list[tuple[str, list[Task]]]] = []
     fallbacks: dict[str, str] = {}
     if index.fallback:
@@ -262,14 +361,21 @@ def build_plan(
         phase_a += [(db.start, db.connect[1]) for db in index.databases]
         b.task("postgres", "globals", phase_a, sum(r[1] - r[0] for r in phase_a))
         for db in index.databases:
-            chains.append(_chain(b, db, concurrency, fallbacks))
+            fresh = db.dropped or db.name in set(fresh_databases)
+            chains.append(_chain(b, db, concurrency, fallbacks, freeze, fresh=fresh))
     total = sum(t.bytes for t in b.tasks)
-    script = _script(b.tasks, chains, dump_path, work_dir, concurrency, psql_argv, mwm)
-    return RestorePlan(script, tuple(b.tasks), total, concurrency, fallbacks)
+    sql_base = freeze.base if freeze is not None else index.size + 1
+    script = _script(b.tasks, chains, dump_path, work_dir, concurrency, psql_argv, mwm,
+                     sql_base)
+    if freeze is None:
+        return RestorePlan(script, tuple(b.tasks), total, concurrency, fallbacks)
+    return RestorePlan(script, tuple(b.tasks), total, concurrency, fallbacks, freeze.text(),
+                       freeze.tables)
 
 
-def _chain(b: _Builder, db: DatabaseIndex, concurrency: int,
-           fallbacks: dict[str, str]) -> list[tuple[str, list[Task]]]:
+def _chain(b: _Builder, db: DatabaseIndex, concurrency: int, fallbacks: dict[str, str],
+           freeze: _FreezeSql | None = None, *,
+           fresh: bool = False) -> list[tuple[str, list[Task]]]:
     """The steps of one database: ("one", [task]) runs in the foreground, ("many", tasks) in
     parallel followed by a wait."""
     if db.fallback:
@@ -282,7 +388,8 @@ def _chain(b: _Builder, db: DatabaseIndex, concurrency: int,
                  + (db.pre[1] - db.pre[0]))
     steps.append(("one", [pre]))
     bins = concurrency * TASKS_PER_SESSION
-    for phase, items in (("data", _data_items(db, concurrency)), ("index", _index_items(db))):
+    for phase, items in (("data", _data_items(db, concurrency, freeze, fresh)),
+                         ("index", _index_items(db))):
         if items:
             steps.append(("many", [b.batch(db, phase, g) for g in _pack(items, bins)]))
     if db.post_serial:
@@ -302,7 +409,8 @@ W={work}
 PGOPTIONS="-c synchronous_commit=off -c maintenance_work_mem={mwm}MB"
 export PGOPTIONS
 r() {{
-  dd if="$D" iflag=skip_bytes,count_bytes skip="$1" count="$2" bs=4M status=none \\
+  if [ "$1" -ge {sql_base} ]; then f="$W/freeze.sql"; o=$(($1 - {sql_base})); else f=$D; o=$1; fi
+  dd if="$f" iflag=skip_bytes,count_bytes skip="$o" count="$2" bs=4M status=none \\
     || : > "$W/t$T.dd-failed"
 }}
 run() {{
@@ -332,8 +440,10 @@ while [ "$i" -lt {n} ]; do echo >&3; i=$((i + 1)); done
 
 
 def _script(tasks: Sequence[Task], chains: Sequence[Sequence[tuple[str, list[Task]]]],
-            dump: str, work: str, concurrency: int, psql_argv: Sequence[str], mwm: int) -> str:
+            dump: str, work: str, concurrency: int, psql_argv: Sequence[str], mwm: int,
+            sql_base: int) -> str:
     out = [_HEAD.format(dump=shlex.quote(dump), work=shlex.quote(work), mwm=int(mwm),
+                        sql_base=int(sql_base),
                         psql=" ".join(shlex.quote(a) for a in psql_argv), n=int(concurrency))]
     for t in tasks:
         body = "; ".join(f"r {int(a)} {int(z - a)}" for a, z in t.ranges)

@@ -271,6 +271,10 @@ class RestoreOptions(_Model):
     # them first (pg_dumpall without --clean): refused in Decrypting unless this is set, then
     # dropped right before the restore (cluster/existing_databases).
     replace_existing_databases: bool = False
+    # While the standbys are stopped: the primary at wal_level minimal (restart) and each
+    # table loaded by TRUNCATE + COPY FREEZE in one transaction (cluster/wal_free,
+    # cluster/restore_script). false = the load as before.
+    wal_free_load: bool = True
 
 
 class RecoverySpec(_Model):

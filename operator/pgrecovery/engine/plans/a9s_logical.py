@@ -47,7 +47,7 @@ from pgrecovery.backups.listing import Backup, list_backups, select_backup
 from pgrecovery.backups.pipeline import check_key
 from pgrecovery.backups.sources import StorePartsSource
 from pgrecovery.backups.stores import open_azure_store, open_s3_store
-from pgrecovery.cluster import bulk_load, restore_proof, tools
+from pgrecovery.cluster import bulk_load, restore_proof, tools, wal_free
 from pgrecovery.cluster.a9s import A9sOperations, StepResult, estimate_needed_bytes
 from pgrecovery.cluster.dump_index import DumpIndex, DumpIndexer
 from pgrecovery.cluster.existing_databases import (
@@ -678,6 +678,20 @@ if [ -d "$d" ] && [ "$(stat -c %U:%G "$d")" = root:vcap ] \
         if await bulk_load.revert(ops.shell, self.view(ctx).primary, ops.layout):
             await ctx.fact(bulkLoadSettings="reverted")
 
+    async def apply_wal_free_settings(self, ctx: StepContext) -> None:
+        """`wal_level = minimal` on the primary for the WAL-free load (`cluster.wal_free`,
+        a restart); the outcome is the fact `walFreeLoad`."""
+        ops = await self.ops(ctx)
+        outcome = await wal_free.apply(ops.shell, self.view(ctx).primary, ops.layout)
+        await ctx.fact(walFreeLoad=f"on; settings {outcome}"[:400])
+
+    async def revert_wal_free_settings(self, ctx: StepContext) -> None:
+        """In every plan, whether or not this run used the WAL-free load: a marker left by an
+        earlier run is put back here too (the re-clone needs wal_level replica)."""
+        ops = await self.ops(ctx)
+        if await wal_free.revert(ops.shell, self.view(ctx).primary, ops.layout):
+            await ctx.fact(walFreeSettings="reverted")
+
     async def restore_dump(self, ctx: StepContext) -> None:
         """Load the staged dump into the primary: in parallel sessions when the dump's index
         is known and `spec.parallelism.restoreConnections` allows it, else one psql as in the
@@ -700,6 +714,13 @@ if [ -d "$d" ] && [ "$(stat -c %U:%G "$d")" = root:vcap ] \
                             "restore: %s", exc)
                 await ctx.fact(bulkLoadSettings=f"NOT reverted after the failed restore: "
                                                 f"{str(exc)[:200]}")
+            try:
+                if await wal_free.revert(ops.shell, self.view(ctx).primary, ops.layout):
+                    await ctx.fact(walFreeSettings="reverted after the failed restore")
+            except Exception as exc:  # noqa: BLE001 - the restore's error is the one to report
+                log.warning("could not put back wal_level after the failed restore: %s", exc)
+                await ctx.fact(walFreeSettings=f"NOT reverted after the failed restore (the "
+                                               f"next run does it): {str(exc)[:200]}")
             raise
 
     async def _restore_dump(self, ctx: StepContext) -> None:
@@ -709,6 +730,8 @@ if [ -d "$d" ] && [ "$(stat -c %U:%G "$d")" = root:vcap ] \
         if backup_id is None:
             raise FatalError("no backup pinned in status", reason="InternalError")
         run_id = self.run_id(ctx)
+        if not self.spec.restore.wal_free_load and "walFreeLoad" not in ctx.status.facts:
+            await ctx.fact(walFreeLoad="off (spec.restore.walFreeLoad is false)")
         mode = ctx.status.facts.get("restoreMode")
         if mode is None:
             mode = await self.choose_restore_mode(ctx, ops, view)
@@ -720,7 +743,10 @@ if [ -d "$d" ] && [ "$(stat -c %U:%G "$d")" = root:vcap ] \
             index, why = self.load_index(ctx.status.backup.plain_size_bytes)
             if index is None:
                 raise RestoreFailed(f"the parallel restore was chosen but {why}")
-            await start_parallel_restore(ops, view, backup_id, run_id, index, sessions)
+            await start_parallel_restore(
+                ops, view, backup_id, run_id, index, sessions,
+                wal_free=self.spec.restore.wal_free_load,
+                fresh_databases=json.loads(ctx.status.facts.get("databasesToReplace", "[]")))
         else:
             await ops.start_restore(view, backup_id, run_id)
         # Progress from the start (or the re-attach): a restore shorter than one long poll
@@ -1018,6 +1044,12 @@ if [ -d "$d" ] && [ "$(stat -c %U:%G "$d")" = root:vcap ] \
             except RecoveryError as exc:
                 notes.append(f"{primary.name}: checkpoint settings NOT reverted, marker kept "
                              f"for the next run ({exc})")
+            try:
+                if await wal_free.revert(ops.shell, primary, ops.layout):
+                    notes.append(f"{primary.name}: wal_level and WAL senders reverted")
+            except RecoveryError as exc:
+                notes.append(f"{primary.name}: wal_level NOT reverted, marker kept for the "
+                             f"next run ({exc})")
         removed = await remove_leftovers(ops.shell, self.nodes, ops.layout,
                                          self.staged_dump_of(status))
         return ([str(r) for r in removed] + await asyncio.to_thread(self._remove_work_files)
@@ -1199,6 +1231,10 @@ async def build_a9s_logical_plan(inputs: PlanInputs) -> Plan:
         ],
         Phase.REJOINED: [],
     }
+    if spec.restore.wal_free_load:
+        steps[Phase.RESTORING].insert(1, FunctionStep(
+            "ensure-wal-free-settings", r.restore_done, r.apply_wal_free_settings,
+            verify_after=False))
     if spec.restore.replace_existing_databases:
         steps[Phase.RESTORING].insert(0, FunctionStep(
             "ensure-databases-replaced", r.databases_replaced, r.replace_existing_databases,
@@ -1210,6 +1246,12 @@ async def build_a9s_logical_plan(inputs: PlanInputs) -> Plan:
     # Before Rejoined: the standbys' clones must get the original postgresql.auto.conf.
     steps[Phase.RESTORING].append(
         FunctionStep("ensure-bulk-load-settings-reverted", _never, r.revert_bulk_load_settings,
+                     verify_after=False)
+    )
+    # Always (a marker of an earlier run, whatever this run's spec says): before Rejoined,
+    # whose re-clone needs wal_level replica and a WAL sender.
+    steps[Phase.RESTORING].append(
+        FunctionStep("ensure-wal-free-settings-reverted", _never, r.revert_wal_free_settings,
                      verify_after=False)
     )
     # Last in Restoring: a restore that is not complete fails before the standbys are wiped.
@@ -1319,6 +1361,10 @@ STATE_WORDS = {
     "ensure-bulk-load-settings": "checkpoint settings raised for the restore",
     "restore-dump": "the dump restored into the primary",
     "ensure-bulk-load-settings-reverted": "checkpoint settings back",
+    "ensure-wal-free-settings": "the primary restarted with wal_level minimal, no WAL senders, "
+                                "archive_mode off (marker wal-free-settings)",
+    "ensure-wal-free-settings-reverted": "wal_level, WAL senders and archive_mode back "
+                                         "(restarted)",
     "ensure-repmgr-schema-truncated": "repmgr's tables emptied (no node listed until the "
                                       "primary is registered again)",
     "ensure-primary-registered": "the primary registered in repmgr",
