@@ -20,8 +20,8 @@ so after the restore each table is counted with `count(*)` and compared:
 
 Decisions recorded here:
 - Exact counts, not `pg_class.reltuples` (an estimate, 0 or -1 before ANALYZE). Measured on the
-  1 GB benchmark dump (`bench/e2e.py` prints the proof's share): 2.9-5.3 % of the time to
-  Rejoined on a loaded 2-CPU machine, median 4.6 % of 5 runs (README "Performance"). The
+  1 GB benchmark dump (`bench/e2e.py` prints the proof's share): 2.9-6.3 % of the time to
+  Rejoined on a loaded 2-CPU machine, median 4.8 % of 6 runs (README "Performance"). The
   tables are spread over several sessions per node (balanced by their COPY bytes), databases
   side by side; each table is counted by one statement (`query_to_xml` runs the `count(*)` so
   that one round trip counts a whole group of tables, and the table names are resolved by the
