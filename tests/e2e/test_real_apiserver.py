@@ -182,6 +182,18 @@ def _dingo_block_on_a9s(doc: dict[str, Any]) -> None:
     _spec_of(doc)["target"]["type"] = "a9sPg"
 
 
+def _bosh_and_nodes(doc: dict[str, Any]) -> None:
+    _spec_of(doc)["target"]["bosh"] = {
+        "director": "https://10.0.0.6:25555",
+        "caCertSecretRef": {"name": "bosh-director-ca", "key": "ca.crt"},
+        "credentialsSecretRef": {"name": "bosh-director"},
+    }
+
+
+def _no_way_to_the_vms(doc: dict[str, Any]) -> None:
+    del _spec_of(doc)["target"]["ssh"]
+
+
 def _a9s() -> dict[str, Any]:
     return test_crd._sample()
 
@@ -205,6 +217,8 @@ CEL_CASES: dict[str, tuple[Callable[[], dict[str, Any]], Callable[[dict[str, Any
         _dingo, _dingo_same_instance),
     "target.dingo is required with type dingo and only valid with it": (
         _dingo, _dingo_block_on_a9s),
+    "give exactly one of target.nodes + target.ssh, or target.bosh (the director finds and "
+    "opens the VMs)": (_a9s, _bosh_and_nodes),
 }
 
 
@@ -240,6 +254,11 @@ def test_cel_rule_rejects_with_its_message(
         also_both = _in(real_namespace, base(), name="cel")
         _both_stores(also_both)
         result = real_kubectl.apply(yaml.safe_dump(also_both))
+        assert message in result.stderr, result.stderr
+    if message.startswith("give exactly one of target.nodes"):  # nodes without ssh
+        neither = _in(real_namespace, base(), name="cel")
+        _no_way_to_the_vms(neither)
+        result = real_kubectl.apply(yaml.safe_dump(neither))
         assert message in result.stderr, result.stderr
 
 
