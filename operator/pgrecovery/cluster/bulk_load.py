@@ -28,6 +28,7 @@ from __future__ import annotations
 from pgrecovery.adapters.ssh import RemoteShell, shell_script_argv
 from pgrecovery.cluster import psql
 from pgrecovery.cluster.nodes import A9sLayout, Node
+from pgrecovery.cluster.state_markers import has_marker, remove_marker, write_marker
 from pgrecovery.errors import RemoteCommandFailed
 
 SETTINGS = ("max_wal_size", "checkpoint_timeout")
@@ -38,27 +39,6 @@ MARKER = "bulk-load-settings"
 _FREE_MB = r"""
 df -B1M --output=avail "$1" | tail -n 1
 """
-# The state directory keeps its default mode: the parallel restore's work directory below it
-# is read by postgres (a `mkdir -m 0700` here once locked it out).
-_MARK = r"""
-set -eu
-mkdir -p "$1"
-printf '%s\n' "$3" > "$1/$2.tmp" && mv -f "$1/$2.tmp" "$1/$2"
-"""
-_MARKED = r"""
-if [ -f "$1/$2" ]; then echo yes; else echo no; fi
-"""
-_UNMARK = r"""
-rm -f -- "$1/$2"
-"""
-
-
-async def _marked(shell: RemoteShell, node: Node, layout: A9sLayout) -> bool:
-    res = await shell.run_root(node.endpoint,
-                               shell_script_argv(_MARKED, layout.state_dir, MARKER), timeout=30)
-    return res.stdout.strip() == "yes"
-
-
 async def _current(shell: RemoteShell, node: Node,
                    layout: A9sLayout) -> dict[str, tuple[str, str, str]]:
     """name → (setting, unit, sourcefile) from pg_settings."""
@@ -83,7 +63,7 @@ def _mb(setting: str, unit: str) -> int:
 async def apply(shell: RemoteShell, node: Node, layout: A9sLayout) -> str:
     """Raise max_wal_size and checkpoint_timeout for the restore; the outcome in words
     ("applied: …" or "skipped: …"). Idempotent."""
-    ours = await _marked(shell, node, layout)
+    ours = await has_marker(shell, node, layout, MARKER)
     current = await _current(shell, node, layout)
     if set(current) != set(SETTINGS):
         return f"skipped: pg_settings lacks {sorted(set(SETTINGS) - set(current))}"
@@ -106,11 +86,8 @@ async def apply(shell: RemoteShell, node: Node, layout: A9sLayout) -> str:
     if ours:
         # Values of an earlier attempt: keep what it chose (free space has shrunk since).
         want_mb = max(want_mb, now_mb)
-    await shell.run_root(
-        node.endpoint,
-        shell_script_argv(_MARK, layout.state_dir, MARKER,
-                          f"max_wal_size={want_mb}MB checkpoint_timeout={CHECKPOINT_TIMEOUT}"),
-        timeout=30)
+    await write_marker(shell, node, layout, MARKER,
+                       f"max_wal_size={want_mb}MB checkpoint_timeout={CHECKPOINT_TIMEOUT}")
     # ALTER SYSTEM cannot run in a transaction block: one statement per line, autocommit.
     await psql.execute(shell, node, layout,
                        f"ALTER SYSTEM SET max_wal_size = '{int(want_mb)}MB';\n"
@@ -122,12 +99,11 @@ async def apply(shell: RemoteShell, node: Node, layout: A9sLayout) -> str:
 
 async def revert(shell: RemoteShell, node: Node, layout: A9sLayout) -> bool:
     """Put the server's own values back if ours are in place; True if it changed anything."""
-    if not await _marked(shell, node, layout):
+    if not await has_marker(shell, node, layout, MARKER):
         return False
     await psql.execute(shell, node, layout,
                        "ALTER SYSTEM RESET max_wal_size;\nALTER SYSTEM RESET checkpoint_timeout;\n")
     await psql.reload_config(shell, node, layout)
-    await shell.run_root(node.endpoint, shell_script_argv(_UNMARK, layout.state_dir, MARKER),
-                         timeout=30)
+    await remove_marker(shell, node, layout, MARKER)
     return True
 

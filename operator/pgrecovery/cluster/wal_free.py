@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import asyncio
 
-from pgrecovery.adapters.ssh import RemoteShell, shell_script_argv
+from pgrecovery.adapters.ssh import RemoteShell
 from pgrecovery.cluster import monit, psql
 from pgrecovery.cluster.nodes import A9sLayout, Node
+from pgrecovery.cluster.state_markers import has_marker, remove_marker, write_marker
 from pgrecovery.errors import NotReadyYet, RemoteCommandFailed
 
 SETTINGS = {"wal_level": "minimal", "max_wal_senders": "0", "archive_mode": "off"}
@@ -40,25 +41,6 @@ MARKER = "wal-free-settings"
 # checkpoint distance that can take a while on a big disk.
 CONNECT_TIMEOUT = 300.0
 CONNECT_INTERVAL = 0.25
-
-_MARK = r"""
-set -eu
-mkdir -p "$1"
-printf '%s\n' "$3" > "$1/$2.tmp" && mv -f "$1/$2.tmp" "$1/$2"
-"""
-_MARKED = r"""
-if [ -f "$1/$2" ]; then echo yes; else echo no; fi
-"""
-_UNMARK = r"""
-rm -f -- "$1/$2"
-"""
-
-
-async def _marked(shell: RemoteShell, node: Node, layout: A9sLayout) -> bool:
-    res = await shell.run_root(node.endpoint,
-                               shell_script_argv(_MARKED, layout.state_dir, MARKER), timeout=30)
-    return res.stdout.strip() == "yes"
-
 
 async def _current(shell: RemoteShell, node: Node,
                    layout: A9sLayout) -> dict[str, tuple[str, str]]:
@@ -103,7 +85,7 @@ async def _restart(shell: RemoteShell, node: Node, layout: A9sLayout) -> None:
 async def apply(shell: RemoteShell, node: Node, layout: A9sLayout) -> str:
     """Switch the primary to the WAL-free settings (restart); the outcome in words
     ("applied: …" or "skipped: …"). Idempotent: a second call finds them in effect."""
-    ours = await _marked(shell, node, layout)
+    ours = await has_marker(shell, node, layout, MARKER)
     current = await _current(shell, node, layout)
     if set(current) != set(SETTINGS):
         return f"skipped: pg_settings lacks {sorted(set(SETTINGS) - set(current))}"
@@ -123,9 +105,7 @@ async def apply(shell: RemoteShell, node: Node, layout: A9sLayout) -> str:
         return (f"skipped: replication slots {', '.join(slots)[:200]} exist on {node.name}; "
                 "wal_level stays as it is")
     was = ", ".join(f"{n} {current[n][0]}" for n in SETTINGS)
-    await shell.run_root(node.endpoint,
-                         shell_script_argv(_MARK, layout.state_dir, MARKER, f"was: {was}"),
-                         timeout=30)
+    await write_marker(shell, node, layout, MARKER, f"was: {was}")
     # ALTER SYSTEM cannot run in a transaction block: one statement per line, autocommit.
     await psql.execute(shell, node, layout, "".join(
         f"ALTER SYSTEM SET {n} = {psql.quote_literal(v)};\n" for n, v in SETTINGS.items()))
@@ -144,7 +124,7 @@ async def revert(shell: RemoteShell, node: Node, layout: A9sLayout) -> bool:
     """Put the server's own values back if ours are (or may be) in place, restarting it; True
     if it changed anything. A server found stopped (a kill during our restart) is started
     first: ALTER SYSTEM needs it."""
-    if not await _marked(shell, node, layout):
+    if not await has_marker(shell, node, layout, MARKER):
         return False
     await monit.ensure_started(shell, node, layout, [layout.pg_service])
     await _wait_connectable(shell, node, layout)
@@ -155,6 +135,5 @@ async def revert(shell: RemoteShell, node: Node, layout: A9sLayout) -> bool:
     if after.get("wal_level", ("", ""))[0] == "minimal":
         raise RemoteCommandFailed(f"{node.name}: wal_level is still minimal after ALTER SYSTEM "
                                   "RESET and a restart (set in postgresql.conf?)")
-    await shell.run_root(node.endpoint, shell_script_argv(_UNMARK, layout.state_dir, MARKER),
-                         timeout=30)
+    await remove_marker(shell, node, layout, MARKER)
     return True
