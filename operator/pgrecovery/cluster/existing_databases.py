@@ -7,15 +7,15 @@ ones*: duplicate keys fail the restore, and tables without a unique key silently
 twice. Found out in Restoring, that is after the point of no return. The dump index sees the
 dump's `DROP DATABASE` / `CREATE DATABASE` statements as the dump streams by
 (`cluster.dump_index`), so Decrypting decides it before anything changes: a database the dump
-fills without dropping it first, that exists on the primary and holds relations, refuses the
-recovery (`DatabasesExist`), unless the spec asks to replace them
-(`spec.restore.replaceExistingDatabases`).
+fills without dropping it first, that exists on the primary and holds objects (tables, views,
+sequences, functions, types), refuses the recovery (`DatabasesExist`), unless the spec asks to
+replace them (`spec.restore.replaceExistingDatabases`).
 
 Replacing means what `--clean` would have done: every database the dump creates and does not
 drop itself is dropped (sessions terminated first) right before the restore, and the dump's own
 `CREATE DATABASE` creates it again with the dump's owner, encoding and locale. Never dropped:
 `postgres`, `template0`, `template1` (a dump without `--clean` fills postgres and template1
-without creating them; when those hold relations and the dump brings entries for them, the
+without creating them; when those hold objects and the dump brings entries for them, the
 recovery is refused whatever the spec says). `repmgr_cluster` is restored over by design when
 the dump does not drop it: its `repmgr` rows are expected duplicates, and Rejoined empties the
 schema and registers the primary again; with the replace option it is replaced like the others
@@ -44,18 +44,44 @@ NEVER_DROPPED = frozenset({"postgres", "template0", "template1"})
 DROP_ATTEMPTS = 3
 
 _KINDS = {"r": "table", "p": "table", "v": "view", "m": "materialized view",
-          "S": "sequence", "f": "foreign table"}
+          "S": "sequence", "f": "foreign table", "function": "function", "type": "type"}
 
-# Relations a user created (not the catalogs, not an extension's own) per database, by kind.
-_RELATIONS_SQL = """\
-SELECT current_database(), c.relkind, count(*)
-FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
-  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-  AND n.nspname !~ '^pg_(toast|temp_|toast_temp_)'
-  AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
-                  WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = c.oid
-                    AND d.deptype = 'e')
+# Objects a user created per database, by kind: relations, functions (procedures, aggregates)
+# and types (enums, domains, composite and range types) — not the catalogs', not an
+# extension's own, not those PostgreSQL makes for another object (a table's row type, array
+# types, a range type's constructors and multirange). A dump without --clean writes each with
+# a plain CREATE, so any of them makes the restore fail ("already exists" is expected only for
+# roles, databases, schemas, extensions and relations: `restore_errors`).
+_OBJECTS_SQL = """\
+SELECT current_database(), kind, count(*) FROM (
+  SELECT c.relkind::text AS kind
+  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+  WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
+    AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+    AND n.nspname !~ '^pg_(toast|temp_|toast_temp_)'
+    AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
+                    WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = c.oid
+                      AND d.deptype = 'e')
+  UNION ALL
+  SELECT 'function'
+  FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+  WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+    AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
+                    WHERE d.classid = 'pg_catalog.pg_proc'::regclass AND d.objid = p.oid
+                      AND d.deptype IN ('e', 'i'))
+  UNION ALL
+  SELECT 'type'
+  FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
+  WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+    AND n.nspname !~ '^pg_(toast|temp_|toast_temp_)'
+    AND t.typtype IN ('b', 'c', 'd', 'e', 'r')
+    AND (t.typrelid = 0 OR EXISTS (SELECT 1 FROM pg_catalog.pg_class c
+                                   WHERE c.oid = t.typrelid AND c.relkind = 'c'))
+    AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_type e WHERE e.typarray = t.oid)
+    AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
+                    WHERE d.classid = 'pg_catalog.pg_type'::regclass AND d.objid = t.oid
+                      AND d.deptype = 'e')
+) AS o
 GROUP BY 1, 2;
 """
 _COUNT_SCRIPT = r"""
@@ -72,15 +98,15 @@ class Existing:
     """A database of the dump that the primary already has."""
 
     name: str
-    relations: dict[str, int] = field(default_factory=dict)
-    """kind (table, view, sequence, …) → how many the users created."""
+    objects: dict[str, int] = field(default_factory=dict)
+    """kind (table, view, sequence, function, type, …) → how many the users created."""
     invalid: bool = False
     """Left invalid by an interrupted DROP DATABASE (PostgreSQL 15.4+ marks it with
     `datconnlimit = -2`): nobody can connect to it, it can only be dropped."""
 
     @property
     def holds_objects(self) -> bool:
-        return any(self.relations.values())
+        return any(self.objects.values())
 
     def describe(self) -> str:
         if self.invalid:
@@ -89,7 +115,7 @@ class Existing:
         if not self.holds_objects:
             return f"{self.name} (empty)"
         kinds = ", ".join(f"{n} {kind}{'s' if n != 1 else ''}"
-                          for kind, n in sorted(self.relations.items()))
+                          for kind, n in sorted(self.objects.items()))
         return f"{self.name} ({kinds})"
 
 
@@ -102,7 +128,7 @@ class Verdict:
     not_dropped: tuple[str, ...]
     """Databases the dump fills without dropping them first."""
     collisions: tuple[Existing, ...]
-    """Existing databases holding relations that the dump would be restored into."""
+    """Existing databases holding objects that the dump would be restored into."""
     to_replace: tuple[str, ...] = ()
     """With the replace option: the databases pgrecovery drops before the restore."""
     unreplaceable: tuple[Existing, ...] = ()
@@ -167,7 +193,7 @@ def conninfo(database: str) -> str:
 
 async def existing_databases(shell: RemoteShell, node: Node, layout: A9sLayout,
                              names: Sequence[str]) -> dict[str, Existing]:
-    """Which of `names` the primary has, with the relations users created in each
+    """Which of `names` the primary has, with the objects users created in each
     (read-only: two psql sessions' worth of catalog queries). A database left invalid by an
     interrupted DROP DATABASE (a power cut during a `--clean` restore does that) refuses
     connections: it is reported as invalid, never connected to."""
@@ -183,14 +209,14 @@ async def existing_databases(shell: RemoteShell, node: Node, layout: A9sLayout,
         return found
     res = await shell.run_root(
         node.endpoint,
-        shell_script_argv(_COUNT_SCRIPT, layout.vars_sh, _RELATIONS_SQL,
+        shell_script_argv(_COUNT_SCRIPT, layout.vars_sh, _OBJECTS_SQL,
                           *(conninfo(name) for name in wanted)),
         timeout=60 + 10 * len(wanted),
     )
     for row in psql.parse_csv(res.stdout):
         if len(row) == 3 and row[0] in found and row[2].isdigit():
             kind = _KINDS.get(row[1], "relation")
-            counts = found[row[0]].relations
+            counts = found[row[0]].objects
             counts[kind] = counts.get(kind, 0) + int(row[2])
     return found
 
