@@ -154,18 +154,27 @@ def register_recover(groups: argparse._SubParsersAction[argparse.ArgumentParser]
         "Secrets come from --secrets-dir (<secret>/<key> files) or "
         "PGRECOVERY_SECRET_<SECRET>_<KEY> variables, never from the command line.",
     )
-    p.add_argument("-f", "--file", required=True, help="PgRecovery manifest (YAML)")
+    add_run_arguments(p, work_dir="downloaded parts go here (default: <name>.work)")
     p.add_argument("--resume", action="store_true", help="continue from the status file")
-    p.add_argument("--status-file", help="status JSON (default: <name>.status.json)")
-    p.add_argument("--work-dir", help="downloaded parts go here (default: <name>.work)")
-    p.add_argument("--secrets-dir", help="directory with <secret-name>/<key> files")
     p.add_argument(
         "--confirm",
         metavar="DEPLOYMENT",
         help="set spec.confirm (lets destructive phases run when it equals target.deployment)",
     )
-    p.add_argument("--plan-factory", default=DEFAULT_PLAN_FACTORY, help=argparse.SUPPRESS)
     p.set_defaults(func=_recover)
+
+
+def add_run_arguments(p: argparse.ArgumentParser, *, work_dir: str | None = None) -> None:
+    """The arguments that name one local run: its manifest and status file and, for the
+    commands that reach the VMs (`work_dir` = the help text), its work and secrets
+    directories."""
+    p.add_argument("-f", "--file", required=True, help="PgRecovery manifest (YAML)")
+    p.add_argument("--status-file", help="status JSON of the run (default: <name>.status.json)")
+    if work_dir is None:
+        return
+    p.add_argument("--work-dir", help=work_dir)
+    p.add_argument("--secrets-dir", help="directory with <secret-name>/<key> files")
+    p.add_argument("--plan-factory", default=DEFAULT_PLAN_FACTORY, help=argparse.SUPPRESS)
 
 
 async def _cleanup(args: argparse.Namespace) -> int:
@@ -192,11 +201,7 @@ def register_cleanup(groups: argparse._SubParsersAction[argparse.ArgumentParser]
         "logs, clone markers and the downloaded parts. The status file stays. A new "
         "`pgrecovery recover` does not need this: it continues from whatever state it finds.",
     )
-    p.add_argument("-f", "--file", required=True, help="PgRecovery manifest (YAML)")
-    p.add_argument("--status-file", help="status JSON of the run (default: <name>.status.json)")
-    p.add_argument("--work-dir", help="the run's work directory (default: <name>.work)")
-    p.add_argument("--secrets-dir", help="directory with <secret-name>/<key> files")
-    p.add_argument("--plan-factory", default=DEFAULT_PLAN_FACTORY, help=argparse.SUPPRESS)
+    add_run_arguments(p, work_dir="the run's work directory (default: <name>.work)")
     p.set_defaults(func=_cleanup)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from pgrecovery.cli_recover import load_recovery_file
+from pgrecovery.cli_recover import add_run_arguments, load_recovery_file
 from pgrecovery.engine.local import StatusFile
 from pgrecovery.engine.phases import Phase
 from pgrecovery.engine.status import (
@@ -127,8 +127,7 @@ def register_status(groups: argparse._SubParsersAction[argparse.ArgumentParser])
         "itself (the fields of the PgRecovery's .status). Exit code: 0 succeeded, 1 failed, "
         "2 not finished (--resume continues), 3 waiting at a gate.",
     )
-    p.add_argument("-f", "--file", required=True, help="PgRecovery manifest (YAML)")
-    p.add_argument("--status-file", help="status JSON of the run (default: <name>.status.json)")
+    add_run_arguments(p)
     p.add_argument("-o", "--output", choices=OUTPUTS, default="text",
                    help="text (default), json or yaml")
     p.set_defaults(func=_status)

@@ -39,7 +39,7 @@ from pgrecovery.cluster.parallel_restore import (
     start_parallel_restore,
     work_dir,
 )
-from pgrecovery.cluster.restore_errors import ConnectMap, classify_output
+from pgrecovery.cluster.restore_errors import GREP_PATTERNS, ConnectMap, classify_output
 from pgrecovery.errors import RestoreFailed
 from tests.localpg import PG_BINDIR, LocalPostgres, postgres_dir
 from tests.simcluster import SimCluster, table_checksums, wait_for_replay, write_sample_data
@@ -139,6 +139,8 @@ class Source:
     dump: Path
     schema: str
     checksums: dict[str, str]
+    clean_only: Path
+    """The same cluster dumped with `--clean` alone: DROP without IF EXISTS."""
 
 
 def _postgres_owned_dir(path: Path) -> Path:
@@ -162,7 +164,9 @@ def source() -> Iterator[Source]:
         assert res.returncode == 0, res.stderr
         dump = root / "backup.dump"
         pg.dumpall(dump, "--clean", "--if-exists")
-        yield Source(dump, pg.schema(), pg.checksums())
+        clean_only = root / "backup-clean-only.dump"
+        pg.dumpall(clean_only, "--clean")
+        yield Source(dump, pg.schema(), pg.checksums(), clean_only)
     finally:
         pg.destroy()
         shutil.rmtree(root, ignore_errors=True)
@@ -208,7 +212,8 @@ def _parallel(pg: LocalPostgres, dump: Path, work: Path, concurrency: int = 3,
 
 
 def _serial_expected(dump: Path, stderr: list[str]) -> dict[str, int]:
-    grep = subprocess.run(["grep", "-n", "^\\\\connect ", str(dump)], capture_output=True,
+    patterns = [arg for p in GREP_PATTERNS for arg in ("-e", p)]  # as the product greps
+    grep = subprocess.run(["grep", "-n", *patterns, "--", str(dump)], capture_output=True,
                           text=True, check=False).stdout
     report = classify_output(stderr, ConnectMap(grep))
     assert report.ok, report.summary()
@@ -237,6 +242,25 @@ def test_parallel_restore_equals_serial_restore(
     assert got == source.checksums
     assert got["shop.public.orders"].startswith("6000 ")
     assert got["lobs.large objects"].startswith("1 ")
+
+
+def test_a_clean_dump_without_if_exists_restores_onto_a_server_without_its_objects(
+    source: Source, fresh: list[LocalPostgres], base: Path
+) -> None:
+    """`pg_dumpall --clean` alone writes `DROP DATABASE shop;` and `DROP ROLE app_owner;`:
+    on a cluster that does not have them (a new one, or one a cut restore left half-done) each
+    fails with "does not exist", and the CREATE that follows makes it. Harmless, serially and
+    in parallel; a restore that stopped on them would fail after the point of no return."""
+    serial = _server(fresh, base / "serial")
+    expected_errors = _serial_expected(source.clean_only,
+                                       _serial(serial, source.clean_only))
+    assert expected_errors["database the dump drops was already gone"] == 4  # shop, crm, …
+    assert expected_errors["role the dump drops was already gone"] == 2  # app_owner, reader
+    parallel = _server(fresh, base / "parallel")
+    result = _parallel(parallel, source.clean_only, base / "work")
+    assert result.ok, (result.exit_code, result.failed_tasks, result.report.summary())
+    assert dict(result.report.expected) == expected_errors
+    assert parallel.checksums() == serial.checksums() == source.checksums
 
 
 def test_restore_into_cluster_that_has_the_roles_and_databases(

@@ -10,6 +10,7 @@ import pytest
 
 from pgrecovery.cluster.restore_errors import (
     ConnectMap,
+    Recreated,
     classify_output,
     parse_connect_target,
 )
@@ -135,3 +136,64 @@ psql:{DUMP}:70: ERROR:  database "app" is being accessed by other users
     summary = classify_output(log.splitlines(), ConnectMap(CONNECTS)).summary()
     assert summary.startswith('1 unexpected error(s), first: ERROR: database "app" is being')
     assert summary.endswith("expected errors: 1 x role already exists")
+
+
+# `grep -n -e '^\\connect ' -e '^DROP DATABASE ' …` (GREP_PATTERNS) of a `--clean` dump
+CLEAN_GREP = """\
+16:DROP DATABASE IF EXISTS shop;
+17:DROP DATABASE IF EXISTS "Odd Db";
+26:DROP ROLE "Odd Role";
+27:DROP ROLE postgres;
+28:DROP ROLE shop_owner;
+29:DROP ROLE only_dropped;
+35:CREATE ROLE "Odd Role";
+37:CREATE ROLE postgres;
+39:CREATE ROLE shop_owner;
+81:DROP DATABASE template1;
+86:CREATE DATABASE template1 WITH TEMPLATE = template0 ENCODING = 'UTF8';
+92:\\connect template1
+227:DROP DATABASE postgres;
+232:CREATE DATABASE postgres WITH TEMPLATE = template0 ENCODING = 'UTF8';
+238:\\connect postgres
+293:CREATE DATABASE shop WITH TEMPLATE = template0 ENCODING = 'UTF8';
+299:\\connect shop
+400:CREATE DATABASE "Odd Db" WITH TEMPLATE = template0 ENCODING = 'UTF8';
+405:\\connect -reuse-previous=on "dbname='Odd Db'"
+"""
+
+
+def test_a_database_the_dump_drops_and_creates_may_be_gone_already() -> None:
+    # A power cut between a restore's DROP DATABASE template1 and its CREATE leaves none; the
+    # next run's drop fails, and the CREATE right after makes it again.
+    connects = ConnectMap(CLEAN_GREP)
+    assert connects.recreated == Recreated(
+        frozenset({"shop", "Odd Db", "template1", "postgres"}),
+        frozenset({"Odd Role", "postgres", "shop_owner"}))
+    assert connects.database_at(300) == "shop"
+    report = classify_output([
+        f'psql:{DUMP}:81: ERROR:  database "template1" does not exist',
+        f'psql:{DUMP}:17: ERROR:  database "Odd Db" does not exist',
+        # pg_dumpall --clean without --if-exists, restored where the role is missing
+        f'psql:{DUMP}:26: ERROR:  role "Odd Role" does not exist',
+    ], connects)
+    assert report.ok, report.summary()
+    assert report.expected == {"database the dump drops was already gone": 2,
+                               "role the dump drops was already gone": 1}
+    # A role the dump drops but never creates is not restored by it: its absence is an error.
+    report = classify_output([f'psql:{DUMP}:29: ERROR:  role "only_dropped" does not exist',
+                              f'psql:{DUMP}:90: ERROR:  role "app" does not exist'], connects)
+    assert report.unexpected_count == 2
+
+
+def test_a_missing_database_the_dump_does_not_create_again_is_an_error() -> None:
+    only_dropped = ConnectMap("16:DROP DATABASE IF EXISTS crm;\n")
+    not_created = ConnectMap(CONNECTS)  # a dump without --clean: no DROP at all
+    for connects in (only_dropped, not_created):
+        report = classify_output(
+            [f'psql:{DUMP}:20: ERROR:  database "crm" does not exist'], connects)
+        assert not report.ok
+    # Not a DROP's message: a \connect to a missing database says more than that.
+    report = classify_output([
+        f'psql:{DUMP}:92: error: \\connect: connection to server on socket "/tmp/.s.PGSQL.5432"'
+        ' failed: FATAL:  database "template1" does not exist'], ConnectMap(CLEAN_GREP))
+    assert not report.ok

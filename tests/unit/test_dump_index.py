@@ -4,6 +4,7 @@ does not understand reported as a serial fallback with a reason."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -305,3 +306,20 @@ def test_index_of_version_1_is_read_without_row_counts() -> None:
     assert all(e.rows is None for db in old.databases for e in db.data)
     assert [e.copy for db in old.databases for e in db.data] == \
         [e.copy for db in ix.databases for e in db.data]
+
+
+def test_roles_the_globals_drop_and_create_again() -> None:
+    # A role dropped and created (pg_dumpall --clean), one only created, and text that looks
+    # like a DROP ROLE inside a quoted string of another statement: not a statement of its own.
+    text = dumptext.dump(globals_=dumptext.GLOBALS.replace(
+        "DROP ROLE IF EXISTS postgres;\n",
+        'DROP ROLE IF EXISTS postgres;\nDROP ROLE "Odd Role";\n'
+        "COMMENT ON ROLE app IS 'x\nDROP ROLE ghost;\nCREATE ROLE ghost;\n';\n").replace(
+        "CREATE ROLE postgres;\n", 'CREATE ROLE postgres;\nCREATE ROLE "Odd Role";\n'
+        "CREATE ROLE only_created;\n"))
+    index = DumpIndex.from_json(_index(text).to_json())
+    assert index.recreated_roles == ["Odd Role", "app", "postgres"]
+    # An index written before the field existed reads as none.
+    raw = json.loads(index.to_json())
+    del raw["recreated_roles"]
+    assert DumpIndex.from_json(json.dumps(raw)).recreated_roles == []

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from pgrecovery.engine.locks import DeploymentClaims, RecoveryRef, deployment_gate
+from pgrecovery.engine.locks import (
+    DeploymentClaims,
+    RecoveryRef,
+    deployment_gate,
+    inheritor_of_leftovers,
+)
 from pgrecovery.engine.phases import Phase
 
 pytestmark = pytest.mark.unit
@@ -46,3 +51,22 @@ def test_status_of_another_object_holds_after_a_restart() -> None:
 )
 def test_waiting_finished_or_unrelated_recoveries_hold_nothing(other: RecoveryRef) -> None:
     assert deployment_gate(ref("b"), [other], DeploymentClaims()) is None
+
+
+def _any(uid: str, phase: Phase, *, started: bool, finished: bool = False,
+         deployment: str = "a9s-pg") -> RecoveryRef:
+    return RecoveryRef(uid=uid, name=f"ns/{uid}", deployment=deployment, phase=phase,
+                       finished=finished, started_destructive=False, started=started)
+
+
+def test_a_deleted_recovery_leaves_its_files_to_a_running_one_of_the_deployment() -> None:
+    me = _any("old", Phase.FAILED, started=True, finished=True)
+    running = _any("new", Phase.DECRYPTING, started=True)
+    assert inheritor_of_leftovers(me, [me, running]) == running
+    # Nobody to leave them to: not started yet (Pending, Blocked before its first step), already
+    # finished, another deployment, or itself.
+    for other in (_any("new", Phase.PENDING, started=False),
+                  _any("new", Phase.REJOINED, started=True, finished=True),
+                  _any("new", Phase.RESTORING, started=True, deployment="other-pg")):
+        assert inheritor_of_leftovers(me, [me, other]) is None, other
+    assert inheritor_of_leftovers(me, [me]) is None

@@ -286,6 +286,23 @@ def test_tasks_json_names_each_task_database() -> None:
     assert "ranges" not in raw["tasks"][0]
 
 
+def test_the_plan_knows_which_databases_the_dump_creates_again() -> None:
+    # `--clean`: shop in the globals' drops; template1 by its own DROP before its CREATE.
+    text = dumptext.dump().decode().replace(
+        "-- Dumped by pg_dump version 15.18\n\n" + dumptext.PREAMBLE + "--\n-- Name: template1;",
+        "-- Dumped by pg_dump version 15.18\n\n" + dumptext.PREAMBLE
+        + "DROP DATABASE template1;\n--\n-- Name: template1;", 1)
+    assert "DROP DATABASE template1;" in text
+    plan = build_plan(_index(text.encode()), "/x.dump", "/w", concurrency=2,
+                      psql_argv=["psql"])
+    assert plan.recreated.databases == {"shop", "template1"}
+    assert json.loads(plan.tasks_json())["recreated"]["databases"] == ["shop", "template1"]
+    globals_task = next(t for t in plan.tasks if t.phase == "globals")
+    gone = ['psql:<stdin>:40: ERROR:  database "template1" does not exist']
+    assert classify_task_log(globals_task, gone, plan.recreated).ok
+    assert not classify_task_log(globals_task, gone).ok
+
+
 # ----------------------------------------------------------------- WAL-free load
 
 

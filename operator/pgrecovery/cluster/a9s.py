@@ -49,7 +49,12 @@ from pgrecovery.cluster.nodes import (
     validate_nodes,
     validate_run_id,
 )
-from pgrecovery.cluster.restore_errors import ConnectMap, RestoreReport, classify_output
+from pgrecovery.cluster.restore_errors import (
+    GREP_PATTERNS,
+    ConnectMap,
+    RestoreReport,
+    classify_output,
+)
 from pgrecovery.errors import (
     BackupError,
     ClusterError,
@@ -665,7 +670,8 @@ done
                 "(VM restarted?); the database may hold a partial restore. Last output: "
                 + status.log_tail[-500:]
             )
-        grep = await self._root(view.primary, ["grep", "-n", "^\\\\connect ", "--", dump],
+        patterns = [arg for p in GREP_PATTERNS for arg in ("-e", p)]
+        grep = await self._root(view.primary, ["grep", "-n", *patterns, "--", dump],
                                 check=False, timeout=1800)
         report = await self._classify(view.primary, job_id, ConnectMap(grep))
         if status.exit_code != 0 or status.cancelled:

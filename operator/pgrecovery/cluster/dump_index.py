@@ -90,6 +90,8 @@ _INDEX_EXTRA_SQL = re.compile(rb"^ALTER (?:TABLE|INDEX) (?:ONLY )?\S+\s+(?:CLUST
 _HEAD_BYTES = 1024
 _DATABASE_DDL = re.compile(rb'^(?P<verb>DROP|CREATE) DATABASE (?:IF EXISTS )?'
                            rb'(?P<name>"(?:[^"]|"")+"|[^\s;"]+)')
+_ROLE_DDL = re.compile(rb'^(?P<verb>DROP|CREATE) ROLE (?:IF EXISTS )?'
+                       rb'(?P<name>"(?:[^"]|"")+"|[^\s;"]+)')
 _DOLLAR = re.compile(rb"\$(?:[A-Za-z_\x80-\xff][A-Za-z0-9_\x80-\xff]*)?\$")
 _TOKEN = re.compile(rb"""[Ee]'|'|"|\$(?:[A-Za-z_\x80-\xff][A-Za-z0-9_\x80-\xff]*)?\$|--|/\*|;""")
 _IDENT_CHAR = re.compile(rb"[A-Za-z0-9_$\x80-\xff]")
@@ -167,6 +169,9 @@ class DumpIndex:
     fallback: str | None = None
     """Set when the dump as a whole must be restored by one serial psql."""
     version: int = INDEX_VERSION
+    recreated_roles: list[str] = field(default_factory=list)
+    """Roles the globals drop and create again (`pg_dumpall --clean`): a "does not exist"
+    of such a DROP is harmless (`restore_errors.Recreated`). Absent from older indexes."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -179,7 +184,8 @@ class DumpIndex:
                              if isinstance(raw, dict) else "dump index is not an object")
         dbs = [_db_from(d) for d in raw["databases"]]
         return cls(size=int(raw["size"]), globals=_range(raw["globals"]), databases=dbs,
-                   fallback=raw.get("fallback"), version=int(raw["version"]))
+                   fallback=raw.get("fallback"), version=int(raw["version"]),
+                   recreated_roles=[str(r) for r in raw.get("recreated_roles", [])])
 
     @property
     def fallbacks(self) -> dict[str, str]:
@@ -262,6 +268,7 @@ class DumpIndexer:
         self._trailer = False  # after "-- PostgreSQL database cluster dump complete"
         self._encoding_at: int | None = None  # offset of an `\\encoding` line just read
         self._dropped: set[str] = set()  # databases the dump drops (`pg_dumpall --clean`)
+        self._roles: dict[str, set[str]] = {"DROP": set(), "CREATE": set()}  # in the globals
 
     # ------------------------------------------------------------------ feeding
 
@@ -359,7 +366,9 @@ class DumpIndexer:
         dbs = [d.index for d in self._dbs]
         for db in dbs:
             db.dropped = db.name in self._dropped
-        return DumpIndex(size=size, globals=(0, globals_end), databases=dbs, fallback=self._fatal)
+        recreated_roles = sorted(self._roles["DROP"] & self._roles["CREATE"])
+        return DumpIndex(size=size, globals=(0, globals_end), databases=dbs, fallback=self._fatal,
+                         recreated_roles=recreated_roles)
 
     # ------------------------------------------------------------------ lines
 
@@ -396,6 +405,9 @@ class DumpIndexer:
             self._stmt_start = start
             if line.startswith((b"DROP DATABASE ", b"CREATE DATABASE ")):
                 self._database_ddl(line)
+            elif line.startswith((b"DROP ROLE ", b"CREATE ROLE ")) and not self._dbs \
+                    and not self._in_stmt:
+                self._role_ddl(line)
             self._statement_start(start, line)
             self._lex(line, start)
         if self._copy is None and not self._in_stmt and self._quote is None \
@@ -497,6 +509,14 @@ class DumpIndexer:
             self._dropped.add(name)
         elif db is not None:
             db.index.created = True
+
+    def _role_ddl(self, line: bytes) -> None:
+        """`DROP ROLE` / `CREATE ROLE` starting a statement in the globals."""
+        m = _ROLE_DDL.match(line)
+        if m is not None:
+            raw = m.group("name")
+            name = raw[1:-1].replace(b'""', b'"') if raw.startswith(b'"') else raw.lower()
+            self._roles[m.group("verb").decode()].add(name.decode("utf-8", "replace"))
 
     def _statement_start(self, start: int, line: bytes) -> None:
         db = self._dbs[-1] if self._dbs else None

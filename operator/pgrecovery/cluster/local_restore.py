@@ -80,5 +80,5 @@ def run_local_restore(
         log = work_dir / f"t{task.id}.log"
         if log.exists():
             with log.open(encoding="utf-8", errors="replace") as f:
-                reports.append(classify_task_log(task, f))
+                reports.append(classify_task_log(task, f, plan.recreated))
     return LocalRestoreResult(plan, proc.returncode, outcomes, merge_reports(reports))

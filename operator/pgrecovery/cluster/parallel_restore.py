@@ -33,7 +33,7 @@ from pgrecovery.cluster import psql
 from pgrecovery.cluster.a9s import A9sOperations, RestoreStatus
 from pgrecovery.cluster.dump_index import DumpIndex
 from pgrecovery.cluster.nodes import ClusterView, ProgressEvent, validate_run_id
-from pgrecovery.cluster.restore_errors import RestoreReport
+from pgrecovery.cluster.restore_errors import Recreated, RestoreReport
 from pgrecovery.cluster.restore_script import (
     Task,
     build_plan,
@@ -149,7 +149,7 @@ async def start_parallel_restore(
     return status
 
 
-def _parse_state(text: str) -> tuple[list[Task], int, dict[str, str], str]:
+def _parse_state(text: str) -> tuple[list[Task], int, dict[str, str], str, Recreated]:
     head, _, progress = text.partition("---pgrecovery-progress---\n")
     try:
         raw = json.loads(head.strip() or "{}")
@@ -158,7 +158,11 @@ def _parse_state(text: str) -> tuple[list[Task], int, dict[str, str], str]:
     tasks = [Task(int(t["id"]), str(t["database"]), str(t["phase"]), (), int(t["bytes"]))
              for t in raw.get("tasks", [])]
     fallbacks = {str(k): str(v) for k, v in raw.get("fallbacks", {}).items()}
-    return tasks, int(raw.get("total_bytes", 0)), fallbacks, progress
+    # Absent from plans written before it existed: nothing is taken as recreated.
+    listed = raw.get("recreated") or {}
+    recreated = Recreated(frozenset(str(n) for n in listed.get("databases", [])),
+                          frozenset(str(n) for n in listed.get("roles", [])))
+    return tasks, int(raw.get("total_bytes", 0)), fallbacks, progress, recreated
 
 
 async def poll_parallel_restore(
@@ -185,7 +189,7 @@ async def poll_parallel_restore(
     work = work_dir(ops, run_id)
     res = await ops.shell.run_root(primary.endpoint, shell_script_argv(_READ_STATE, work),
                                    timeout=60)
-    tasks, total, fallbacks, progress = _parse_state(res.stdout)
+    tasks, total, fallbacks, progress, recreated = _parse_state(res.stdout)
     if not tasks:
         raise RestoreFailed(f"{primary.name}: the parallel restore's task list {work}/plan.json "
                             "is missing; its outcome cannot be judged")
@@ -198,7 +202,7 @@ async def poll_parallel_restore(
         return ParallelRestoreStatus(status, False, bytes_read=done_bytes, bytes_total=total,
                                      fallbacks=fallbacks, tasks_done=len(outcomes),
                                      tasks_total=len(tasks))
-    report = await _classify(ops, view, work, tasks)
+    report = await _classify(ops, view, work, tasks, recreated)
     failed = [t for t in tasks if t.id not in outcomes or outcomes[t.id].exit_code != 0]
     if status.exit_code != 0 or status.cancelled or failed:
         where = "; ".join(
@@ -222,7 +226,7 @@ async def poll_parallel_restore(
 
 
 async def _classify(ops: A9sOperations, view: ClusterView, work: str,
-                    tasks: list[Task]) -> RestoreReport:
+                    tasks: list[Task], recreated: Recreated) -> RestoreReport:
     """Every task's log in ONE streamed command (a dump of many small databases has hundreds
     of tasks; one `cat` each cost a round trip apiece, ~2 s at the end of every restore)."""
     by_id = {t.id: t for t in tasks}
@@ -244,4 +248,5 @@ async def _classify(ops: A9sOperations, view: ClusterView, work: str,
     if left:
         raise RemoteCommandFailed(f"{view.primary.name}: the restore logs in {work} ended "
                                   f"{left} line(s) early")
-    return merge_reports([classify_task_log(by_id[i], lines) for i, lines in logs.items()])
+    return merge_reports([classify_task_log(by_id[i], lines, recreated)
+                          for i, lines in logs.items()])

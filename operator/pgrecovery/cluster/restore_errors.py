@@ -24,6 +24,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 REPMGR_DATABASE = "repmgr_cluster"
+# `grep -n -e … -e …` patterns for the dump lines `ConnectMap` reads.
+GREP_PATTERNS = ("^\\\\connect ", "^DROP DATABASE ", "^CREATE DATABASE ", "^DROP ROLE ",
+                 "^CREATE ROLE ")
 REPMGR_TABLES = frozenset({"nodes", "events", "monitoring_history", "voting_term"})
 
 # How many unexpected errors are kept verbatim for the failure message and status.
@@ -35,6 +38,8 @@ _MESSAGE = re.compile(
 )
 _CONTINUATION = re.compile(r"^(?:DETAIL|HINT|CONTEXT|LINE \d+|QUERY|STATEMENT):\s")
 _CONNECT = re.compile(r"^(?P<line>\d+):\\connect\s+(?P<args>.*)$")
+_DDL = re.compile(r'^\d+:(?P<verb>DROP|CREATE) (?P<kind>DATABASE|ROLE) (?:IF EXISTS )?'
+                  r'(?P<name>"(?:[^"]|"")+"|[^\s;"]+)')
 
 _EXPECTED: list[tuple[str, re.Pattern[str]]] = [
     ("role already exists", re.compile(r'^role ".*" already exists$')),
@@ -49,6 +54,18 @@ _EXPECTED: list[tuple[str, re.Pattern[str]]] = [
     ("open database cannot be dropped",
      re.compile(r"^cannot drop the currently open database$")),
 ]
+# A database the dump drops and creates again (`--clean`; without `--if-exists` for all of
+# them, with it still for postgres and template1) may be gone already: a power cut between a
+# restore's `DROP DATABASE template1;` and its `CREATE DATABASE template1` leaves none, and the
+# next run's drop then fails. The CREATE that follows makes it again, so the error is harmless
+# *for those databases*. A `\connect` to a missing database prints another message
+# (`\connect: connection to server … failed`), and a CREATE that fails is an error of its own.
+# The same for roles: `pg_dumpall --clean` without `--if-exists` writes `DROP ROLE x;`, which
+# fails on a cluster without x, and its `CREATE ROLE x` follows. (A later "role x does not
+# exist" of an ALTER or GRANT would mean its CREATE ROLE failed: an error of its own.)
+_GONE = re.compile(r'^(?P<kind>database|role) "(?P<name>.*)" does not exist$')
+_GONE_KINDS = {"database": "database the dump drops was already gone",
+               "role": "role the dump drops was already gone"}
 _DUPLICATE_KEY = re.compile(r'^duplicate key value violates unique constraint "(?P<c>[^"]+)"$')
 _COPY_CONTEXT = re.compile(r"^CONTEXT:\s+COPY (?:(?P<schema>\w+)\.)?(?P<table>\w+),")
 
@@ -92,14 +109,44 @@ class RestoreReport:
         return f"{self.unexpected_count} unexpected error(s), first: {first}; {expected}"
 
 
-class ConnectMap:
-    """Which database a dump line belongs to, from `grep -n '^\\connect' dump` output."""
+@dataclass(frozen=True)
+class Recreated:
+    """What the dump drops and then creates again: for these a "does not exist" from the
+    dump's own DROP is harmless (`_GONE`)."""
 
-    def __init__(self, grep_output: str = "", *, initial: str = "postgres") -> None:
+    databases: frozenset[str] = frozenset()
+    roles: frozenset[str] = frozenset()
+
+    def __or__(self, other: Recreated) -> Recreated:
+        return Recreated(self.databases | other.databases, self.roles | other.roles)
+
+    def has(self, kind: str, name: str) -> bool:
+        return name in (self.databases if kind == "database" else self.roles)
+
+
+NOTHING_RECREATED = Recreated()
+
+
+def ddl_name(raw: str) -> str:
+    """An object name as pg_dump writes it after DROP/CREATE: quoted, or folded to lower case."""
+    return raw[1:-1].replace('""', '"') if raw.startswith('"') else raw.lower()
+
+
+class ConnectMap:
+    """Which database a dump line belongs to, from `grep -n` output of the dump's `\\connect`
+    lines (`GREP_PATTERNS`), and which databases it drops and creates again."""
+
+    def __init__(self, grep_output: str = "", *, initial: str = "postgres",
+                 recreated: Recreated = NOTHING_RECREATED) -> None:
         self._lines: list[int] = []
         self._dbs: list[str] = []
         self._initial = initial
+        seen: dict[tuple[str, str], set[str]] = {}
         for raw in grep_output.splitlines():
+            ddl = _DDL.match(raw.strip())
+            if ddl:
+                seen.setdefault((ddl.group("kind"), ddl.group("verb")), set()).add(
+                    ddl_name(ddl.group("name")))
             m = _CONNECT.match(raw.strip())
             if not m:
                 continue
@@ -107,6 +154,11 @@ class ConnectMap:
             if db is not None:
                 self._lines.append(int(m.group("line")))
                 self._dbs.append(db)
+
+        def both(kind: str) -> frozenset[str]:
+            return frozenset(seen.get((kind, "DROP"), set()) & seen.get((kind, "CREATE"), set()))
+
+        self.recreated = recreated | Recreated(both("DATABASE"), both("ROLE"))
 
     def database_at(self, line: int | None) -> str | None:
         if line is None:
@@ -170,11 +222,14 @@ def _with_context(message: PsqlMessage, context: list[str]) -> PsqlMessage:
                        tuple(context))
 
 
-def classify(message: PsqlMessage) -> str | None:
+def classify(message: PsqlMessage, recreated: Recreated = NOTHING_RECREATED) -> str | None:
     """The expected-error kind of a message, or None when it is not expected."""
     for kind, pattern in _EXPECTED:
         if pattern.search(message.text):
             return kind
+    gone = _GONE.match(message.text)
+    if gone and recreated.has(gone.group("kind"), gone.group("name")):
+        return _GONE_KINDS[gone.group("kind")]
     if _DUPLICATE_KEY.match(message.text):
         table = None
         schema = None
@@ -191,9 +246,10 @@ def classify(message: PsqlMessage) -> str | None:
 
 
 def classify_output(lines: Iterable[str], connects: ConnectMap | None = None) -> RestoreReport:
+    connects = connects or ConnectMap()
     report = RestoreReport()
     for message in parse_messages(lines, connects):
-        kind = classify(message)
+        kind = classify(message, connects.recreated)
         if kind is not None:
             report.expected[kind] += 1
             continue

@@ -71,7 +71,9 @@ from dataclasses import asdict, dataclass
 from pgrecovery.cluster.dump_index import DatabaseIndex, DumpIndex, Entry, Range
 from pgrecovery.cluster.restore_errors import (
     MAX_UNEXPECTED_KEPT,
+    NOTHING_RECREATED,
     ConnectMap,
+    Recreated,
     RestoreReport,
     classify_output,
 )
@@ -134,10 +136,15 @@ class RestorePlan:
     """`freeze.sql` (WAL-free mode), to be placed in the work directory beside the script."""
     frozen: int = 0
     """COPY entries wrapped for the WAL-free load."""
+    recreated: Recreated = NOTHING_RECREATED
+    """Databases and roles the dump drops and creates again (`restore_errors.classify`)."""
 
     def tasks_json(self) -> str:
-        """task id → database, phase, bytes (stored beside the script for the poller)."""
+        """task id → database, phase, bytes, and the recreated databases (stored beside the
+        script for the poller, which classifies the errors)."""
         return json.dumps({"total_bytes": self.total_bytes, "fallbacks": self.fallbacks,
+                           "recreated": {"databases": sorted(self.recreated.databases),
+                                         "roles": sorted(self.recreated.roles)},
                            "tasks": [{k: v for k, v in asdict(t).items() if k != "ranges"}
                                      for t in self.tasks]})
 
@@ -364,13 +371,17 @@ def build_plan(
             fresh = db.dropped or db.name in set(fresh_databases)
             chains.append(_chain(b, db, concurrency, fallbacks, freeze, fresh=fresh))
     total = sum(t.bytes for t in b.tasks)
+    recreated = Recreated(
+        frozenset(db.name for db in index.databases if db.dropped and db.created),
+        frozenset(index.recreated_roles))
     sql_base = freeze.base if freeze is not None else index.size + 1
     script = _script(b.tasks, chains, dump_path, work_dir, concurrency, psql_argv, mwm,
                      sql_base)
     if freeze is None:
-        return RestorePlan(script, tuple(b.tasks), total, concurrency, fallbacks)
+        return RestorePlan(script, tuple(b.tasks), total, concurrency, fallbacks,
+                           recreated=recreated)
     return RestorePlan(script, tuple(b.tasks), total, concurrency, fallbacks, freeze.text(),
-                       freeze.tables)
+                       freeze.tables, recreated)
 
 
 def _chain(b: _Builder, db: DatabaseIndex, concurrency: int, fallbacks: dict[str, str],
@@ -506,6 +517,8 @@ def merge_reports(reports: Sequence[RestoreReport]) -> RestoreReport:
     return merged
 
 
-def classify_task_log(task: Task, lines: Iterable[str]) -> RestoreReport:
-    """Errors of one task's psql output; every message belongs to the task's database."""
-    return classify_output(lines, ConnectMap("", initial=task.database))
+def classify_task_log(task: Task, lines: Iterable[str],
+                      recreated: Recreated = NOTHING_RECREATED) -> RestoreReport:
+    """Errors of one task's psql output; every message belongs to the task's database.
+    `recreated`: the plan's (`RestorePlan.recreated`)."""
+    return classify_output(lines, ConnectMap("", initial=task.database, recreated=recreated))

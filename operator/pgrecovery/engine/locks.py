@@ -35,6 +35,8 @@ class RecoveryRef:
     finished: bool
     started_destructive: bool
     """A step of a destructive phase has started (recorded in status.steps)."""
+    started: bool = False
+    """Any step has started: from Decrypting on, the recovery uses the VMs' files."""
 
 
 class DeploymentClaims:
@@ -66,6 +68,19 @@ def busy_with(me: RecoveryRef, others: Iterable[RecoveryRef]) -> RecoveryRef | N
         if other.uid == me.uid or other.deployment != me.deployment or other.finished:
             continue
         if is_destructive(other.phase) and other.started_destructive:
+            return other
+    return None
+
+
+def inheritor_of_leftovers(me: RecoveryRef, others: Iterable[RecoveryRef]) -> RecoveryRef | None:
+    """Another unfinished recovery of `me.deployment` that has started: it works with the same
+    files on the VMs (the staged dump it may have re-used, the state directory its own job
+    records live in), so deleting `me` must leave them to it. Whatever it ends as, those files
+    go with it: its success step removes everything pgrecovery has on the VMs, and a failure
+    lists them in its status for its own deletion."""
+    for other in others:
+        if other.uid != me.uid and other.deployment == me.deployment and not other.finished \
+                and other.started:
             return other
     return None
 

@@ -336,12 +336,16 @@ class Supervisor:
             removed = await plan.leftovers.remove(status) if plan.leftovers is not None else []
         finally:
             await plan.close()
-        # The operator's work directory of this recovery is its own, whatever the plan kept in
-        # it (WAL segments, parts): it goes as a whole.
-        if await asyncio.to_thread(os.path.isdir, inputs.work_dir):
-            await asyncio.to_thread(shutil.rmtree, inputs.work_dir, ignore_errors=True)
-            removed.append(f"operator:{inputs.work_dir}")
-        return removed
+        return removed + await self.remove_work_dir(inputs)
+
+    @staticmethod
+    async def remove_work_dir(inputs: PlanInputs) -> list[str]:
+        """The operator's work directory of this recovery is its own, whatever the plan kept in
+        it (WAL segments, parts): it goes as a whole."""
+        if not await asyncio.to_thread(os.path.isdir, inputs.work_dir):
+            return []
+        await asyncio.to_thread(shutil.rmtree, inputs.work_dir, ignore_errors=True)
+        return [f"operator:{inputs.work_dir}"]
 
     def running(self, key: str) -> bool:
         run = self._runs.get(key)

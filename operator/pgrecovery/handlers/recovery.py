@@ -22,7 +22,7 @@ import kopf
 from pgrecovery import metrics
 from pgrecovery.engine import status as st
 from pgrecovery.engine.lifecycle import accept_or_reject, spec_change
-from pgrecovery.engine.locks import RecoveryRef, deployment_gate
+from pgrecovery.engine.locks import RecoveryRef, deployment_gate, inheritor_of_leftovers
 from pgrecovery.engine.phases import WORKING_PHASES, Phase, is_destructive
 from pgrecovery.engine.status import WARNING_CONDITIONS, ConditionType, RecoveryStatus
 from pgrecovery.engine.steps import StepEvent, StepEventKind
@@ -141,6 +141,7 @@ def by_deployment(body: Any, meta: Any, **_: Any) -> dict[str, RecoveryRef]:
         phase=status.phase,
         finished=status.finished,
         started_destructive=any(is_destructive(step.phase) for step in status.steps),
+        started=bool(status.steps),
     )
     return {deployment: ref}
 
@@ -252,7 +253,7 @@ def _has_leftovers(status: RecoveryStatus) -> bool:
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, id="cancel")
-async def cancel(body: Any, meta: Any, memo: Any, patch: Any, retry: int, **_: Any) -> None:
+async def cancel(body: Any, meta: Any, memo: Any, patch: Any, retry: int, **kwargs: Any) -> None:
     """Stop running work at the next safe point, say what state the cluster was left in, then
     remove what the recovery left on the VMs and the work volume; kopf keeps the finalizer
     (and calls again) until that worked or the force-delete annotation is set."""
@@ -267,7 +268,21 @@ async def cancel(body: Any, meta: Any, memo: Any, patch: Any, retry: int, **_: A
     if retry == 0:
         _post_deleted_event(body, final, stopped is not None)
     if _has_leftovers(final):
-        await _remove_leftovers(body, meta, patch, runtime, final)
+        me = RecoveryRef(
+            uid=meta["uid"],
+            name=f"{meta['namespace']}/{meta['name']}",
+            deployment=((body.get("spec") or {}).get("target") or {}).get("deployment") or "",
+            phase=final.phase,
+            finished=final.finished,
+            started_destructive=False,
+        )
+        # kopf passes its indexes by their id (`by_deployment`, above).
+        others = kwargs["by_deployment"].get(me.deployment, [])
+        inheritor = inheritor_of_leftovers(me, others)
+        if inheritor is not None:
+            await _leave_leftovers_to(body, runtime, final, inheritor)
+        else:
+            await _remove_leftovers(body, meta, patch, runtime, final)
     await runtime.executor.drop(meta["namespace"], meta["uid"])
     metrics.forget(f"{meta['namespace']}/{meta['name']}")
 
@@ -292,6 +307,24 @@ async def _remove_leftovers(
     kopf.event(body, type="Normal", reason="CleanedUp",
                message=(f"removed {len(removed)}: {'; '.join(removed) or 'nothing was left'}"
                         )[:1024])
+
+
+async def _leave_leftovers_to(
+    body: Any, runtime: Runtime, status: RecoveryStatus, inheritor: RecoveryRef
+) -> None:
+    """Another recovery of the deployment is running and works with the same files on the VMs
+    (it may have re-used the staged dump; its job records share the state directory): removing
+    them now would break it. They are left to it (its success removes everything pgrecovery has
+    on the VMs; a failure lists them for its own deletion); this recovery's own work directory
+    on the operator's volume goes."""
+    removed = await runtime.supervisor.remove_work_dir(runtime.inputs(body, status))
+    kopf.event(
+        body, type="Normal", reason="LeftoversHandedOver",
+        message=(f"the files on the VMs stay for PgRecovery {inheritor.name} of the same "
+                 f"deployment (phase {inheritor.phase.value}), which uses them and removes them "
+                 f"when it succeeds; removed: {'; '.join(removed) or 'nothing'}; on the VMs: "
+                 f"{status.facts.get('leftovers', 'not listed')}")[:1024],
+    )
 
 
 def _post_deleted_event(body: Any, final: RecoveryStatus, stopped: bool) -> None:
