@@ -27,12 +27,11 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TextIO
 
 import yaml
-from pydantic import SecretStr
 
 from pgrecovery.adapters.objectstore import ObjectStore
 from pgrecovery.backups.config import (
@@ -42,6 +41,7 @@ from pgrecovery.backups.config import (
     EncryptionKey,
     S3Location,
 )
+from pgrecovery.backups.credentials import azure_credentials
 from pgrecovery.backups.listing import Backup, BackupListing, list_backups, select_backup
 from pgrecovery.backups.localstore import LocalDirStore
 from pgrecovery.backups.naming import guess_guid, parse_backup_id, validate_guid
@@ -154,21 +154,9 @@ def _guid(args: argparse.Namespace) -> str | None:
     return None
 
 
-def azure_credentials_from_env(env: dict[str, str] | os._Environ[str]) -> AzureCredentials:
-    """Azure credentials from the variables the az CLI uses."""
-    if env.get("AZURE_STORAGE_CONNECTION_STRING"):
-        return AzureCredentials(connection_string=SecretStr(env["AZURE_STORAGE_CONNECTION_STRING"]))
-    if env.get("AZURE_STORAGE_KEY"):
-        return AzureCredentials(
-            account_name=env.get("AZURE_STORAGE_ACCOUNT") or None,
-            account_key=SecretStr(env["AZURE_STORAGE_KEY"]),
-        )
-    if env.get("AZURE_STORAGE_SAS_TOKEN"):
-        return AzureCredentials(sas_token=SecretStr(env["AZURE_STORAGE_SAS_TOKEN"]))
-    raise SecretError(
-        "no Azure credentials: set AZURE_STORAGE_CONNECTION_STRING, or --account-url with "
-        "AZURE_STORAGE_KEY (and AZURE_STORAGE_ACCOUNT) or AZURE_STORAGE_SAS_TOKEN"
-    )
+def azure_credentials_from_env(env: Mapping[str, str]) -> AzureCredentials:
+    """Azure credentials from the variables the az CLI uses (`backups.credentials`)."""
+    return azure_credentials(env, "the environment (with --account-url)")
 
 
 async def _open_store(args: argparse.Namespace) -> tuple[ObjectStore, str]:

@@ -19,6 +19,7 @@ from pydantic import SecretStr
 
 from pgrecovery.adapters.objectstore import ObjectStore
 from pgrecovery.backups.config import AzureCredentials, AzureLocation, EncryptionKey
+from pgrecovery.backups.credentials import azure_credentials
 from pgrecovery.backups.download import download_backup
 from pgrecovery.backups.listing import list_backups, select_backup
 from pgrecovery.backups.pipeline import decrypt_stream
@@ -177,6 +178,30 @@ async def test_refused_account_key(azurite: AzuriteServer, container: str) -> No
     try:
         with pytest.raises(StoreAccessDenied, match="Azure refused the credentials"):
             await list_backups(store, GUID)
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("names", [
+    {"AZURE_STORAGE_KEY": "key", "AZURE_STORAGE_ACCOUNT": "account"},          # az CLI's names
+    {"AZURE_STORAGE_ACCOUNT_KEY": b"key\n", "AZURE_STORAGE_ACCOUNT": b"account"},  # older Secret
+    {"AZURE_STORAGE_CONNECTION_STRING": "connection"},
+])
+async def test_every_credential_name_reaches_the_store(
+    azurite: AzuriteServer, container: str, names: dict[str, str | bytes]
+) -> None:
+    """The one parser (`backups.credentials`) that the operator's Secrets, local mode's
+    secrets and the CLI's environment go through, against a real Azurite: each accepted name
+    lists the backups (Secret values are bytes, with the newline `echo` leaves)."""
+    real = {"key": azurite.account_key, "account": azurite.account_name,
+            "connection": azurite.connection_string}
+    values = {k: (real[v.decode().strip()].encode() + b"\n" if isinstance(v, bytes)
+                  else real[v]) for k, v in names.items()}
+    creds = azure_credentials(values, "Secret ns/store")
+    store = await open_azure_store(AzureLocation(container, azurite.account_url), creds)
+    try:
+        listing = await list_backups(store, GUID)
+        assert [b.backup_id for b in listing.backups] == [OLD, LATEST]
     finally:
         await store.close()
 

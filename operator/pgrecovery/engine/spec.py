@@ -110,8 +110,9 @@ class S3Source(_Model):
 class AzureSource(_Model):
     container: Annotated[str, Field(pattern=CONTAINER_PATTERN)]
     account_url: Annotated[str, Field(pattern=URL_PATTERN)] | None = None
-    # Keys AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_KEY / AZURE_STORAGE_SAS_TOKEN
-    # together with accountUrl.
+    # Keys AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_KEY (+ AZURE_STORAGE_ACCOUNT; the older
+    # AZURE_STORAGE_ACCOUNT_KEY is read too) / AZURE_STORAGE_SAS_TOKEN with accountUrl
+    # (`backups.credentials`, shared with the CLI).
     credentials_secret_ref: SecretRef
 
 

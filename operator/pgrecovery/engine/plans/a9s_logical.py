@@ -36,13 +36,12 @@ from pgrecovery import metrics
 from pgrecovery.adapters.objectstore import ObjectStore
 from pgrecovery.adapters.ssh import SshAuth, SshPool, UploadResult, shell_script_argv
 from pgrecovery.backups.config import (
-    AzureCredentials,
     AzureLocation,
     Digest,
     EncryptionKey,
-    S3Credentials,
     S3Location,
 )
+from pgrecovery.backups.credentials import azure_credentials, s3_credentials
 from pgrecovery.backups.listing import Backup, list_backups, select_backup
 from pgrecovery.backups.pipeline import check_key
 from pgrecovery.backups.sources import StorePartsSource
@@ -89,7 +88,6 @@ from pgrecovery.errors import (
     RecoveryError,
     RestoreFailed,
     RestoreIncomplete,
-    SecretError,
 )
 
 log = logging.getLogger(__name__)
@@ -204,7 +202,8 @@ class A9sLogicalRecovery:
                 creds = None
                 if source.s3.credentials_secret_ref is not None:
                     values = await secrets.get_all(source.s3.credentials_secret_ref)
-                    creds = _s3_credentials(source.s3.credentials_secret_ref.name, values)
+                    creds = s3_credentials(
+                        values, f"Secret {source.s3.credentials_secret_ref.name}")
                 location = S3Location(
                     bucket=source.s3.bucket,
                     region=source.s3.region,
@@ -214,7 +213,8 @@ class A9sLogicalRecovery:
                 self._store = await open_s3_store(location, creds)
             elif source.azure is not None:
                 values = await secrets.get_all(source.azure.credentials_secret_ref)
-                azure_creds = _azure_credentials(source.azure.credentials_secret_ref.name, values)
+                azure_creds = azure_credentials(
+                    values, f"Secret {source.azure.credentials_secret_ref.name}")
                 self._store = await open_azure_store(
                     AzureLocation(
                         container=source.azure.container, account_url=source.azure.account_url
@@ -1122,49 +1122,6 @@ async def _standbys_proven(ctx: StepContext) -> bool:
 async def _tools_checked(ctx: StepContext) -> bool:
     """Pinned once: a resumed run keeps the convention the first check found."""
     return "helperConvention" in ctx.status.facts
-
-
-def _s3_credentials(secret: str, values: dict[str, bytes] | Any) -> S3Credentials:
-    from pydantic import SecretStr  # noqa: PLC0415
-
-    try:
-        access = values["AWS_ACCESS_KEY_ID"].decode().strip()
-        secret_key = values["AWS_SECRET_ACCESS_KEY"].decode().strip()
-    except KeyError as exc:
-        raise SecretError(
-            f"Secret {secret} needs keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-            f"(missing {exc.args[0]})"
-        ) from None
-    token = values.get("AWS_SESSION_TOKEN")
-    return S3Credentials(
-        access_key_id=access,
-        secret_access_key=SecretStr(secret_key),
-        session_token=SecretStr(token.decode().strip()) if token else None,
-    )
-
-
-def _azure_credentials(secret: str, values: dict[str, bytes] | Any) -> AzureCredentials:
-    from pydantic import SecretStr  # noqa: PLC0415
-
-    def get(name: str) -> SecretStr | None:
-        raw = values.get(name)
-        return SecretStr(raw.decode().strip()) if raw else None
-
-    connection = get("AZURE_STORAGE_CONNECTION_STRING")
-    if connection is not None:
-        return AzureCredentials(connection_string=connection)
-    account = values.get("AZURE_STORAGE_ACCOUNT")
-    key, sas = get("AZURE_STORAGE_ACCOUNT_KEY"), get("AZURE_STORAGE_SAS_TOKEN")
-    if key is None and sas is None:
-        raise SecretError(
-            f"Secret {secret} needs AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_KEY "
-            "(with AZURE_STORAGE_ACCOUNT) or AZURE_STORAGE_SAS_TOKEN"
-        )
-    return AzureCredentials(
-        account_name=account.decode().strip() if account else None,
-        account_key=key,
-        sas_token=sas if key is None else None,
-    )
 
 
 async def build_a9s_logical_plan(inputs: PlanInputs) -> Plan:
