@@ -396,38 +396,49 @@ def test_standby_power_cut_during_reclone_is_retried_to_success_after_boot(
 
 
 @pytest.mark.slow
-def test_a_restore_cut_after_dropping_template1_is_finished_by_a_new_run(
-    healthy_sim_cluster: SimCluster, moto_s3: S3Server, tmp_path: Path
+@pytest.mark.parametrize("database", ["template1", "postgres"])
+def test_a_restore_cut_after_the_dump_dropped_a_database_is_finished_by_a_new_run(
+    healthy_sim_cluster: SimCluster, moto_s3: S3Server, tmp_path: Path, database: str
 ) -> None:
     """The state a power cut leaves when it lands between the dump's `DROP DATABASE
-    template1;` and its `CREATE DATABASE template1` (a `--clean` dump drops and creates
-    template1 and postgres without IF EXISTS): no template1. Where the random cut of the test
-    below lands depends on the machine; it landed here on CI twice, and the new run failed on
-    `database "template1" does not exist`. Made here on purpose: a new run restores (the drop's
-    error is expected for a database the dump creates again) and template1 is back."""
+    template1;` (or `postgres`) and its `CREATE DATABASE` (a `--clean` dump drops and creates
+    both without IF EXISTS): no such database. Where the random cut of the test below lands
+    depends on the machine; it landed after template1's drop on CI twice, and the new run
+    failed on `database "template1" does not exist`; without `postgres` it took every server
+    for down. Made here on purpose: a new run restores (the drop's error is expected for a
+    database the dump creates again; without `postgres` pgrecovery's statements run in
+    template1 and the restore creates it first) and the database is back."""
     cluster = healthy_sim_cluster
     scenario = Scenario.prepare(cluster, moto_s3, rows=200)
     primary = cluster.primary()
-    primary.psql("UPDATE pg_catalog.pg_database SET datistemplate = false "
-                 "WHERE datname = 'template1';")
-    primary.psql("DROP DATABASE template1;")
+    other = "postgres" if database == "template1" else "template1"
+    primary.psql(f"UPDATE pg_catalog.pg_database SET datistemplate = false "  # noqa: S608 - constants
+                 f"WHERE datname = '{database}';", database=other)
+    primary.psql(f"DROP DATABASE {database};", database=other)
     try:
-        argv, status_file = _argv(scenario, tmp_path, "template1-gone")
+        argv, status_file = _argv(scenario, tmp_path, f"{database}-gone")
         result = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True,
                                 timeout=RUN_TIMEOUT, check=False)
         status = _status(status_file)
         assert result.returncode == 0, f"{status.get('message')}\n{result.stdout[-4000:]}"
         assert status["phase"] == "Rejoined"
-        report = status["facts"]["restoreReport"]
-        assert "1 x database the dump drops was already gone" in report, report
+        facts = status["facts"]
+        if database == "template1":
+            report = facts["restoreReport"]
+            assert "1 x database the dump drops was already gone" in report, report
+        else:  # created again before the restore: its psql sessions start there
+            assert facts["maintenanceDatabase"].startswith("re-created postgres"), facts
         assert scenario.restored_everywhere() == {vm.name: True for vm in cluster.vms}
         for vm in cluster.vms:
-            assert vm.psql("SELECT datistemplate FROM pg_catalog.pg_database "
-                           "WHERE datname = 'template1';") == "t", vm.name
+            assert vm.psql("SELECT datname, datistemplate FROM pg_catalog.pg_database "
+                           "WHERE datname IN ('template1', 'postgres') ORDER BY 1;",
+                           database="template1") == "postgres|f\ntemplate1|t", vm.name
     finally:
-        if primary.psql("SELECT count(*) FROM pg_catalog.pg_database "
-                        "WHERE datname = 'template1';") == "0":
-            primary.psql("CREATE DATABASE template1 TEMPLATE template0 IS_TEMPLATE true;")
+        if primary.psql(f"SELECT count(*) FROM pg_catalog.pg_database "  # noqa: S608 - constants
+                        f"WHERE datname = '{database}';", database=other) == "0":
+            template = " IS_TEMPLATE true" if database == "template1" else ""
+            primary.psql(f"CREATE DATABASE {database} TEMPLATE template0{template};",
+                         database=other)
         cluster.heal(timeout=60)
 
 

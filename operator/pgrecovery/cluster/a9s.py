@@ -174,7 +174,7 @@ class A9sOperations:
         return await self._root(node, shell_script_argv(script, *args), timeout=timeout,
                                 input=input)
 
-    async def _query(self, node: Node, sql: str, database: str = "postgres",
+    async def _query(self, node: Node, sql: str, database: str = psql.MAINTENANCE_DATABASE,
                      timeout: float = psql.DEFAULT_SQL_TIMEOUT) -> list[list[str]]:
         return await psql.query(self.shell, node, self.layout, sql, database=database,
                                 timeout=timeout)

@@ -35,6 +35,16 @@ exec chpst -u postgres:vcap "$@"
 
 DEFAULT_SQL_TIMEOUT = 120.0
 
+# Cluster-wide statements (catalog reads, ALTER SYSTEM, pg_terminate_backend, DROP DATABASE…)
+# run in `postgres`, as the runbook's psql does. A `--clean` dump drops and creates `postgres`
+# itself (`DROP DATABASE postgres;` then `CREATE DATABASE postgres`), so a restore cut in
+# between leaves a server without it; every psql then failed with "database "postgres" does
+# not exist" and a new run took the server for down. Such statements then run in template1
+# (a plain `template1` connection, never dropped by pgrecovery), and the restore creates
+# `postgres` again before it starts (`ensure_maintenance_database`).
+MAINTENANCE_DATABASE = "postgres"
+FALLBACK_DATABASE = "template1"
+
 
 def validate_dbname(name: str) -> str:
     if not _DBNAME.match(name):
@@ -71,19 +81,33 @@ def psql_argv(
     return as_postgres_argv(layout, args)
 
 
+def database_missing(exc: RemoteCommandFailed, database: str) -> bool:
+    return f'database "{database}" does not exist' in (exc.stderr or str(exc))
+
+
+async def _run_sql(shell: RemoteShell, node: Node, layout: A9sLayout, sql: str, database: str,
+                   extra: tuple[str, ...], timeout: float) -> CommandResult:
+    try:
+        return await shell.run_root(node.endpoint, psql_argv(layout, database, *extra),
+                                    input=sql, timeout=timeout)
+    except RemoteCommandFailed as exc:
+        if database != MAINTENANCE_DATABASE or not database_missing(exc, database):
+            raise
+    return await shell.run_root(node.endpoint, psql_argv(layout, FALLBACK_DATABASE, *extra),
+                                input=sql, timeout=timeout)
+
+
 async def execute(
     shell: RemoteShell,
     node: Node,
     layout: A9sLayout,
     sql: str,
     *,
-    database: str = "postgres",
+    database: str = MAINTENANCE_DATABASE,
     timeout: float = DEFAULT_SQL_TIMEOUT,
 ) -> CommandResult:
     """Run SQL (stdin) with ON_ERROR_STOP; a failing statement raises RemoteCommandFailed."""
-    return await shell.run_root(
-        node.endpoint, psql_argv(layout, database, "-q"), input=sql, timeout=timeout
-    )
+    return await _run_sql(shell, node, layout, sql, database, ("-q",), timeout)
 
 
 async def query(
@@ -92,17 +116,24 @@ async def query(
     layout: A9sLayout,
     sql: str,
     *,
-    database: str = "postgres",
+    database: str = MAINTENANCE_DATABASE,
     timeout: float = DEFAULT_SQL_TIMEOUT,
 ) -> list[list[str]]:
     """Rows of the SQL's result(s), every value as text (NULL → '')."""
-    res = await shell.run_root(
-        node.endpoint,
-        psql_argv(layout, database, "-q", "-t", "--csv"),
-        input=sql,
-        timeout=timeout,
-    )
+    res = await _run_sql(shell, node, layout, sql, database, ("-q", "-t", "--csv"), timeout)
     return parse_csv(res.stdout)
+
+
+async def ensure_maintenance_database(shell: RemoteShell, node: Node, layout: A9sLayout) -> bool:
+    """Create `postgres` when an interrupted restore left the server without it (see
+    MAINTENANCE_DATABASE); True when it had to. The restore's psql sessions start there."""
+    sql = f"SELECT 1 FROM pg_catalog.pg_database WHERE datname = '{MAINTENANCE_DATABASE}';"  # noqa: S608 - constant
+    rows = await query(shell, node, layout, sql)
+    if rows:
+        return False
+    await execute(shell, node, layout, f"CREATE DATABASE {MAINTENANCE_DATABASE};",
+                  database=FALLBACK_DATABASE)
+    return True
 
 
 def parse_csv(text: str) -> list[list[str]]:

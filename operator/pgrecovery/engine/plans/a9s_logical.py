@@ -46,7 +46,7 @@ from pgrecovery.backups.listing import Backup, list_backups, select_backup
 from pgrecovery.backups.pipeline import check_key
 from pgrecovery.backups.sources import StorePartsSource
 from pgrecovery.backups.stores import open_azure_store, open_s3_store
-from pgrecovery.cluster import bulk_load, restore_proof, tools, wal_free
+from pgrecovery.cluster import bulk_load, psql, restore_proof, tools, wal_free
 from pgrecovery.cluster.a9s import A9sOperations, StepResult, estimate_needed_bytes
 from pgrecovery.cluster.dump_index import DumpIndex, DumpIndexer
 from pgrecovery.cluster.existing_databases import (
@@ -736,6 +736,14 @@ if [ -d "$d" ] && [ "$(stat -c %U:%G "$d")" = root:vcap ] \
         if mode is None:
             mode = await self.choose_restore_mode(ctx, ops, view)
             await ctx.fact(restoreMode=mode)
+        # Every psql of the restore starts in `postgres`; a restore cut between the dump's
+        # DROP DATABASE postgres and its CREATE left none (`psql.MAINTENANCE_DATABASE`). Also
+        # on a re-attach: were the running restore between those two statements, its CREATE
+        # meets "already exists" (expected) and fills the empty database made here.
+        if await psql.ensure_maintenance_database(ops.shell, view.primary, ops.layout):
+            await ctx.fact(maintenanceDatabase=(
+                "re-created postgres before the restore: the primary had none (an interrupted "
+                "restore of a --clean dump drops and creates it)"))
         plain = ctx.status.backup.plain_size_bytes or 0
         deadline = time.monotonic() + max(RESTORE_MIN_TIMEOUT, plain / 1e6)
         sessions = _sessions_of(mode)
