@@ -396,9 +396,11 @@ def test_standby_power_cut_during_reclone_is_retried_to_success_after_boot(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("database", ["template1", "postgres"])
+@pytest.mark.parametrize(("database", "left"), [
+    ("template1", "gone"), ("template1", "invalid"), ("postgres", "gone"), ("postgres", "invalid"),
+])
 def test_a_restore_cut_after_the_dump_dropped_a_database_is_finished_by_a_new_run(
-    healthy_sim_cluster: SimCluster, moto_s3: S3Server, tmp_path: Path, database: str
+    healthy_sim_cluster: SimCluster, moto_s3: S3Server, tmp_path: Path, database: str, left: str
 ) -> None:
     """The state a power cut leaves when it lands between the dump's `DROP DATABASE
     template1;` (or `postgres`) and its `CREATE DATABASE` (a `--clean` dump drops and creates
@@ -407,16 +409,22 @@ def test_a_restore_cut_after_the_dump_dropped_a_database_is_finished_by_a_new_ru
     failed on `database "template1" does not exist`; without `postgres` it took every server
     for down. Made here on purpose: a new run restores (the drop's error is expected for a
     database the dump creates again; without `postgres` pgrecovery's statements run in
-    template1 and the restore creates it first) and the database is back."""
+    template1 and the restore creates it first) and the database is back.
+    A cut *during* the DROP leaves the database invalid instead (PostgreSQL 15.4+ marks it with
+    `datconnlimit = -2`, as done here): it refuses connections, and only dropping it works."""
     cluster = healthy_sim_cluster
     scenario = Scenario.prepare(cluster, moto_s3, rows=200)
     primary = cluster.primary()
     other = "postgres" if database == "template1" else "template1"
     primary.psql(f"UPDATE pg_catalog.pg_database SET datistemplate = false "  # noqa: S608 - constants
                  f"WHERE datname = '{database}';", database=other)
-    primary.psql(f"DROP DATABASE {database};", database=other)
+    if left == "gone":
+        primary.psql(f"DROP DATABASE {database};", database=other)
+    else:
+        primary.psql(f"UPDATE pg_catalog.pg_database SET datconnlimit = -2 "  # noqa: S608 - constants
+                     f"WHERE datname = '{database}';", database=other)
     try:
-        argv, status_file = _argv(scenario, tmp_path, f"{database}-gone")
+        argv, status_file = _argv(scenario, tmp_path, f"{database}-{left}")
         result = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True,
                                 timeout=RUN_TIMEOUT, check=False)
         status = _status(status_file)
@@ -425,7 +433,8 @@ def test_a_restore_cut_after_the_dump_dropped_a_database_is_finished_by_a_new_ru
         facts = status["facts"]
         if database == "template1":
             report = facts["restoreReport"]
-            assert "1 x database the dump drops was already gone" in report, report
+            gone = "1 x database the dump drops was already gone"
+            assert (gone in report) == (left == "gone"), report
         else:  # created again before the restore: its psql sessions start there
             assert facts["maintenanceDatabase"].startswith("re-created postgres"), facts
         assert scenario.restored_everywhere() == {vm.name: True for vm in cluster.vms}
@@ -434,8 +443,11 @@ def test_a_restore_cut_after_the_dump_dropped_a_database_is_finished_by_a_new_ru
                            "WHERE datname IN ('template1', 'postgres') ORDER BY 1;",
                            database="template1") == "postgres|f\ntemplate1|t", vm.name
     finally:
-        if primary.psql(f"SELECT count(*) FROM pg_catalog.pg_database "  # noqa: S608 - constants
-                        f"WHERE datname = '{database}';", database=other) == "0":
+        state = primary.psql(f"SELECT datconnlimit FROM pg_catalog.pg_database "  # noqa: S608 - constants
+                             f"WHERE datname = '{database}';", database=other)
+        if state == "-2":
+            primary.psql(f"DROP DATABASE {database};", database=other)
+        if state in ("", "-2"):
             template = " IS_TEMPLATE true" if database == "template1" else ""
             primary.psql(f"CREATE DATABASE {database} TEMPLATE template0{template};",
                          database=other)

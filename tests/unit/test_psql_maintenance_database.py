@@ -19,8 +19,9 @@ pytestmark = pytest.mark.unit
 
 
 class FakeServer:
-    def __init__(self, databases: set[str]) -> None:
+    def __init__(self, databases: set[str], invalid: frozenset[str] = frozenset()) -> None:
         self.databases = databases
+        self.invalid = set(invalid)
         self.sessions: list[tuple[str, str]] = []  # (database, sql)
 
     async def run_root(self, node: SshEndpoint, argv: Sequence[str], *,
@@ -31,13 +32,22 @@ class FakeServer:
             stderr = (f'psql: error: connection to server on socket "/tmp/.s.PGSQL.5432" failed: '
                       f'FATAL:  database "{database}" does not exist')
             raise RemoteCommandFailed(f"exit 2: {stderr}", exit_status=2, stderr=stderr)
+        if database in self.invalid:
+            stderr = f'FATAL:  cannot connect to invalid database "{database}"'
+            raise RemoteCommandFailed(f"exit 2: {stderr}", exit_status=2, stderr=stderr)
         assert isinstance(input, str)
         self.sessions.append((database, input))
-        if input.startswith("CREATE DATABASE "):
-            self.databases.add(input.split()[2].rstrip(";"))
-            return CommandResult(0, "", "")
+        for statement in filter(None, input.split("\n")):
+            name = statement.split()[2].rstrip(";") if " DATABASE " in statement else ""
+            if statement.startswith("DROP DATABASE "):
+                self.databases.discard(name)
+                self.invalid.discard(name)
+            elif statement.startswith("CREATE DATABASE "):
+                self.databases.add(name)
         if "FROM pg_catalog.pg_database" in input:
-            return CommandResult(0, "1\n" if "postgres" in self.databases else "", "")
+            if "postgres" not in self.databases:
+                return CommandResult(0, "", "")
+            return CommandResult(0, "t\n" if "postgres" in self.invalid else "f\n", "")
         return CommandResult(0, "f\n", "")
 
 
@@ -58,5 +68,16 @@ async def test_the_maintenance_database_is_created_once() -> None:
     assert "postgres" in server.databases
     before = len(server.sessions)
     assert not await psql.ensure_maintenance_database(server, PRIMARY, LAYOUT)  # type: ignore[arg-type]
-    assert server.sessions[before:] == [
-        ("postgres", "SELECT 1 FROM pg_catalog.pg_database WHERE datname = 'postgres';")]
+    assert server.sessions[before:] == [("postgres", (
+        "SELECT datconnlimit = -2 FROM pg_catalog.pg_database WHERE datname = 'postgres';"))]
+
+
+async def test_an_invalid_maintenance_database_is_dropped_and_created() -> None:
+    # A cut during the dump's DROP DATABASE postgres: it is there, but refuses connections.
+    server = FakeServer({"template1", "postgres"}, invalid=frozenset({"postgres"}))
+    assert await psql.ensure_maintenance_database(server, PRIMARY, LAYOUT)  # type: ignore[arg-type]
+    assert server.sessions[-1] == ("template1",
+                                   "DROP DATABASE postgres;\nCREATE DATABASE postgres;")
+    assert not server.invalid
+    assert await psql.query(server, PRIMARY, LAYOUT, "SELECT 1;") == [["f"]]  # type: ignore[arg-type]
+    assert server.sessions[-1][0] == "postgres"

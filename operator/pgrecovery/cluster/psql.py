@@ -82,7 +82,11 @@ def psql_argv(
 
 
 def database_missing(exc: RemoteCommandFailed, database: str) -> bool:
-    return f'database "{database}" does not exist' in (exc.stderr or str(exc))
+    """psql could not connect because the database is gone, or left invalid by an
+    interrupted DROP DATABASE (PostgreSQL 15.4+ refuses connections to it)."""
+    text = exc.stderr or str(exc)
+    return (f'database "{database}" does not exist' in text
+            or f'cannot connect to invalid database "{database}"' in text)
 
 
 async def _run_sql(shell: RemoteShell, node: Node, layout: A9sLayout, sql: str, database: str,
@@ -125,13 +129,17 @@ async def query(
 
 
 async def ensure_maintenance_database(shell: RemoteShell, node: Node, layout: A9sLayout) -> bool:
-    """Create `postgres` when an interrupted restore left the server without it (see
-    MAINTENANCE_DATABASE); True when it had to. The restore's psql sessions start there."""
-    sql = f"SELECT 1 FROM pg_catalog.pg_database WHERE datname = '{MAINTENANCE_DATABASE}';"  # noqa: S608 - constant
+    """Create `postgres` when an interrupted restore left the server without it, or with an
+    invalid one (see MAINTENANCE_DATABASE); True when it had to. The restore's psql sessions
+    start there."""
+    sql = ("SELECT datconnlimit = -2 FROM pg_catalog.pg_database "  # noqa: S608 - constant
+           f"WHERE datname = '{MAINTENANCE_DATABASE}';")
     rows = await query(shell, node, layout, sql)
-    if rows:
+    if rows and rows[0] == ["f"]:
         return False
-    await execute(shell, node, layout, f"CREATE DATABASE {MAINTENANCE_DATABASE};",
+    # Invalid (a cut during the dump's DROP DATABASE postgres): only dropping it is allowed.
+    drop = f"DROP DATABASE {MAINTENANCE_DATABASE};\n" if rows else ""
+    await execute(shell, node, layout, f"{drop}CREATE DATABASE {MAINTENANCE_DATABASE};",
                   database=FALLBACK_DATABASE)
     return True
 
