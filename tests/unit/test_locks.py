@@ -70,3 +70,6 @@ def test_a_deleted_recovery_leaves_its_files_to_a_running_one_of_the_deployment(
                   _any("new", Phase.RESTORING, started=True, deployment="other-pg")):
         assert inheritor_of_leftovers(me, [me, other]) is None, other
     assert inheritor_of_leftovers(me, [me]) is None
+    # Deleted while it ran: its own cleanup cancels its jobs on the VMs, whoever else runs.
+    running_me = _any("old", Phase.RESTORING, started=True)
+    assert inheritor_of_leftovers(running_me, [running_me, running]) is None

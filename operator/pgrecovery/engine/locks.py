@@ -77,7 +77,12 @@ def inheritor_of_leftovers(me: RecoveryRef, others: Iterable[RecoveryRef]) -> Re
     files on the VMs (the staged dump it may have re-used, the state directory its own job
     records live in), so deleting `me` must leave them to it. Whatever it ends as, those files
     go with it: its success step removes everything pgrecovery has on the VMs, and a failure
-    lists them in its status for its own deletion."""
+    lists them in its status for its own deletion.
+
+    Only a finished `me` hands over: one deleted while it ran still has jobs on the VMs (a
+    restore, a clone) that its own cleanup must cancel and settings it must put back."""
+    if not me.finished:
+        return None
     for other in others:
         if other.uid != me.uid and other.deployment == me.deployment and not other.finished \
                 and other.started:
