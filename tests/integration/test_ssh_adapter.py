@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from pgrecovery.adapters.jobs import JobRunner, JobState
+from pgrecovery.adapters.jobs import STARTING_GRACE_SECONDS, JobRunner, JobState
 from pgrecovery.adapters.ssh import (
     FileSource,
     SshAuth,
@@ -323,6 +323,43 @@ async def test_job_cancel_and_lost(
     assert (await runner.poll_job(node, "lose-me")).state is JobState.LOST
     await runner.remove_job(node, "lose-me")
     assert (await runner.poll_job(node, "lose-me")).state is JobState.ABSENT
+
+
+async def test_a_job_killed_before_it_recorded_its_pid_is_lost(
+    pool: SshPool, local_sshd: LocalSshd, tmp_path: Path  # noqa: F811
+) -> None:
+    """A power cut right after `start_job`: the job directory exists but its runner died
+    before `pid` was written. Seen for real (the standby power-cut test polled such a clone job
+    for ever): it is LOST, not "starting" — at once when `pid.tmp` names a dead process, after
+    STARTING_GRACE_SECONDS when nothing was recorded."""
+    node = _node(local_sshd)
+    root = tmp_path / "jobs"
+    runner = JobRunner(pool, root=str(root))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for name, pid_tmp in (("clone-a", str(dead.pid)), ("clone-b", None)):
+        job = root / name
+        job.mkdir(parents=True)
+        (job / "argv").write_text("pg_basebackup\n")
+        (job / "log").write_text("")
+        if pid_tmp is not None:
+            (job / "pid.tmp").write_text(pid_tmp + "\n")
+    assert (await runner.poll_job(node, "clone-a")).state is JobState.LOST
+    assert (await runner.poll_job(node, "clone-b")).state is JobState.STARTING  # just made
+    old = time.time() - STARTING_GRACE_SECONDS - 5
+    os.utime(root / "clone-b" / "argv", (old, old))
+    assert (await runner.poll_job(node, "clone-b")).state is JobState.LOST
+    # A live runner between writing pid.tmp and renaming it is still starting.
+    live = subprocess.Popen(["sh", "-c", "sleep 30", str(root / "clone-c")])
+    try:
+        job = root / "clone-c"
+        job.mkdir()
+        (job / "argv").write_text("x\n")
+        (job / "pid.tmp").write_text(f"{live.pid}\n")
+        assert (await runner.poll_job(node, "clone-c")).state is JobState.STARTING
+    finally:
+        live.kill()
+        live.wait()
 
 
 async def test_hold_file_keeps_a_job_at_its_start_until_removed(

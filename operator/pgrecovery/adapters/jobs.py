@@ -13,7 +13,8 @@ runs the argv with stdin from a file and stdout+stderr into `log`, and writes th
 `exit.tmp` then renames it to `exit` (a reader never sees a half-written code). `poll_job`
 reads `exit`, or checks that the recorded PID is alive *and* still carries the job directory in
 its command line (PIDs are recycled after a reboot), and returns the tail of the log. A job
-whose process vanished without writing `exit` (power cut, OOM kill) is reported as LOST.
+whose process vanished without writing `exit` (power cut, OOM kill) is reported as LOST, and so
+is one whose runner died before it recorded its PID (`STARTING_GRACE_SECONDS`).
 `cancel_job` signals the whole process group (TERM, then KILL after a grace period) and writes
 exit 143 with a `cancelled` flag.
 
@@ -44,6 +45,12 @@ DEFAULT_JOBS_ROOT = "/var/vcap/store/pgrecovery/jobs"
 
 _JOB_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,100}$")
 _ROOT = re.compile(r"^/[A-Za-z0-9._/-]+$")
+
+# A job whose runner has not recorded its pid this long after the job directory was made never
+# will (the runner is forked at once; `start_job` waits 5 s for the pid): it died at its start,
+# e.g. a power cut right after `start_job`, and is LOST — before, it stayed "starting" forever
+# and the recovery polled it forever (found by the standby power-cut test).
+STARTING_GRACE_SECONDS = 60
 
 # Seconds `cancel_job` waits after SIGTERM before SIGKILL: psql/pg_basebackup exit quickly.
 CANCEL_GRACE_SECONDS = 10
@@ -76,7 +83,7 @@ echo started
 """
 
 _POLL = r"""
-dir=$1; tail_bytes=$2; wait_tenths=${3:-0}
+dir=$1; tail_bytes=$2; wait_tenths=${3:-0}; starting_grace=${4:-60}
 if [ ! -d "$dir" ]; then echo state=absent; exit 0; fi
 # Long poll: wait here (up to wait_tenths/10 s) while the job runs, so the caller hears of its
 # end within 0.1 s instead of a whole poll interval later, at one SSH round trip per interval.
@@ -96,7 +103,17 @@ if [ -f "$dir/exit" ]; then
 elif [ "$alive" = yes ]; then
   echo state=running
 elif [ -z "$pid" ]; then
-  echo state=starting
+  # No pid yet: starting, unless the runner died before it recorded one (a power cut right
+  # after the start: its pid.tmp names a dead process, or nothing appeared for too long).
+  tmp=$(cat "$dir/pid.tmp" 2>/dev/null || true)
+  born=$(stat -c %Y "$dir/argv" 2>/dev/null || date +%s)
+  if [ -n "$tmp" ] && ! grep -qaF -- "$dir" "/proc/$tmp/cmdline" 2>/dev/null; then
+    echo state=lost
+  elif [ $(( $(date +%s) - born )) -gt "$starting_grace" ]; then
+    echo state=lost
+  else
+    echo state=starting
+  fi
 else
   echo state=lost
 fi
@@ -217,7 +234,8 @@ class JobRunner:
         tenths = max(0, min(int(wait * 10), 600))
         res = await self._shell.run_root(
             node,
-            shell_script_argv(_POLL, self.job_dir(job_id), str(int(tail_bytes)), str(tenths)),
+            shell_script_argv(_POLL, self.job_dir(job_id), str(int(tail_bytes)), str(tenths),
+                              str(STARTING_GRACE_SECONDS)),
             timeout=30 + tenths / 10,
         )
         return parse_poll_output(job_id, res.stdout)
