@@ -528,6 +528,14 @@ mv -f -- "$hba.pgrecovery-tmp" "$hba"
             if not await psql.reload_config(self.shell, primary, self.layout):
                 raise NotReadyYet(f"{primary.name}: PostgreSQL did not apply the blocking "
                                   "pg_hba.conf within seconds of the reload")
+        terminated = await self.terminate_client_sessions(primary)
+        self._report(step, f"pg_hba blocks remote clients; {terminated} backend(s) terminated",
+                     primary)
+        return StepResult(step, changed or terminated > 0,
+                          f"blocked ({path}), {terminated} backend(s) terminated")
+
+    async def terminate_client_sessions(self, primary: Node) -> int:
+        """End every other client session (a few rounds while some reconnect); how many."""
         terminate = (
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
             "WHERE pid <> pg_backend_pid() AND backend_type = 'client backend';"
@@ -537,14 +545,9 @@ mv -f -- "$hba.pgrecovery-tmp" "$hba"
             n = int(self._scalar(await self._query(primary, terminate)))
             terminated += n
             if n == 0:
-                break
+                return terminated
             await asyncio.sleep(0.5)
-        else:
-            raise NotReadyYet(f"{primary.name}: clients keep reconnecting despite the block")
-        self._report(step, f"pg_hba blocks remote clients; {terminated} backend(s) terminated",
-                     primary)
-        return StepResult(step, changed or terminated > 0,
-                          f"blocked ({path}), {terminated} backend(s) terminated")
+        raise NotReadyYet(f"{primary.name}: clients keep reconnecting despite the block")
 
     async def _restore_hba(self, node: Node, path: str) -> bool:
         script = r"""

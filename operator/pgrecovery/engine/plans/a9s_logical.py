@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pgrecovery import metrics
+from pgrecovery.adapters.jobs import JobState
 from pgrecovery.adapters.objectstore import ObjectStore
 from pgrecovery.adapters.ssh import SshAuth, SshPool, UploadResult, shell_script_argv
 from pgrecovery.backups.config import (
@@ -747,6 +748,17 @@ if [ -d "$d" ] && [ "$(stat -c %U:%G "$d")" = root:vcap ] \
         plain = ctx.status.backup.plain_size_bytes or 0
         deadline = time.monotonic() + max(RESTORE_MIN_TIMEOUT, plain / 1e6)
         sessions = _sessions_of(mode)
+        job_id = parallel_restore_job_id(run_id) if sessions > 1 else ops.restore_job_id(run_id)
+        job = await ops.jobs.poll_job(view.primary.endpoint, job_id, tail_bytes=0)
+        if job.state is JobState.ABSENT:
+            # The dump drops databases, and DROP DATABASE fails ("being accessed by other
+            # users") while any session is in one. Sessions were ended in Staging, but local
+            # ones may have come back since (pg_hba blocks only remote clients; the WAL-free
+            # restart lets the server's own start-up clients in): end them again right before
+            # the restore — never once it runs (its own psql sessions are clients too).
+            ended = await ops.terminate_client_sessions(view.primary)
+            if ended:
+                await ctx.fact(sessionsEndedBeforeRestore=str(ended))
         if sessions > 1:
             index, why = self.load_index(ctx.status.backup.plain_size_bytes)
             if index is None:
