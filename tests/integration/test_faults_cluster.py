@@ -41,6 +41,7 @@ from tests.simcluster.data import TableDigest, table_checksums
 pytestmark = [pytest.mark.integration, pytest.mark.vms]
 
 RUN_TIMEOUT = 600
+JOBS_ROOT = "/var/vcap/store/pgrecovery/jobs"
 
 
 # ---------------------------------------------------------------- helpers
@@ -474,9 +475,12 @@ def _cut_primary_power_during_restore(
     proc = _start(argv, directory)
     try:
         _wait_step(proc, status_file, "restore-dump")
+        # The restore's psql, not the step's own checks before it (they run psql too): the
+        # restore job has recorded its pid, and a psql runs.
         deadline = time.monotonic() + 60
-        while primary.run("pgrep -x psql", check=False).returncode != 0:
-            assert time.monotonic() < deadline, "psql never ran on the primary"
+        while primary.run(f"ls {JOBS_ROOT}/*restore-*/pid >/dev/null 2>&1 && pgrep -x psql",
+                          check=False).returncode != 0:
+            assert time.monotonic() < deadline, "the restore's psql never ran on the primary"
             time.sleep(0.05)
         primary.power_cut()
         time.sleep(3)
