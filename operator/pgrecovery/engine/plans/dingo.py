@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from pgrecovery import metrics
 from pgrecovery.adapters.objectstore import WritableObjectStore
 from pgrecovery.adapters.ssh import SshAuth, SshPool
+from pgrecovery.backups.progress import human_size
 from pgrecovery.backups.wale.archive import Archive, BaseBackup, list_archive, load_details
 from pgrecovery.backups.wale.fetch import (
     SystemIdMismatch,
@@ -47,25 +47,26 @@ from pgrecovery.backups.wale.fetch import (
     local_name,
     verify_base_backup,
 )
-from pgrecovery.backups.wale.layout import default_prefix, format_lsn, normalise_prefix
+from pgrecovery.backups.wale.layout import default_prefix, normalise_prefix
 from pgrecovery.backups.wale.planning import (
     check_backup_on_path,
     last_segment,
     required_segments,
     timeline_path,
 )
-from pgrecovery.cluster.dingo import RESET_KEYS, Container, DingoOperations, etcd_base_url
+from pgrecovery.cluster.dingo import Container, DingoOperations, etcd_base_url
 from pgrecovery.cluster.dingo_archive import (
     clone_prefix,
     empty_prefix,
     summarize,
     verify_clone,
 )
-from pgrecovery.cluster.nodes import A9sLayout, Node
+from pgrecovery.cluster.nodes import Node
 from pgrecovery.engine import status as st
 from pgrecovery.engine.phases import Phase
 from pgrecovery.engine.plan import Plan, PlanInputs
-from pgrecovery.engine.plans.a9s_logical import A9sLogicalRecovery, _human, _never
+from pgrecovery.engine.plans.base import PlanBase, fact_recorded, never
+from pgrecovery.engine.plans.dingo_container import ContainerSteps
 from pgrecovery.engine.spec import DingoTarget
 from pgrecovery.engine.status import BackupInfo, NodeState
 from pgrecovery.engine.steps import FunctionStep, Step, StepContext
@@ -74,26 +75,19 @@ from pgrecovery.errors import (
     BackupIncomplete,
     ClusterError,
     ConfigurationError,
-    FatalError,
     InvalidSpec,
-    RestoreFailed,
 )
 
-# How often the restoring container is polled, and the least time it gets: WAL-E's
-# backup-fetch and replay of a small archive take a minute on a loaded machine; larger ones
-# get one more second per 5 MB of archive (download, lzop, replay).
-RESTORE_POLL_INTERVAL = 2.0
-RESTORE_MIN_TIMEOUT = 1800.0
-RESTORE_BYTES_PER_SECOND = 5e6
+# Progress of the archive steps is pushed into status at most this often.
 PROGRESS_INTERVAL = 1.0
-# Patroni writes /optime/leader every loop (10 s in Dingo): wait up to a minute for it.
-OPTIME_WAIT_POLLS = 30
 
 
-@dataclass
-class DingoRecovery(A9sLogicalRecovery):
-    """Shared state of one Dingo recovery (the store and its closing come from the logical
-    recovery object; the SSH side is the cells')."""
+@dataclass(kw_only=True)
+class DingoRecovery(PlanBase):
+    """One phase run of a Dingo recovery: the store and its closing (`PlanBase`), the cells
+    over SSH, the container, etcd."""
+
+    nodes: tuple[Node, ...]
 
     _dingo_ops: DingoOperations | None = None
     _container: Container | None = None
@@ -158,7 +152,7 @@ class DingoRecovery(A9sLogicalRecovery):
             pool = SshPool(
                 SshAuth(username=ssh.user, private_key=key, known_hosts=known_hosts.decode())
             )
-            self._closers.append(pool.close)
+            self.on_close(pool.close)
             self._dingo_ops = DingoOperations(pool, self.nodes)
         return self._dingo_ops
 
@@ -182,9 +176,6 @@ class DingoRecovery(A9sLogicalRecovery):
 
     def etcd(self, container: Container) -> str:
         return etcd_base_url(container, self.dingo.etcd.endpoint)
-
-    async def say(self, ctx: StepContext, text: str) -> None:
-        await ctx.update(lambda s: st.set_message(s, text))
 
     async def node_state(self, ctx: StepContext, state: str) -> None:
         container = await self.container(ctx)
@@ -231,7 +222,7 @@ class DingoRecovery(A9sLogicalRecovery):
             f"archive of deleted instance {self.spec.source.backup_guid}: "
             f"{len(archive.complete_backups)} base backup(s), latest {latest.name.name}, "
             f"{len(replay)} WAL segment(s) to replay up to {last.name}, {total.objects} objects, "
-            f"{_human(total.bytes)}, system id {archive.sysid}",
+            f"{human_size(total.bytes)}, system id {archive.sysid}",
         )
 
     async def archive_resolved(self, ctx: StepContext) -> bool:
@@ -255,7 +246,7 @@ class DingoRecovery(A9sLogicalRecovery):
                     done[0],
                     total,
                     f"base backup {backup.name.name} downloaded "
-                    f"{_human(done[0])} of {_human(total)} (for verification)",
+                    f"{human_size(done[0])} of {human_size(total)} (for verification)",
                 )
 
     async def verify_base_backup(self, ctx: StepContext) -> None:
@@ -323,16 +314,6 @@ class DingoRecovery(A9sLogicalRecovery):
             f"its archive holds {found} (to be replaced)",
         )
 
-    # ------------------------------------------------------------------ Staging
-    async def container_stopped(self, ctx: StepContext) -> bool:
-        ops = await self.cell_ops()
-        return not (await ops.refresh(await self.container(ctx))).running
-
-    async def stop_container(self, ctx: StepContext) -> None:
-        ops = await self.cell_ops()
-        await ops.ensure_stopped(await self.container(ctx))
-        await self.node_state(ctx, "stopped")
-
     async def empty_new_archive(self, ctx: StepContext) -> None:
         store = await self.writable_store()
         removed = await empty_prefix(store, self.new_prefix, protect=self.old_prefix)
@@ -360,176 +341,50 @@ class DingoRecovery(A9sLogicalRecovery):
         await ctx.fact(archiveCloned=str(result.total))
         await self.say(
             ctx,
-            f"copied {result.copied} object(s) ({_human(result.copied_bytes)}) server-side; "
+            f"copied {result.copied} object(s) ({human_size(result.copied_bytes)}) server-side; "
             f"{self.new_prefix} now equals the old archive: {result.total}",
         )
-
-    # ------------------------------------------------------------------ Restoring
-    async def delete_etcd_keys(self, ctx: StepContext) -> None:
-        ops = await self.cell_ops()
-        container = await self.container(ctx)
-        if (await ops.refresh(container)).running:
-            raise ClusterError(f"{container.label} runs again; refusing to reset its etcd keys")
-        etcd = self.etcd(container)
-        deleted = [key for key in RESET_KEYS if await ops.etcd_delete(container, etcd, key)]
-        left = [key for key in RESET_KEYS if await ops.etcd_get(container, etcd, key) is not None]
-        if left:
-            raise ClusterError(f"etcd keys {left} of {container.instance_id} still exist")
-        await ctx.fact(etcdKeysDeleted=",".join(deleted) or "none were set")
-
-    async def wipe_data_dir(self, ctx: StepContext) -> None:
-        ops = await self.cell_ops()
-        container = await self.container(ctx)
-        await ops.wipe_data_dir(container)
-        if not await ops.data_is_empty(container):
-            raise ClusterError(f"{container.data_dir} on {container.node.name} is not empty")
-        await ctx.fact(dataDirWiped=container.data_dir)
-
-    async def container_running(self, ctx: StepContext) -> bool:
-        ops = await self.cell_ops()
-        return (await ops.refresh(await self.container(ctx))).running
-
-    async def start_container(self, ctx: StepContext) -> None:
-        ops = await self.cell_ops()
-        await ops.ensure_started(await self.container(ctx))
-        await self.node_state(ctx, "restoring")
-
-    # ------------------------------------------------------------------ Rejoined
-    async def restored(self, ctx: StepContext) -> bool:
-        ops = await self.cell_ops()
-        container = await self.container(ctx)
-        return (await ops.readiness(container, self.etcd(container))).ready(container)
-
-    async def wait_restored(self, ctx: StepContext) -> None:
-        ops = await self.cell_ops()
-        container = await self.container(ctx)
-        etcd = self.etcd(container)
-        size = ctx.status.backup.size_bytes or 0
-        budget = max(RESTORE_MIN_TIMEOUT, size / RESTORE_BYTES_PER_SECOND)
-        started = time.monotonic()
-        while True:
-            ctx.raise_if_cancelled()
-            state = await ops.readiness(container, etcd)
-            if state.ready(container):
-                break
-            if not state.running:
-                raise RestoreFailed(
-                    f"{container.label} exited (code {state.exit_code}) while restoring; see "
-                    f"`docker logs {container.name}` on {container.node.name}. The archive copy "
-                    "is in place: fix the cause and start the container again"
-                )
-            waited = time.monotonic() - started
-            if waited > budget:
-                raise RestoreFailed(
-                    f"{container.label} did not restore within {budget:.0f}s (leader "
-                    f"{state.leader or 'none'}, accepting {state.accepting})"
-                )
-            # No byte count to show (the container fetches and replays on its own): the
-            # detail and lastProgressAt tell a person it is alive.
-            await ctx.progress(
-                0,
-                None,
-                f"waiting for {container.name} to restore from the archive "
-                f"({waited:.0f}s; leader {state.leader or 'none'}, "
-                f"accepting connections: {'yes' if state.accepting else 'no'})",
-            )
-            await asyncio.sleep(RESTORE_POLL_INTERVAL)
-        await self.node_state(ctx, "running")
-
-    async def verify_system_id(self, ctx: StepContext) -> None:
-        ops = await self.cell_ops()
-        container = await self.container(ctx)
-        want = ctx.status.facts.get("oldSysid")
-        got = await ops.data_sysid(container)
-        initialize = await ops.etcd_get(container, self.etcd(container), "initialize")
-        if got != want or initialize != want:
-            raise FatalError(
-                f"{container.label} runs a database with system id {got} (etcd /initialize "
-                f"{initialize}), not the deleted instance's {want}: the archive restored is not "
-                "the deleted instance's",
-                reason="SystemIdMismatch",
-            )
-        # The container replayed the whole archive: its position (Patroni's optime, written
-        # every loop) is past the start of the archive's last segment.
-        end = int(ctx.status.facts.get("archiveEndLsn", "0"))
-        optime = None
-        for _ in range(OPTIME_WAIT_POLLS):
-            optime = await ops.etcd_get(container, self.etcd(container), "optime/leader")
-            if optime is not None and optime.isdigit():
-                break
-            await asyncio.sleep(RESTORE_POLL_INTERVAL)
-        if optime is None or not optime.isdigit():
-            raise RestoreFailed(f"{container.label} reports no /optime/leader after the restore")
-        if int(optime) < end:
-            raise RestoreFailed(
-                f"{container.label} restored only up to {format_lsn(int(optime))}, but the "
-                f"archive reaches {format_lsn(end)} ({ctx.status.facts.get('lastSegment')}): "
-                "WAL is missing or was not replayed"
-            )
-        await ctx.fact(restoredSysid=got, restoredLsn=format_lsn(int(optime)),
-                       nextSteps=cf_next_steps(self.dingo.instance_id))
-        await self.say(
-            ctx,
-            f"service instance {self.dingo.instance_id} restored from the archive of "
-            f"{self.spec.source.backup_guid} (system id {got}); {container.label} is the "
-            "leader and accepts connections",
-        )
-
-
-def cf_next_steps(instance_id: str) -> str:
-    """The runbook's last step, in Cloud Foundry: the data is back in the new service instance,
-    the apps of the deleted one are not bound to it yet (README "Dingo: after the recovery")."""
-    return (f"the data is in service instance {instance_id}. In Cloud Foundry, for each app "
-            "the deleted instance was bound to: `cf bind-service <app> <service>` and `cf "
-            "restart <app>` (`cf service <service> --guid` must print "
-            f"{instance_id})")
-
-
-def _fact(name: str) -> Callable[[StepContext], Awaitable[bool]]:
-    async def check(ctx: StepContext) -> bool:
-        return name in ctx.status.facts
-
-    return check
-
 
 async def build_dingo_plan(inputs: PlanInputs) -> Plan:
     spec = inputs.spec
     node_specs, ssh = spec.target.require_nodes()
     nodes = tuple(Node(name=n.name, address=n.address, port=ssh.port) for n in node_specs)
-    r = DingoRecovery(inputs=inputs, layout=A9sLayout(), nodes=nodes)
+    r = DingoRecovery(inputs=inputs, nodes=nodes)
     # Derive both prefixes now: a prefix the new one cannot be derived from fails in Pending.
     if r.old_prefix == r.new_prefix:
         raise InvalidSpec("old and new archive prefixes are equal", field="spec.target.dingo")
+    cell = ContainerSteps(recovery=r)
     steps: dict[Phase, list[Step]] = {
         Phase.FETCHING: [
             FunctionStep("resolve-archive", r.archive_resolved, r.resolve_archive),
             FunctionStep(
                 "download-base-backup",
-                _fact("backupSysid"),
+                fact_recorded("backupSysid"),
                 r.download_base_backup,
                 verify_after=False,
             ),
-            FunctionStep("verify-base-backup", _fact("backupSysid"), r.verify_base_backup),
-            FunctionStep("find-container", _never, r.find_container, verify_after=False),
-            FunctionStep("check-etcd", _never, r.check_etcd, verify_after=False),
-            FunctionStep("check-new-archive", _never, r.check_new_archive, verify_after=False),
+            FunctionStep("verify-base-backup", fact_recorded("backupSysid"), r.verify_base_backup),
+            FunctionStep("find-container", never, r.find_container, verify_after=False),
+            FunctionStep("check-etcd", never, r.check_etcd, verify_after=False),
+            FunctionStep("check-new-archive", never, r.check_new_archive, verify_after=False),
         ],
         Phase.DECRYPTING: [],
         Phase.STAGING: [
-            FunctionStep("ensure-container-stopped", r.container_stopped, r.stop_container),
-            FunctionStep(
-                "ensure-new-archive-emptied", _fact("newArchiveEmptied"), r.empty_new_archive
-            ),
+            FunctionStep("ensure-container-stopped", cell.container_stopped, cell.stop_container),
+            FunctionStep("ensure-new-archive-emptied", fact_recorded("newArchiveEmptied"),
+                         r.empty_new_archive),
             FunctionStep("ensure-archive-cloned", r.archive_cloned, r.clone_archive),
         ],
         Phase.RESTORING: [
-            FunctionStep("ensure-etcd-keys-deleted", _fact("etcdKeysDeleted"), r.delete_etcd_keys),
-            FunctionStep("ensure-data-dir-wiped", _fact("dataDirWiped"), r.wipe_data_dir),
-            FunctionStep("ensure-container-started", r.container_running, r.start_container),
+            FunctionStep("ensure-etcd-keys-deleted", fact_recorded("etcdKeysDeleted"),
+                         cell.delete_etcd_keys),
+            FunctionStep("ensure-data-dir-wiped", fact_recorded("dataDirWiped"),
+                         cell.wipe_data_dir),
+            FunctionStep("ensure-container-started", cell.container_running, cell.start_container),
         ],
         Phase.REJOINED: [
-            FunctionStep("ensure-restored", r.restored, r.wait_restored),
-            FunctionStep("verify-system-id", _never, r.verify_system_id, verify_after=False),
+            FunctionStep("ensure-restored", cell.restored, cell.wait_restored),
+            FunctionStep("verify-system-id", never, cell.verify_system_id, verify_after=False),
         ],
     }
     return Plan(steps=steps, closers=[r.close])
