@@ -13,8 +13,8 @@ from typing import Any
 
 from pgrecovery.engine.phases import Phase
 from pgrecovery.engine.plan import PlanInputs
-from pgrecovery.engine.plans import build_plan
 from pgrecovery.engine.spec import SecretKeyRef, SecretRef, parse_spec
+from pgrecovery.plans import build_plan
 
 PHASES = (Phase.FETCHING, Phase.DECRYPTING, Phase.STAGING, Phase.RESTORING, Phase.REJOINED)
 

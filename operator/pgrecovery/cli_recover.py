@@ -30,7 +30,7 @@ from pgrecovery.engine.status import WARNING_CONDITIONS, ConditionType, Recovery
 from pgrecovery.engine.steps import StepEvent, StepEventKind
 from pgrecovery.errors import ConfigurationError, InvalidSpec
 
-DEFAULT_PLAN_FACTORY = "pgrecovery.engine.plans:build_plan"
+DEFAULT_PLAN_FACTORY = "pgrecovery.plans:build_plan"
 
 
 def load_recovery_file(path: Path) -> tuple[str, dict[str, Any]]:

@@ -221,7 +221,7 @@ FAILURE_REASONS: tuple[str, ...] = (
     "DatabasesExist",
     # given by keyword where raised
     "InternalError", "RestoreTimeout", "StepNotEffective",
-    # the BOSH director (target.bosh): adapters/bosh_director.py, engine/plans/bosh_access.py
+    # the BOSH director (target.bosh): adapters/bosh_director.py, plans/bosh_access.py
     "DirectorAuthenticationFailed", "DirectorForbidden", "DirectorNotFound", "DirectorTaskFailed",
     "DirectorCertificateUntrusted", "DirectorUnreachable", "DirectorRequestFailed",
     "InstanceChanged", "InstanceNotRunning", "GatewayUnreachable",

@@ -27,7 +27,7 @@ class OperatorSettings(BaseSettings):
         "volume with room for the largest backup here.",
     )
     plan_factory: str = Field(
-        default="pgrecovery.engine.plans:build_plan",
+        default="pgrecovery.plans:build_plan",
         description="`module:function` that builds the steps of a recovery. Only tests change "
         "this (to a test-only plan); production uses the default.",
     )

@@ -38,7 +38,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.vms]
 NAME = "two-replicas"
 LEASE_SECONDS = 6
 JOBS_ROOT = "/var/vcap/store/pgrecovery/jobs"
-PLAN_LOGGER = "pgrecovery.engine.plans"
+PLAN_LOGGER = "pgrecovery.plans"
 
 
 def _replica(kube_api: RealKubeAPI, kubectl: Kubectl, make: Callable[..., KopfProcess],

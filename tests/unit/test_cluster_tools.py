@@ -17,9 +17,9 @@ from pgrecovery.cluster.nodes import A9sLayout, Node
 from pgrecovery.cluster.tools import Convention, assess, classify_function, parse_declare_f
 from pgrecovery.engine.phases import Phase
 from pgrecovery.engine.plan import PlanFactory, PlanInputs
-from pgrecovery.engine.plans.a9s_logical import build_a9s_logical_plan
-from pgrecovery.engine.plans.wale_physical import build_wale_physical_plan
 from pgrecovery.engine.spec import parse_spec
+from pgrecovery.plans.a9s_logical import build_a9s_logical_plan
+from pgrecovery.plans.wale_physical import build_wale_physical_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -233,10 +233,10 @@ class _FakeOps:
 async def test_register_step_uses_the_pinned_convention(pinned: Convention | None) -> None:
     """A resumed run calls the helper the way the first run's check decided (or, with a
     status from before the check, lets the primary decide and records it)."""
-    from pgrecovery.engine.plans.a9s_logical import A9sLogicalRecovery  # noqa: PLC0415
     from pgrecovery.engine.status import RecoveryStatus  # noqa: PLC0415
     from pgrecovery.engine.steps import StepContext  # noqa: PLC0415
     from pgrecovery.engine.supervisor import MemoryReporter  # noqa: PLC0415
+    from pgrecovery.plans.a9s_logical import A9sLogicalRecovery  # noqa: PLC0415
 
     doc = yaml.safe_load((ROOT / "manifests/samples/pgrecovery-s3.yaml").read_text())
     inputs = PlanInputs(name="r", namespace="ns", uid="u1", spec=parse_spec(doc["spec"]),

@@ -18,13 +18,13 @@ import yaml
 
 from pgrecovery.cluster.nodes import A9sLayout
 from pgrecovery.engine.plan import PlanInputs
-from pgrecovery.engine.plans import build_plan
-from pgrecovery.engine.plans.a9s_cluster import (
+from pgrecovery.engine.spec import parse_spec
+from pgrecovery.plans import build_plan
+from pgrecovery.plans.a9s_cluster import (
     A9sPgCluster,
     rejoined_steps,
     staging_steps,
 )
-from pgrecovery.engine.spec import parse_spec
 from tests.plan_steps import plan_of
 
 ROOT = Path(__file__).resolve().parents[2]

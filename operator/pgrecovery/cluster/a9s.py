@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pgrecovery.adapters.jobs import JobRunner, JobState, JobStatus
 from pgrecovery.adapters.ssh import RemoteShell, ReplayableSource, UploadResult, shell_script_argv
 from pgrecovery.cluster import hba, monit, psql, repmgr, staged_dump, tools
+from pgrecovery.cluster.journal import journal_has, journal_mark
 from pgrecovery.cluster.monit import ServiceState
 from pgrecovery.cluster.nodes import (
     A9sLayout,
@@ -695,27 +696,16 @@ done
             lines.append(line)
         return classify_output(lines, connects)
 
-    async def _journal_has(self, node: Node, run_id: str, name: str) -> bool:
-        path = f"{self.layout.journal_dir}/{validate_run_id(run_id)}/{name}"
-        res = await self.shell.run_root(node.endpoint, ["test", "-e", path], timeout=30,
-                                        check=False)
-        return res.exit_status == 0
-
-    async def _journal_mark(self, node: Node, run_id: str, name: str) -> None:
-        d = f"{self.layout.journal_dir}/{validate_run_id(run_id)}"
-        await self._script(node, 'mkdir -p -m 0700 -- "$1" && date -u +%FT%TZ > "$1/$2"', d,
-                           name)
-
     async def apply_roles_sql(self, view: ClusterView, run_id: str) -> StepResult:
         """New site only: create_or_update_roles_and_databases.sql, once per run."""
         step = "apply_roles_sql"
-        if await self._journal_has(view.primary, run_id, step):
+        if await journal_has(self.shell, view.primary, self.layout, run_id, step):
             return StepResult(step, False, "already applied in this run")
         argv = psql.as_postgres_argv(self.layout, [
             "psql", "-X", "-q", "--no-password", "-v", "ON_ERROR_STOP=1",
             "-f", self.layout.roles_sql, "-d", "postgres"])
         await self._root(view.primary, argv, timeout=600)
-        await self._journal_mark(view.primary, run_id, step)
+        await journal_mark(self.shell, view.primary, self.layout, run_id, step)
         self._report(step, "roles and databases updated", view.primary)
         return StepResult(step, True, "roles SQL applied")
 
@@ -741,7 +731,7 @@ END $$;
         """Empty every table of schema `repmgr` in `repmgr_cluster` (the runbook's DO block),
         once per run: afterwards the schema holds the new registration, not old rows."""
         step = "ensure_repmgr_schema_truncated"
-        if await self._journal_has(view.primary, run_id, step):
+        if await journal_has(self.shell, view.primary, self.layout, run_id, step):
             return StepResult(step, False, "already truncated in this run")
         await psql.execute(self.shell, view.primary, self.layout, self._TRUNCATE_REPMGR,
                            database="repmgr_cluster")
@@ -750,7 +740,7 @@ END $$;
         if left:
             raise RemoteCommandFailed(f"{view.primary.name}: {left} repmgr row(s) left after "
                                       "TRUNCATE")
-        await self._journal_mark(view.primary, run_id, step)
+        await journal_mark(self.shell, view.primary, self.layout, run_id, step)
         self._report(step, "repmgr schema truncated", view.primary)
         return StepResult(step, True, "repmgr tables emptied")
 

@@ -39,6 +39,7 @@ from datetime import UTC, datetime
 from pgrecovery.adapters.ssh import RemoteShell, ReplayableSource, shell_script_argv
 from pgrecovery.cluster import monit, psql
 from pgrecovery.cluster.a9s import StepResult
+from pgrecovery.cluster.journal import journal_has, journal_mark
 from pgrecovery.cluster.nodes import (
     A9sLayout,
     Node,
@@ -185,17 +186,6 @@ class PhysicalOperations:
     def saved_config_dir(self, run_id: str) -> str:
         return f"{self.layout.state_dir}/config/{validate_run_id(run_id)}"
 
-    async def _journal_has(self, node: Node, run_id: str, name: str) -> bool:
-        path = f"{self.layout.journal_dir}/{validate_run_id(run_id)}/{name}"
-        res = await self.shell.run_root(node.endpoint, ["test", "-e", path], timeout=30,
-                                        check=False)
-        return res.exit_status == 0
-
-    async def _journal_mark(self, node: Node, run_id: str, name: str) -> None:
-        d = f"{self.layout.journal_dir}/{validate_run_id(run_id)}"
-        await self._script(node, 'mkdir -p -m 0700 -- "$1" && date -u +%FT%TZ > "$1/$2"', d,
-                           name)
-
     # ------------------------------------------------------------ Fetching (read-only)
 
     async def space_plan(self, primary: Node, needed_bytes: int,
@@ -303,7 +293,7 @@ fi
         """Save the primary's config files, then set the old data directory aside (rename) or
         wipe it, and leave an empty postgres:vcap 0700 data directory."""
         step = "ensure_data_dir_replaced"
-        if await self._journal_has(primary, run_id, step):
+        if await journal_has(self.shell, primary, self.layout, run_id, step):
             return StepResult(step, False, "data directory already replaced in this run")
         await self._assert_no_postmaster(primary)
         script = r"""
@@ -330,7 +320,7 @@ chmod 0700 -- "$data"
         await self._script(primary, script, self.layout.data_dir,
                            self.saved_config_dir(run_id), self.old_data_dir(run_id),
                            "keep" if keep_old else "wipe", *CONFIG_FILES, timeout=1800)
-        await self._journal_mark(primary, run_id, step)
+        await journal_mark(self.shell, primary, self.layout, run_id, step)
         what = f"old data kept in {self.old_data_dir(run_id)}" if keep_old else "old data wiped"
         self._report(step, what, primary)
         return StepResult(step, True, what)
@@ -343,12 +333,12 @@ chmod 0700 -- "$data"
         Re-extracting a partition after a crash overwrites its own files (partitions hold
         disjoint files), so the journal mark comes only after tar succeeded."""
         step = f"partition_{index:08d}_extracted"
-        if await self._journal_has(primary, run_id, step):
+        if await journal_has(self.shell, primary, self.layout, run_id, step):
             return StepResult(step, False, f"partition {index} already extracted")
         argv = ["chpst", "-u", "postgres:vcap", "tar", "-x", "-f", "-", "--no-same-owner",
                 "--no-same-permissions", "-C", self.layout.data_dir]
         await self.pipe(primary, argv, chunks, on_bytes)
-        await self._journal_mark(primary, run_id, step)
+        await journal_mark(self.shell, primary, self.layout, run_id, step)
         return StepResult(step, True, f"partition {index} extracted")
 
     async def ensure_recovery_configured(

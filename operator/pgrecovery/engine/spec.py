@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -91,10 +91,9 @@ class TargetType(StrEnum):
     DINGO = "dingo"
 
 
-class Digest(StrEnum):
-    AUTO = "auto"
-    MD5 = "md5"
-    SHA256 = "sha256"
+# `openssl enc -md` of the backups (`backups.config.Digest` is the one enum; the engine may not
+# import backups, so the spec names the values).
+DigestName = Literal["auto", "md5", "sha256"]
 
 
 class S3Source(_Model):
@@ -118,7 +117,7 @@ class AzureSource(_Model):
 
 class Encryption(_Model):
     key_secret_ref: SecretKeyRef
-    digest: Digest = Digest.AUTO
+    digest: DigestName = "auto"
 
 
 class Source(_Model):

@@ -23,11 +23,11 @@ from pgrecovery.cluster.a9s import StepResult
 from pgrecovery.cluster.nodes import Node
 from pgrecovery.cluster.physical import PhysicalOperations, ReplayState
 from pgrecovery.engine import status as st
-from pgrecovery.engine.plans.base import ProgressHolder, pumping
 from pgrecovery.engine.steps import FunctionStep, Step, StepContext
+from pgrecovery.plans.base import ProgressHolder, pumping
 
 if TYPE_CHECKING:
-    from pgrecovery.engine.plans.wale_physical import WalePhysicalRecovery
+    from pgrecovery.plans.wale_physical import WalePhysicalRecovery
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,11 @@ from pgrecovery.backups.progress import human_size
 from pgrecovery.cluster import restore_proof
 from pgrecovery.cluster.nodes import Node
 from pgrecovery.engine import status as st
-from pgrecovery.engine.plans.a9s_cluster import A9sPgCluster
-from pgrecovery.engine.plans.base import ProgressHolder, pumping
-from pgrecovery.engine.plans.logical_restore import IndexLoader, sessions_of
 from pgrecovery.engine.steps import StepContext
 from pgrecovery.errors import FatalError, RestoreIncomplete
+from pgrecovery.plans.a9s_cluster import A9sPgCluster
+from pgrecovery.plans.base import ProgressHolder, pumping
+from pgrecovery.plans.logical_restore import IndexLoader, sessions_of
 
 
 async def _primary_proven(ctx: StepContext) -> bool:

@@ -65,8 +65,6 @@ from pgrecovery.cluster.nodes import Node
 from pgrecovery.engine import status as st
 from pgrecovery.engine.phases import Phase
 from pgrecovery.engine.plan import Plan, PlanInputs
-from pgrecovery.engine.plans.base import PlanBase, fact_recorded, never
-from pgrecovery.engine.plans.dingo_container import ContainerSteps
 from pgrecovery.engine.spec import DingoTarget
 from pgrecovery.engine.status import BackupInfo, NodeState
 from pgrecovery.engine.steps import FunctionStep, Step, StepContext
@@ -77,6 +75,8 @@ from pgrecovery.errors import (
     ConfigurationError,
     InvalidSpec,
 )
+from pgrecovery.plans.base import PlanBase, fact_recorded, never
+from pgrecovery.plans.dingo_container import ContainerSteps
 
 # Progress of the archive steps is pushed into status at most this often.
 PROGRESS_INTERVAL = 1.0

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,25 +27,25 @@ from pgrecovery.backups.progress import human_size
 from pgrecovery.backups.sources import StorePartsSource
 from pgrecovery.cluster.a9s import A9sOperations, StepResult, estimate_needed_bytes
 from pgrecovery.cluster.nodes import A9sLayout, ClusterView, Node, run_id_for
-from pgrecovery.cluster.parallel_restore import parallel_restore_job_id
+from pgrecovery.cluster.restore_job import cancel_restore_jobs
 from pgrecovery.engine import status as st
 from pgrecovery.engine.phases import Phase
 from pgrecovery.engine.plan import Plan, PlanInputs
-from pgrecovery.engine.plans.a9s_cluster import (
+from pgrecovery.engine.status import BackupInfo, ConditionType, RecoveryStatus
+from pgrecovery.engine.steps import FunctionStep, Step, StepContext
+from pgrecovery.errors import FatalError, InsufficientSpace
+from pgrecovery.plans.a9s_cluster import (
     A9sPgCluster,
     rejoined_steps,
     staging_steps,
     tools_checked,
 )
-from pgrecovery.engine.plans.a9s_leftovers import RecoveryFiles
-from pgrecovery.engine.plans.base import never
-from pgrecovery.engine.plans.logical_proof import RestoreProofSteps
-from pgrecovery.engine.plans.logical_restore import DumpRestore
-from pgrecovery.engine.plans.logical_staging import DumpStaging, index_path
-from pgrecovery.engine.plans.state_words import STATE_WORDS
-from pgrecovery.engine.status import BackupInfo, ConditionType, RecoveryStatus
-from pgrecovery.engine.steps import FunctionStep, Step, StepContext
-from pgrecovery.errors import FatalError, InsufficientSpace
+from pgrecovery.plans.a9s_leftovers import RecoveryFiles
+from pgrecovery.plans.base import never
+from pgrecovery.plans.logical_proof import RestoreProofSteps
+from pgrecovery.plans.logical_restore import DumpRestore
+from pgrecovery.plans.logical_staging import DumpStaging, index_path
+from pgrecovery.plans.state_words import STATE_WORDS
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class A9sLogicalRecovery(A9sPgCluster):
     @property
     def digest(self) -> Digest:
         encryption = self.spec.source.encryption
-        return Digest(encryption.digest.value) if encryption is not None else Digest.AUTO
+        return Digest(encryption.digest) if encryption is not None else Digest.AUTO
 
     # ------------------------------------------------------------------ pinned facts
 
@@ -104,13 +104,13 @@ class A9sLogicalRecovery(A9sPgCluster):
         index = index_path(self.work_dir)
         return [self.parts_dir(), index, index.with_name(index.name + ".tmp")]
 
-    def job_ids(self, run_id: str) -> list[tuple[Sequence[Node], str]]:
-        """The restore job (serial or parallel) on whichever node was the primary, and the
+    async def cancel_jobs(self, ops: A9sOperations, status: RecoveryStatus) -> None:
+        """The restore job (serial or parallel, on whichever node was the primary), then the
         clones."""
-        ops = self._ops
-        assert ops is not None  # noqa: S101 - called after connect()
-        return [(self.nodes, ops.restore_job_id(run_id)),
-                (self.nodes, parallel_restore_job_id(run_id)), *super().job_ids(run_id)]
+        backup_id = status.backup.id
+        if backup_id is not None:
+            await cancel_restore_jobs(ops, self.nodes, backup_id, self.run_id_of(status))
+        await super().cancel_jobs(ops, status)
 
     # ------------------------------------------------------------------ Fetching
 

@@ -28,17 +28,13 @@ from pgrecovery.cluster import bulk_load, psql, wal_free
 from pgrecovery.cluster.a9s import A9sOperations
 from pgrecovery.cluster.dump_index import DumpIndex
 from pgrecovery.cluster.nodes import ClusterView
-from pgrecovery.cluster.parallel_restore import (
-    ParallelRestoreStatus,
-    parallel_restore_job_id,
-    poll_parallel_restore,
-    start_parallel_restore,
-)
+from pgrecovery.cluster.parallel_restore import ParallelRestoreStatus
+from pgrecovery.cluster.restore_job import restore_job
 from pgrecovery.cluster.restore_script import default_concurrency
 from pgrecovery.engine import status as st
-from pgrecovery.engine.plans.a9s_cluster import A9sPgCluster
 from pgrecovery.engine.steps import StepContext
 from pgrecovery.errors import FatalError, RestoreFailed
+from pgrecovery.plans.a9s_cluster import A9sPgCluster
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +146,17 @@ class DumpRestore:
         plain = ctx.status.backup.plain_size_bytes or 0
         deadline = time.monotonic() + max(RESTORE_MIN_TIMEOUT, plain / 1e6)
         sessions = sessions_of(mode)
-        job_id = parallel_restore_job_id(run_id) if sessions > 1 else ops.restore_job_id(run_id)
-        job = await ops.jobs.poll_job(view.primary.endpoint, job_id, tail_bytes=0)
-        if job.state is JobState.ABSENT:
+        index = None
+        if sessions > 1:
+            index, why = self.load_index(ctx.status.backup.plain_size_bytes)
+            if index is None:
+                raise RestoreFailed(f"the parallel restore was chosen but {why}")
+        job = restore_job(
+            ops, view, backup_id, run_id, sessions=sessions, index=index,
+            wal_free=self.cluster.spec.restore.wal_free_load,
+            fresh_databases=json.loads(ctx.status.facts.get("databasesToReplace", "[]")))
+        found = await ops.jobs.poll_job(view.primary.endpoint, job.job_id, tail_bytes=0)
+        if found.state is JobState.ABSENT:
             # The dump drops databases, and DROP DATABASE fails ("being accessed by other
             # users") while any session is in one. Sessions were ended in Staging, but local
             # ones may have come back since (pg_hba blocks only remote clients; the WAL-free
@@ -161,16 +165,7 @@ class DumpRestore:
             ended = await ops.terminate_client_sessions(view.primary)
             if ended:
                 await ctx.fact(sessionsEndedBeforeRestore=str(ended))
-        if sessions > 1:
-            index, why = self.load_index(ctx.status.backup.plain_size_bytes)
-            if index is None:
-                raise RestoreFailed(f"the parallel restore was chosen but {why}")
-            await start_parallel_restore(
-                ops, view, backup_id, run_id, index, sessions,
-                wal_free=self.cluster.spec.restore.wal_free_load,
-                fresh_databases=json.loads(ctx.status.facts.get("databasesToReplace", "[]")))
-        else:
-            await ops.start_restore(view, backup_id, run_id)
+        await job.start()
         # Progress from the start (or the re-attach): a restore shorter than one long poll
         # would otherwise show none at all.
         await ctx.progress(0, plain or None, f"restored 0 B of {human_size(plain)} (job running)")
@@ -179,13 +174,7 @@ class DumpRestore:
             # Long polls: each returns as soon as the restore ends, or after the interval with
             # its progress; so no sleep between them (unless one came back early).
             asked = time.monotonic()
-            polled = (
-                await poll_parallel_restore(
-                    ops, view, backup_id, run_id, wait=RESTORE_POLL_INTERVAL
-                )
-                if sessions > 1
-                else await ops.poll_restore(view, backup_id, run_id, wait=RESTORE_POLL_INTERVAL)
-            )
+            polled = await job.poll(wait=RESTORE_POLL_INTERVAL)
             if polled.done:
                 break
             if polled.bytes_read is not None:

@@ -22,13 +22,13 @@ from pgrecovery.backups.wale.fetch import download, fetch_wal, local_name
 from pgrecovery.backups.wale.layout import WAL_SEGMENT_SIZE, format_lsn, segno_of
 from pgrecovery.backups.wale.planning import last_segment
 from pgrecovery.engine import status as st
-from pgrecovery.engine.plans.base import ProgressHolder, pumping
-from pgrecovery.engine.plans.wale_restore import blocks_async
 from pgrecovery.engine.steps import StepContext
 from pgrecovery.errors import BackupNotFound, FatalError
+from pgrecovery.plans.base import ProgressHolder, pumping
+from pgrecovery.plans.wale_restore import blocks_async
 
 if TYPE_CHECKING:
-    from pgrecovery.engine.plans.wale_physical import WalePhysicalRecovery
+    from pgrecovery.plans.wale_physical import WalePhysicalRecovery
 
 log = logging.getLogger(__name__)
 

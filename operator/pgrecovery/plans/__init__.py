@@ -16,19 +16,19 @@ async def build_plan(inputs: PlanInputs) -> Plan:
     """The plan for `inputs.spec`; unsupported combinations fail with InvalidSpec."""
     source, target = inputs.spec.source.type, inputs.spec.target.type
     if source is SourceType.A9S_LOGICAL and target is TargetType.A9S_PG:
-        from pgrecovery.engine.plans.a9s_logical import (  # noqa: PLC0415 - SDKs load lazily
+        from pgrecovery.plans.a9s_logical import (  # noqa: PLC0415 - SDKs load lazily
             build_a9s_logical_plan,
         )
 
         return await build_a9s_logical_plan(inputs)
     if source is SourceType.WAL_E and target is TargetType.A9S_PG:
-        from pgrecovery.engine.plans.wale_physical import (  # noqa: PLC0415 - SDKs load lazily
+        from pgrecovery.plans.wale_physical import (  # noqa: PLC0415 - SDKs load lazily
             build_wale_physical_plan,
         )
 
         return await build_wale_physical_plan(inputs)
     if source is SourceType.WAL_E and target is TargetType.DINGO:
-        from pgrecovery.engine.plans.dingo import (  # noqa: PLC0415 - SDKs load lazily
+        from pgrecovery.plans.dingo import (  # noqa: PLC0415 - SDKs load lazily
             build_dingo_plan,
         )
 

@@ -32,7 +32,7 @@ from pgrecovery.engine.steps import FunctionStep, Step, StepContext
 from pgrecovery.errors import RecoveryError
 
 if TYPE_CHECKING:
-    from pgrecovery.engine.plans.a9s_cluster import A9sPgCluster
+    from pgrecovery.plans.a9s_cluster import A9sPgCluster
 
 
 @dataclass
@@ -77,9 +77,7 @@ class RecoveryFiles:
         running), then remove everything (`cluster.leftovers`, the work files)."""
         ops = await self.cluster.connect()
         if status.backup.id is not None:
-            for nodes, job_id in self.cluster.job_ids(self.cluster.run_id_of(status)):
-                for node in nodes:
-                    await ops.jobs.cancel_job(node.endpoint, job_id)
+            await self.cluster.cancel_jobs(ops, status)
         notes: list[str] = []
         primary = next((n for n in self.cluster.nodes if n.name == status.primary), None)
         if primary is not None:

@@ -29,12 +29,12 @@ from pgrecovery.cluster import tools
 from pgrecovery.cluster.a9s import A9sOperations, StepResult
 from pgrecovery.cluster.nodes import A9sLayout, ClusterView, Node, NodeView, ProgressEvent
 from pgrecovery.engine import status as st
-from pgrecovery.engine.plans.a9s_leftovers import RecoveryFiles, with_recovery_files_removed
-from pgrecovery.engine.plans.base import PlanBase, never
-from pgrecovery.engine.plans.bosh_access import BoshAccess
 from pgrecovery.engine.status import NodeState, RecoveryStatus
 from pgrecovery.engine.steps import FunctionStep, Step, StepContext
 from pgrecovery.errors import FatalError, NotReadyYet
+from pgrecovery.plans.a9s_leftovers import RecoveryFiles, with_recovery_files_removed
+from pgrecovery.plans.base import PlanBase, never
+from pgrecovery.plans.bosh_access import BoshAccess
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +117,12 @@ class A9sPgCluster(PlanBase):
         user's directory holding other things): only these are ever removed."""
         return []
 
-    def job_ids(self, run_id: str) -> list[tuple[Sequence[Node], str]]:
-        """This run's detached jobs on the VMs (cancelled on deletion): the standbys' clones,
-        and whatever the plan starts itself."""
-        ops = self._ops
-        assert ops is not None  # noqa: S101 - called after connect()
-        return [((node,), ops.clone_job_id(node, run_id)) for node in self.nodes]
+    async def cancel_jobs(self, ops: A9sOperations, status: RecoveryStatus) -> None:
+        """Deletion / cleanup: stop this run's detached jobs on the VMs — the standbys'
+        clones, and whatever the plan starts itself (a subclass adds its own)."""
+        run_id = self.run_id_of(status)
+        for node in self.nodes:
+            await ops.jobs.cancel_job(node.endpoint, ops.clone_job_id(node, run_id))
 
     # ------------------------------------------------------------------ Fetching
 

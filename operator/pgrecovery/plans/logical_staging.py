@@ -39,13 +39,13 @@ from pgrecovery.cluster.existing_databases import (
 )
 from pgrecovery.cluster.staged_dump import DumpMarker, check_reusable, discard, write_marker
 from pgrecovery.engine import status as st
-from pgrecovery.engine.plans.base import ProgressHolder, pumping
-from pgrecovery.engine.plans.dump_stream import ReplayableDump, StageCounters, Tap
 from pgrecovery.engine.steps import StepContext
 from pgrecovery.errors import DatabasesExist, FatalError
+from pgrecovery.plans.base import ProgressHolder, pumping
+from pgrecovery.plans.dump_stream import ReplayableDump, StageCounters, Tap
 
 if TYPE_CHECKING:
-    from pgrecovery.engine.plans.a9s_logical import A9sLogicalRecovery
+    from pgrecovery.plans.a9s_logical import A9sLogicalRecovery
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from pgrecovery.engine.steps import StepContext
 from pgrecovery.errors import ClusterError, FatalError, RestoreFailed
 
 if TYPE_CHECKING:
-    from pgrecovery.engine.plans.dingo import DingoRecovery
+    from pgrecovery.plans.dingo import DingoRecovery
 
 # How often the restoring container is polled, and the least time it gets: WAL-E's
 # backup-fetch and replay of a small archive take a minute on a loaded machine; larger ones

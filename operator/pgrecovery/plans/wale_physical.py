@@ -64,20 +64,20 @@ from pgrecovery.cluster.physical import PhysicalOperations
 from pgrecovery.engine import status as st
 from pgrecovery.engine.phases import Phase
 from pgrecovery.engine.plan import Plan, PlanInputs
-from pgrecovery.engine.plans.a9s_cluster import (
+from pgrecovery.engine.status import BackupInfo, NodeState, RecoveryStatus
+from pgrecovery.engine.steps import FunctionStep, Step, StepContext
+from pgrecovery.errors import BackupCorrupt, BackupNotFound, FatalError
+from pgrecovery.plans.a9s_cluster import (
     A9sPgCluster,
     rejoined_steps,
     staging_steps,
     tools_checked,
 )
-from pgrecovery.engine.plans.a9s_leftovers import RecoveryFiles
-from pgrecovery.engine.plans.base import ProgressHolder, fact_recorded, never, pumping
-from pgrecovery.engine.plans.state_words import STATE_WORDS
-from pgrecovery.engine.plans.wale_restore import PhysicalRestore
-from pgrecovery.engine.plans.wale_wal import WalSteps
-from pgrecovery.engine.status import BackupInfo, NodeState, RecoveryStatus
-from pgrecovery.engine.steps import FunctionStep, Step, StepContext
-from pgrecovery.errors import BackupCorrupt, BackupNotFound, FatalError
+from pgrecovery.plans.a9s_leftovers import RecoveryFiles
+from pgrecovery.plans.base import ProgressHolder, fact_recorded, never, pumping
+from pgrecovery.plans.state_words import STATE_WORDS
+from pgrecovery.plans.wale_restore import PhysicalRestore
+from pgrecovery.plans.wale_wal import WalSteps
 
 log = logging.getLogger(__name__)
 
