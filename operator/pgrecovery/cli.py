@@ -27,7 +27,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -35,13 +35,11 @@ import yaml
 
 from pgrecovery.adapters.objectstore import ObjectStore
 from pgrecovery.backups.config import (
-    AzureCredentials,
     AzureLocation,
     Digest,
     EncryptionKey,
     S3Location,
 )
-from pgrecovery.backups.credentials import azure_credentials
 from pgrecovery.backups.listing import Backup, BackupListing, list_backups, select_backup
 from pgrecovery.backups.localstore import LocalDirStore
 from pgrecovery.backups.naming import guess_guid, parse_backup_id, validate_guid
@@ -154,23 +152,20 @@ def _guid(args: argparse.Namespace) -> str | None:
     return None
 
 
-def azure_credentials_from_env(env: Mapping[str, str]) -> AzureCredentials:
-    """Azure credentials from the variables the az CLI uses (`backups.credentials`)."""
-    return azure_credentials(env, "the environment (with --account-url)")
-
-
 async def _open_store(args: argparse.Namespace) -> tuple[ObjectStore, str]:
     """The store named by the options, and the key prefix to use in it."""
-    from pgrecovery.backups.stores import open_azure_store, open_s3_store  # noqa: PLC0415
+    from pgrecovery.backups.stores import open_store  # noqa: PLC0415
 
     if getattr(args, "from_dir", None) is not None:
         return LocalDirStore(args.from_dir), ""
     if args.s3_bucket:
         endpoint = args.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
         location = S3Location(args.s3_bucket, args.region, endpoint, args.prefix)
-        return await open_s3_store(location), location.prefix
+        # No credentials of ours: boto3 reads the AWS_* variables (and its other sources).
+        return await open_store(location, None, "the environment"), location.prefix
     azure = AzureLocation(args.azure_container, args.account_url, args.prefix)
-    return await open_azure_store(azure, azure_credentials_from_env(os.environ)), azure.prefix
+    return (await open_store(azure, os.environ, "the environment (with --account-url)"),
+            azure.prefix)
 
 
 async def _listing(args: argparse.Namespace, store: ObjectStore, prefix: str) -> BackupListing:

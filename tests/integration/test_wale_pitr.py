@@ -24,6 +24,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.boshdirector.director import DirectorEmulator
+from tests.boshdirector.fixtures import CLIENT_ID
 from tests.simcluster.cluster import SimCluster
 from tests.simcluster.config import PG_BINDIR
 from tests.simcluster.data import wait_for_replay
@@ -172,6 +174,42 @@ def test_pitr_target_between_two_commits_keeps_a_and_drops_b_on_every_node(
     assert reached <= between
     assert facts["recoveryTarget"] == between.isoformat()
     assert wale_archive.cluster.wait_healthy(timeout=60).ok
+
+
+def test_pitr_through_the_director_reaches_rejoined_and_leaves_no_user(
+    wale_archive: WaleArchive, bosh_director: DirectorEmulator, tmp_path: Path
+) -> None:
+    """target.bosh for WAL-E (issue 21): a recovery file naming no VM and no SSH key, and the
+    bosh CLI's BOSH_* variables; the director lists the VMs and opens them with an ephemeral
+    user, removed at the end."""
+    cluster = wale_archive.cluster
+    between, _after_b = _write_a_then_b(wale_archive)
+    argv, status_file = _argv(tmp_path, wale_archive, "pitr-bosh", between)
+    manifest = tmp_path / "pitr-bosh.yaml"
+    doc = yaml.safe_load(manifest.read_text())
+    doc["spec"]["target"].pop("nodes")
+    doc["spec"]["target"].pop("ssh")
+    manifest.write_text(yaml.safe_dump(doc))
+    env = {**os.environ,
+           "BOSH_ENVIRONMENT": bosh_director.url,
+           "BOSH_CA_CERT": str(bosh_director.ca_cert_path),
+           "BOSH_CLIENT": CLIENT_ID,
+           "BOSH_CLIENT_SECRET": bosh_director.clients[CLIENT_ID].secret,
+           "BOSH_DEPLOYMENT": cluster.config.deployment}
+    result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=1200, check=False)
+    status = _status(status_file)
+    _succeeded(result, status)
+    assert _marks(cluster) == {vm.name: ["A"] for vm in cluster.vms}
+    pinned = json.loads(status["facts"]["boshInstances"])
+    assert [(name, addr) for name, _id, addr in pinned] == [
+        (vm.name, vm.address) for vm in cluster.vms]
+    users = bosh_director.ssh_users(cluster.config.deployment)
+    assert {vm: [u for u in names if "pgrecovery" in u] for vm, names in users.items()} == {
+        vm.name: [] for vm in cluster.vms}
+    assert any(t.description == "ssh: setup" for t in bosh_director._tasks.values())
+    assert bosh_director.clients[CLIENT_ID].secret not in result.stdout + result.stderr
+    assert cluster.wait_healthy(timeout=60).ok
 
 
 @pytest.mark.slow

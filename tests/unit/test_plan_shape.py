@@ -32,14 +32,22 @@ SAMPLES = {
     "a9sLogical": "pgrecovery-s3.yaml",
     "a9sLogical+bosh": "pgrecovery-bosh.yaml",
     "walE": "pgrecovery-wale-pitr.yaml",
+    "walE+bosh": "pgrecovery-wale-pitr.yaml",
     "dingo": "pgrecovery-dingo.yaml",
 }
-A9S_PG_PLANS = ("a9sLogical", "a9sLogical+bosh", "walE")
+A9S_PG_PLANS = ("a9sLogical", "a9sLogical+bosh", "walE", "walE+bosh")
 
 
 def _manifest(name: str) -> dict[str, Any]:
     docs = yaml.safe_load_all((ROOT / "manifests/samples" / SAMPLES[name]).read_text())
-    return next(d for d in docs if d and d.get("kind") == "PgRecovery")
+    doc: dict[str, Any] = next(d for d in docs if d and d.get("kind") == "PgRecovery")
+    if name == "walE+bosh":  # the WAL-E sample with the bosh sample's target
+        bosh = _manifest("a9sLogical+bosh")["spec"]["target"]["bosh"]
+        target = doc["spec"]["target"]
+        target.pop("nodes")
+        target.pop("ssh")
+        target["bosh"] = bosh
+    return doc
 
 
 def _steps(name: str, tmp_path: Path) -> dict[str, tuple[str, ...]]:
@@ -54,7 +62,7 @@ def _shared() -> tuple[list[str], list[str], list[str]]:
         layout=A9sLayout(), nodes=())
     return ([s.name for s in staging_steps(cluster, drop_inactive_slots=True)],
             [s.name for s in staging_steps(cluster, drop_inactive_slots=False)],
-            [s.name for s in rejoined_steps(cluster, recloning=[], before_unblock=[])])
+            [s.name for s in rejoined_steps(cluster, before_unblock=[])])
 
 
 def _state_words(name: str, tmp_path: Path) -> dict[str, str]:
@@ -81,7 +89,7 @@ def test_a9s_pg_plans_run_the_shared_staging_and_rejoined_lists(
 ) -> None:
     with_slots, without_slots, rejoined = _shared()
     steps = _steps(name, tmp_path)
-    assert list(steps["Staging"]) == (without_slots if name == "walE" else with_slots)
+    assert list(steps["Staging"]) == (without_slots if name.startswith("walE") else with_slots)
     # Every shared Rejoined step, in the shared order; the plan's own re-clone and checks sit
     # between them; the cleanup is last.
     assert _is_subsequence(rejoined, steps["Rejoined"]), (rejoined, steps["Rejoined"])
@@ -98,9 +106,8 @@ def test_a9s_pg_plans_run_the_shared_staging_and_rejoined_lists(
 def test_the_plans_differ_only_where_they_restore(tmp_path: Path) -> None:
     logical, wale = _steps("a9sLogical", tmp_path / "l"), _steps("walE", tmp_path / "w")
     assert set(logical["Rejoined"]) - set(wale["Rejoined"]) == {
-        "ensure-standbys-recloned", "prove-restore-on-standbys", "ensure-staging-file-removed"}
-    assert {s for s in wale["Rejoined"] if not s.startswith("ensure-standby-recloned-")} - set(
-        logical["Rejoined"]) == {"ensure-leftovers-removed"}
+        "prove-restore-on-standbys", "ensure-staging-file-removed"}
+    assert set(wale["Rejoined"]) - set(logical["Rejoined"]) == {"ensure-leftovers-removed"}
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLES))

@@ -88,7 +88,7 @@ def test_patterns_match_the_typed_model() -> None:
     assert by_path[".spec.target.bosh.gateway.user"] == spec_module.SSH_USER_PATTERN
 
 
-def test_other_plans_say_bosh_is_a9s_logical_only() -> None:
+def test_dingo_says_bosh_is_for_a9s_pg_targets_only() -> None:
     spec = spec_module.parse_spec(_bosh_sample()["spec"])
     with pytest.raises(spec_module.InvalidSpec, match=r"target\.bosh is supported"):
         spec.target.require_nodes()

@@ -11,7 +11,7 @@ Pure logic and byte streams; storage is reached only through `adapters.objectsto
     decrypt    OpenSSL `enc` format: EVP_BytesToKey (MD5/SHA-256), AES-256-CBC, PKCS#7
     gunzip     isal (zlib fallback) streaming gunzip, multi-member, CRC32/ISIZE verified
     sink       write_stream_to_file / write_stream_to_fileobj → size + sha256
-    stores     open_s3_store / open_azure_store from the config objects
+    stores     open_store(location, credential values): one registry entry per backend
     localstore LocalDirStore: a directory seen as an ObjectStore
     progress   Progress, ProgressCallback, human_size
 """

@@ -1,16 +1,27 @@
-"""Open an `ObjectStore` for a configured location.
+"""Open an `ObjectStore` for a configured location: one registry entry per backend.
 
-Why this module exists: callers above (engine, CLI) hold `S3Location`/`AzureLocation` and
-credential objects; the adapters take plain values. This is the one translation, and it
-imports each SDK adapter only when that store is used, so reading a downloaded directory
-never pays boto3's or azure's import time and memory.
+Why this module exists: callers above (plans, CLI) hold an `S3Location`/`AzureLocation` and the
+raw values of a Secret or the environment; the adapters take plain values. This is the one
+translation — credentials parsed the backend's way (`backups.credentials`), the adapter opened
+— and it imports each SDK adapter only when that store is used, so reading a downloaded
+directory never pays boto3's or azure's import time and memory.
+
+Adding a backend: its adapter, a location type in `backups.config`, a credentials parser, one
+`BACKENDS` entry, and the spec/CRD fields that describe it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
 from pgrecovery.adapters.objectstore import ObjectStore
 from pgrecovery.backups.config import AzureCredentials, AzureLocation, S3Credentials, S3Location
+from pgrecovery.backups.credentials import azure_credentials, s3_credentials
 from pgrecovery.errors import ConfigurationError
+
+StoreLocation = S3Location | AzureLocation
 
 
 async def open_s3_store(
@@ -58,3 +69,31 @@ async def open_azure_store(location: AzureLocation, credentials: AzureCredential
         ),
         sas_token=credentials.sas_token.get_secret_value() if credentials.sas_token else None,
     )
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How to read one backend's credentials and open its store."""
+
+    credentials: Callable[[Mapping[str, str | bytes], str], Any]
+    open: Callable[[Any, Any], Awaitable[ObjectStore]]
+    credentials_optional: bool = False
+    """S3: without credentials boto3's default chain applies (instance roles, ~/.aws)."""
+
+
+BACKENDS: dict[type, Backend] = {
+    S3Location: Backend(s3_credentials, open_s3_store, credentials_optional=True),
+    AzureLocation: Backend(azure_credentials, open_azure_store),
+}
+
+
+async def open_store(location: StoreLocation, values: Mapping[str, str | bytes] | None,
+                     where: str) -> ObjectStore:
+    """The store at `location`, with credentials from `values` (a Secret's data, a secrets
+    directory, the environment); `where` names them in errors, never their content."""
+    backend = BACKENDS[type(location)]
+    if values is None:
+        if not backend.credentials_optional:
+            raise ConfigurationError(f"{type(location).__name__}: no credentials given")
+        return await backend.open(location, None)
+    return await backend.open(location, backend.credentials(values, where))

@@ -231,8 +231,9 @@ class Target(_Model):
         """nodes + ssh for the plans that do not go through the director (yet)."""
         if self.nodes is None or self.ssh is None:
             raise InvalidSpec(
-                "this recovery type needs target.nodes and target.ssh; target.bosh is supported "
-                "for source.type a9sLogical onto target.type a9sPg in this version",
+                "target.type dingo needs target.nodes and target.ssh (the cells); target.bosh is "
+                "supported for target.type a9sPg (source.type a9sLogical and walE) in this "
+                "version",
                 field="spec.target.bosh",
             )
         return self.nodes, self.ssh

@@ -29,6 +29,7 @@ from pgrecovery.cluster import tools
 from pgrecovery.cluster.a9s import A9sOperations, StepResult
 from pgrecovery.cluster.nodes import A9sLayout, ClusterView, Node, NodeView, ProgressEvent
 from pgrecovery.engine import status as st
+from pgrecovery.engine.spec import RecoverySpec
 from pgrecovery.engine.status import NodeState, RecoveryStatus
 from pgrecovery.engine.steps import FunctionStep, Step, StepContext
 from pgrecovery.errors import FatalError, NotReadyYet
@@ -292,11 +293,18 @@ def staging_steps(c: A9sPgCluster, *, drop_inactive_slots: bool) -> list[Step]:
     return steps
 
 
-def rejoined_steps(
-    c: A9sPgCluster, *, recloning: Sequence[Step], before_unblock: Sequence[Step]
-) -> list[Step]:
+def target_nodes(spec: RecoverySpec) -> tuple[Node, ...]:
+    """The VMs `target.nodes` names; none yet with `target.bosh`: the director lists them
+    when the cluster is first reached (`bosh_access`), and they are pinned in status."""
+    if spec.target.bosh is not None:
+        return ()
+    node_specs, ssh = spec.target.require_nodes()
+    return tuple(Node(name=n.name, address=n.address, port=ssh.port) for n in node_specs)
+
+
+def rejoined_steps(c: A9sPgCluster, *, before_unblock: Sequence[Step]) -> list[Step]:
     """Rejoined: repmgr's view rebuilt around the restored primary, the standbys re-cloned
-    (`recloning`, the plan's way), the cluster verified, the plan's own checks and removals
+    (`standbyReclones` at a time), the cluster verified, the plan's own checks and removals
     (`before_unblock`: nothing but the recovery has written yet), clients let in again, then
     the cleanup."""
     steps = [
@@ -309,7 +317,7 @@ def rejoined_steps(
             "ensure-repmgr-running-on-primary", lambda o, v: o.ensure_repmgr_running_on_primary(v)
         ),
         c.run_id_step("ensure-clone-marker", lambda o, v, run: o.ensure_clone_marker(v, run)),
-        *recloning,
+        FunctionStep("ensure-standbys-recloned", never, c.reclone_standbys, verify_after=False),
         FunctionStep("verify-cluster", never, c.verify_cluster, verify_after=False),
         *before_unblock,
         c.cluster_step(

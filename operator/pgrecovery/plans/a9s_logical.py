@@ -26,7 +26,7 @@ from pgrecovery.backups.pipeline import check_key
 from pgrecovery.backups.progress import human_size
 from pgrecovery.backups.sources import StorePartsSource
 from pgrecovery.cluster.a9s import A9sOperations, StepResult, estimate_needed_bytes
-from pgrecovery.cluster.nodes import A9sLayout, ClusterView, Node, run_id_for
+from pgrecovery.cluster.nodes import A9sLayout, ClusterView, run_id_for
 from pgrecovery.cluster.restore_job import cancel_restore_jobs
 from pgrecovery.engine import status as st
 from pgrecovery.engine.phases import Phase
@@ -38,6 +38,7 @@ from pgrecovery.plans.a9s_cluster import (
     A9sPgCluster,
     rejoined_steps,
     staging_steps,
+    target_nodes,
     tools_checked,
 )
 from pgrecovery.plans.a9s_leftovers import RecoveryFiles
@@ -82,7 +83,7 @@ class A9sLogicalRecovery(A9sPgCluster):
             listing = await list_backups(
                 await self.store(),
                 self.spec.source.backup_guid,
-                prefix=self.spec.source.s3.prefix if self.spec.source.s3 else "",
+                prefix=self.location.prefix,
             )
             for ignored in listing.ignored[:20]:
                 log.warning("ignored object in backup store: %s", ignored)
@@ -179,15 +180,10 @@ class A9sLogicalRecovery(A9sPgCluster):
 
 async def build_a9s_logical_plan(inputs: PlanInputs) -> Plan:
     spec = inputs.spec
-    # With target.bosh the nodes come from the director when the cluster is first reached.
-    nodes = () if spec.target.bosh is not None else tuple(
-        Node(name=n.name, address=n.address, port=ssh.port)
-        for node_specs, ssh in [spec.target.require_nodes()] for n in node_specs
-    )
     recovery = A9sLogicalRecovery(
         inputs=inputs,
         layout=A9sLayout(postgres_major=spec.target.postgres_major_version),
-        nodes=nodes,
+        nodes=target_nodes(spec),
     )
 
     async def backup_pinned(ctx: StepContext) -> bool:
@@ -229,8 +225,6 @@ async def build_a9s_logical_plan(inputs: PlanInputs) -> Plan:
         ],
         Phase.REJOINED: rejoined_steps(
             r,
-            recloning=[FunctionStep("ensure-standbys-recloned", never, r.reclone_standbys,
-                                    verify_after=False)],
             before_unblock=[
                 # Before the connections are allowed again: nothing but the restore has
                 # written yet.

@@ -24,8 +24,7 @@ from pathlib import Path
 
 from pgrecovery.adapters.objectstore import ObjectStore
 from pgrecovery.backups.config import AzureLocation, S3Location
-from pgrecovery.backups.credentials import azure_credentials, s3_credentials
-from pgrecovery.backups.stores import open_azure_store, open_s3_store
+from pgrecovery.backups.stores import StoreLocation, open_store
 from pgrecovery.engine import status as st
 from pgrecovery.engine.plan import PlanInputs
 from pgrecovery.engine.spec import RecoverySpec
@@ -111,35 +110,26 @@ class PlanBase:
     async def say(self, ctx: StepContext, text: str) -> None:
         await ctx.update(lambda s: st.set_message(s, text))
 
+    @property
+    def location(self) -> StoreLocation:
+        """Where `spec.source` says the backups are (S3 or Azure, with its prefix)."""
+        source = self.spec.source
+        if source.s3 is not None:
+            return S3Location(bucket=source.s3.bucket, region=source.s3.region,
+                              endpoint=source.s3.endpoint, prefix=source.s3.prefix)
+        if source.azure is not None:
+            return AzureLocation(container=source.azure.container,
+                                 account_url=source.azure.account_url)
+        raise FatalError("no backup store configured", reason="InvalidSpec")  # the model
+
     async def store(self) -> ObjectStore:
         """The backup store `spec.source` describes, with the credentials of its Secret."""
         if self._store is None:
             source = self.spec.source
-            secrets = self.inputs.secrets
-            if source.s3 is not None:
-                creds = None
-                if source.s3.credentials_secret_ref is not None:
-                    values = await secrets.get_all(source.s3.credentials_secret_ref)
-                    creds = s3_credentials(
-                        values, f"Secret {source.s3.credentials_secret_ref.name}")
-                location = S3Location(
-                    bucket=source.s3.bucket,
-                    region=source.s3.region,
-                    endpoint=source.s3.endpoint,
-                    prefix=source.s3.prefix,
-                )
-                self._store = await open_s3_store(location, creds)
-            elif source.azure is not None:
-                values = await secrets.get_all(source.azure.credentials_secret_ref)
-                azure_creds = azure_credentials(
-                    values, f"Secret {source.azure.credentials_secret_ref.name}")
-                self._store = await open_azure_store(
-                    AzureLocation(
-                        container=source.azure.container, account_url=source.azure.account_url
-                    ),
-                    azure_creds,
-                )
-            else:  # the model guarantees one of both
-                raise FatalError("no backup store configured", reason="InvalidSpec")
+            ref = source.s3.credentials_secret_ref if source.s3 is not None else (
+                source.azure.credentials_secret_ref if source.azure is not None else None)
+            values = await self.inputs.secrets.get_all(ref) if ref is not None else None
+            where = f"Secret {ref.name}" if ref is not None else "the default credentials"
+            self._store = await open_store(self.location, values, where)
             self.on_close(self._store.close)
         return self._store

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from pgrecovery import metrics
 from pgrecovery.adapters.ssh import UploadResult, shell_script_argv
+from pgrecovery.backups.dump_stream import ReplayableDump, StageCounters, Tap
 from pgrecovery.backups.listing import Backup
 from pgrecovery.backups.progress import human_size
 from pgrecovery.cluster.a9s import A9sOperations
@@ -42,7 +43,6 @@ from pgrecovery.engine import status as st
 from pgrecovery.engine.steps import StepContext
 from pgrecovery.errors import DatabasesExist, FatalError
 from pgrecovery.plans.base import ProgressHolder, pumping
-from pgrecovery.plans.dump_stream import ReplayableDump, StageCounters, Tap
 
 if TYPE_CHECKING:
     from pgrecovery.plans.a9s_logical import A9sLogicalRecovery

@@ -64,13 +64,14 @@ from pgrecovery.cluster.physical import PhysicalOperations
 from pgrecovery.engine import status as st
 from pgrecovery.engine.phases import Phase
 from pgrecovery.engine.plan import Plan, PlanInputs
-from pgrecovery.engine.status import BackupInfo, NodeState, RecoveryStatus
+from pgrecovery.engine.status import BackupInfo, RecoveryStatus
 from pgrecovery.engine.steps import FunctionStep, Step, StepContext
 from pgrecovery.errors import BackupCorrupt, BackupNotFound, FatalError
 from pgrecovery.plans.a9s_cluster import (
     A9sPgCluster,
     rejoined_steps,
     staging_steps,
+    target_nodes,
     tools_checked,
 )
 from pgrecovery.plans.a9s_leftovers import RecoveryFiles
@@ -268,12 +269,10 @@ class WalePhysicalRecovery(A9sPgCluster):
 
 async def build_wale_physical_plan(inputs: PlanInputs) -> Plan:
     spec = inputs.spec
-    node_specs, ssh = spec.target.require_nodes()
-    nodes = tuple(Node(name=n.name, address=n.address, port=ssh.port) for n in node_specs)
     r = WalePhysicalRecovery(
         inputs=inputs,
         layout=A9sLayout(postgres_major=spec.target.postgres_major_version),
-        nodes=nodes,
+        nodes=target_nodes(spec),
     )
 
     wal, restore = WalSteps(recovery=r), PhysicalRestore(recovery=r)
@@ -314,32 +313,9 @@ async def build_wale_physical_plan(inputs: PlanInputs) -> Plan:
                         lambda p, n, run: p.ensure_recovery_settings_removed(n)),
         ],
     }
-    recloning: list[Step] = []
-    for node in nodes:
-
-        async def is_primary(ctx: StepContext, node: Node = node) -> bool:
-            return ctx.status.primary == node.name
-
-        async def reclone(ctx: StepContext, node: Node = node) -> None:
-            ops = await r.ops(ctx)
-            view = r.view(ctx)
-            await ctx.update(lambda s: st.update_node(
-                s, NodeState(name=node.name, role="standby", state="recloning")))
-            result = await ops.ensure_standby_recloned(view, node, r.run_id(ctx))
-            await ctx.update(lambda s: st.update_node(
-                s, NodeState(name=node.name, role="standby", state="streaming")))
-            await r.note(ctx, result)
-
-        recloning.append(FunctionStep(
-            f"ensure-standby-recloned-{node.name.replace('/', '-')}", is_primary, reclone,
-            verify_after=False,
-        ))
-    steps[Phase.REJOINED] = rejoined_steps(r, recloning=recloning, before_unblock=[
+    steps[Phase.REJOINED] = rejoined_steps(r, before_unblock=[
         FunctionStep("ensure-leftovers-removed", never, restore.leftovers_removed,
                      verify_after=False),
     ])
-    words = {**STATE_WORDS, **{
-        f"ensure-standby-recloned-{n.name.replace('/', '-')}":
-            f"standby {n.name} wiped, re-cloned and streaming" for n in nodes}}
-    return Plan(steps=steps, closers=[r.close], leftovers=RecoveryFiles(r), state_words=words,
+    return Plan(steps=steps, closers=[r.close], leftovers=RecoveryFiles(r), state_words=STATE_WORDS,
                 observe_nodes=r.observed_nodes)
