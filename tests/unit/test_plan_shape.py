@@ -19,13 +19,14 @@ import yaml
 from pgrecovery.cluster.nodes import A9sLayout
 from pgrecovery.engine.plan import PlanInputs
 from pgrecovery.engine.spec import parse_spec
+from pgrecovery.engine.steps import checks_itself
 from pgrecovery.plans import build_plan
 from pgrecovery.plans.a9s_cluster import (
     A9sPgCluster,
     rejoined_steps,
     staging_steps,
 )
-from tests.plan_steps import plan_of
+from tests.plan_steps import PHASES, plan_of
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = {
@@ -118,3 +119,38 @@ def test_every_plan_builds_with_unique_kebab_case_step_names(name: str, tmp_path
     assert all(re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", n) for n in names), names
     assert steps["Restoring"], steps
     assert steps["Rejoined"], steps
+
+
+def _plan_steps(name: str, tmp_path: Path) -> dict[str, Any]:
+    async def build() -> dict[str, Any]:
+        doc = _manifest(name)
+        plan = await build_plan(PlanInputs("r", "ns", "u", parse_spec(doc["spec"]), None,  # type: ignore[arg-type]
+                                           str(tmp_path)))
+        try:
+            return {step.name: step for phase in PHASES for step in plan.for_phase(phase)}
+        finally:
+            await plan.close()
+
+    return asyncio.run(build())
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_every_step_has_a_real_check_or_says_its_operation_checks_itself(
+    name: str, tmp_path: Path
+) -> None:
+    """One idempotency protocol: a step's check is the real check, or the step is of the
+    named kind `self_checking` (its operation checks itself, or it is a read-only check that
+    runs every time) — never a check that is only a stand-in."""
+    steps = _plan_steps(name, tmp_path)
+    for step in steps.values():
+        if checks_itself(step):
+            assert step.verify_after is False, step.name
+        else:
+            assert step.check_fn.__name__ not in {"never", "_never"}, step.name
+    if name in A9S_PG_PLANS:
+        # (the Rejoined ones check "the cleanup has begun" before that: `_unless_cleaning`)
+        assert checks_itself(steps["ensure-standbys-stopped"])
+        assert checks_itself(steps["probe-cluster"])
+    kinds = [checks_itself(s) for s in steps.values()]
+    assert any(kinds), name
+    assert not all(kinds), name

@@ -140,6 +140,24 @@ class FunctionStep:
         await self.apply_fn(ctx)
 
 
+async def operation_checks_itself(_ctx: StepContext) -> bool:
+    """The check of a `self_checking` step: there is none apart from the operation."""
+    return False
+
+
+def self_checking(name: str, apply: Callable[[StepContext], Awaitable[None]]) -> FunctionStep:
+    """A step whose operation checks itself, the one alternative to a real `check`: it looks
+    at the target, does only what is missing and verifies it (check → apply → check inside,
+    idempotent), or it is a read-only check that must run on every phase run (probing the
+    cluster, free space). The engine always runs it, and trusts it afterwards; what it found
+    in place it reports as "unchanged"."""
+    return FunctionStep(name, operation_checks_itself, apply, verify_after=False)
+
+
+def checks_itself(step: Step) -> bool:
+    return isinstance(step, FunctionStep) and step.check_fn is operation_checks_itself
+
+
 async def run_step(step: Step, ctx: StepContext) -> None:
     """check → apply → check for one step, with its events and status records."""
     phase = ctx.status.phase

@@ -12,7 +12,7 @@ Decisions recorded here:
 - The primary is found once (in Fetching) and pinned in `status.primary`; later phases rebuild
   the cluster view from it, because in Staging the standbys are stopped and cannot be probed.
 - The cluster operations are idempotent themselves (check → apply → check inside), so their
-  steps have the check `never` and report what changed (`note`).
+  steps are `self_checking` and report what changed (`note`).
 - What a run leaves behind, and the cleanup step, are `a9s_leftovers.RecoveryFiles`.
 """
 
@@ -31,10 +31,10 @@ from pgrecovery.cluster.nodes import A9sLayout, ClusterView, Node, NodeView, Pro
 from pgrecovery.engine import status as st
 from pgrecovery.engine.spec import RecoverySpec
 from pgrecovery.engine.status import NodeState, RecoveryStatus
-from pgrecovery.engine.steps import FunctionStep, Step, StepContext
+from pgrecovery.engine.steps import Step, StepContext, self_checking
 from pgrecovery.errors import FatalError, NotReadyYet
 from pgrecovery.plans.a9s_leftovers import RecoveryFiles, with_recovery_files_removed
-from pgrecovery.plans.base import PlanBase, never
+from pgrecovery.plans.base import PlanBase
 from pgrecovery.plans.bosh_access import BoshAccess
 
 log = logging.getLogger(__name__)
@@ -181,14 +181,14 @@ class A9sPgCluster(PlanBase):
             result = await op(ops, self.view(ctx))
             await self.note(ctx, result)
 
-        return FunctionStep(name, never, apply, verify_after=False)
+        return self_checking(name, apply)
 
     def run_id_step(self, name: str, op: RunOp) -> Step:
         async def apply(ctx: StepContext) -> None:
             ops = await self.ops(ctx)
             await self.note(ctx, await op(ops, self.view(ctx), self.run_id(ctx)))
 
-        return FunctionStep(name, never, apply, verify_after=False)
+        return self_checking(name, apply)
 
     async def verify_cluster(self, ctx: StepContext) -> None:
         ops = await self.ops(ctx)
@@ -312,13 +312,13 @@ def rejoined_steps(c: A9sPgCluster, *, before_unblock: Sequence[Step]) -> list[S
             "ensure-repmgr-schema-truncated",
             lambda o, v, run: o.ensure_repmgr_schema_truncated(v, run),
         ),
-        FunctionStep("ensure-primary-registered", never, c.register_primary, verify_after=False),
+        self_checking("ensure-primary-registered", c.register_primary),
         c.cluster_step(
             "ensure-repmgr-running-on-primary", lambda o, v: o.ensure_repmgr_running_on_primary(v)
         ),
         c.run_id_step("ensure-clone-marker", lambda o, v, run: o.ensure_clone_marker(v, run)),
-        FunctionStep("ensure-standbys-recloned", never, c.reclone_standbys, verify_after=False),
-        FunctionStep("verify-cluster", never, c.verify_cluster, verify_after=False),
+        self_checking("ensure-standbys-recloned", c.reclone_standbys),
+        self_checking("verify-cluster", c.verify_cluster),
         *before_unblock,
         c.cluster_step(
             "ensure-connections-unblocked", lambda o, v: o.ensure_connections_unblocked(v)

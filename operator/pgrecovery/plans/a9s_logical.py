@@ -32,7 +32,7 @@ from pgrecovery.engine import status as st
 from pgrecovery.engine.phases import Phase
 from pgrecovery.engine.plan import Plan, PlanInputs
 from pgrecovery.engine.status import BackupInfo, ConditionType, RecoveryStatus
-from pgrecovery.engine.steps import FunctionStep, Step, StepContext
+from pgrecovery.engine.steps import FunctionStep, Step, StepContext, self_checking
 from pgrecovery.errors import FatalError, InsufficientSpace
 from pgrecovery.plans.a9s_cluster import (
     A9sPgCluster,
@@ -42,7 +42,6 @@ from pgrecovery.plans.a9s_cluster import (
     tools_checked,
 )
 from pgrecovery.plans.a9s_leftovers import RecoveryFiles
-from pgrecovery.plans.base import never
 from pgrecovery.plans.logical_proof import RestoreProofSteps
 from pgrecovery.plans.logical_restore import DumpRestore
 from pgrecovery.plans.logical_staging import DumpStaging, index_path
@@ -205,17 +204,16 @@ async def build_a9s_logical_plan(inputs: PlanInputs) -> Plan:
             FunctionStep(
                 "check-encryption-key", key_checked, r.check_encryption_key, verify_after=False
             ),
-            FunctionStep("probe-cluster", never, r.probe_cluster, verify_after=False),
+            self_checking("probe-cluster", r.probe_cluster),
             FunctionStep("check-cluster-tools", tools_checked, r.check_cluster_tools,
                          verify_after=False),
-            FunctionStep("check-free-space", never, r.check_free_space, verify_after=False),
+            self_checking("check-free-space", r.check_free_space),
         ],
         Phase.DECRYPTING: [
             FunctionStep("ensure-restore-dir", staging.restore_dir_ready,
                          staging.ensure_restore_dir, verify_after=False),
             FunctionStep("stage-dump", staging.dump_staged, staging.stage_dump),
-            FunctionStep("check-existing-databases", never, staging.check_existing_databases,
-                         verify_after=False),
+            self_checking("check-existing-databases", staging.check_existing_databases),
         ],
         Phase.STAGING: staging_steps(r, drop_inactive_slots=True),
         Phase.RESTORING: [
@@ -228,15 +226,10 @@ async def build_a9s_logical_plan(inputs: PlanInputs) -> Plan:
             before_unblock=[
                 # Before the connections are allowed again: nothing but the restore has
                 # written yet.
-                FunctionStep("prove-restore-on-standbys", never, proof.prove_restore_on_standbys,
-                             verify_after=False),
-                FunctionStep(
-                    "ensure-staging-file-removed",
-                    never,
-                    _apply_with(r, lambda o, v, ctx: o.ensure_staging_file_removed(
-                        v, ctx.status.backup.id or "")),
-                    verify_after=False,
-                ),
+                self_checking("prove-restore-on-standbys", proof.prove_restore_on_standbys),
+                self_checking("ensure-staging-file-removed", _apply_with(
+                    r, lambda o, v, ctx: o.ensure_staging_file_removed(
+                        v, ctx.status.backup.id or ""))),
             ],
         ),
     }
@@ -250,21 +243,18 @@ async def build_a9s_logical_plan(inputs: PlanInputs) -> Plan:
             staging.replace_existing_databases, verify_after=False))
     if spec.target.new_site:
         steps[Phase.RESTORING].append(
-            FunctionStep("apply-site-roles", never, r.apply_roles_sql, verify_after=False)
+            self_checking("apply-site-roles", r.apply_roles_sql)
         )
     steps[Phase.RESTORING] += [
         # Before Rejoined: the standbys' clones must get the original postgresql.auto.conf.
-        FunctionStep("ensure-bulk-load-settings-reverted", never, restore.revert_bulk_load_settings,
-                     verify_after=False),
+        self_checking("ensure-bulk-load-settings-reverted", restore.revert_bulk_load_settings),
         # Always (a marker of an earlier run, whatever this run's spec says): before Rejoined,
         # whose re-clone needs wal_level replica and a WAL sender.
-        FunctionStep("ensure-wal-free-settings-reverted", never, restore.revert_wal_free_settings,
-                     verify_after=False),
+        self_checking("ensure-wal-free-settings-reverted", restore.revert_wal_free_settings),
         # Last in Restoring: a restore that is not complete fails before the standbys are
         # wiped. Both proof steps check inside apply (as the cluster steps do), so a resumed
         # phase that re-runs the steps before them records them again in plan order.
-        FunctionStep("prove-restore-on-primary", never, proof.prove_restore_on_primary,
-                     verify_after=False),
+        self_checking("prove-restore-on-primary", proof.prove_restore_on_primary),
     ]
     return Plan(steps=steps, closers=[recovery.close], leftovers=RecoveryFiles(recovery),
                 state_words=STATE_WORDS, observe_nodes=recovery.observed_nodes)

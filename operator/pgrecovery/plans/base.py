@@ -35,11 +35,6 @@ from pgrecovery.errors import FatalError
 PROGRESS_PUMP_INTERVAL = 1.0
 
 
-async def never(_ctx: StepContext) -> bool:
-    """The check of a step whose operation checks itself (check → apply → check inside)."""
-    return False
-
-
 def fact_recorded(name: str) -> Callable[[StepContext], Awaitable[bool]]:
     """The check of a step that records fact `name` when it is done."""
 

@@ -67,7 +67,7 @@ from pgrecovery.engine.phases import Phase
 from pgrecovery.engine.plan import Plan, PlanInputs
 from pgrecovery.engine.spec import DingoTarget
 from pgrecovery.engine.status import BackupInfo, NodeState
-from pgrecovery.engine.steps import FunctionStep, Step, StepContext
+from pgrecovery.engine.steps import FunctionStep, Step, StepContext, self_checking
 from pgrecovery.errors import (
     BackupCorrupt,
     BackupIncomplete,
@@ -75,7 +75,7 @@ from pgrecovery.errors import (
     ConfigurationError,
     InvalidSpec,
 )
-from pgrecovery.plans.base import PlanBase, fact_recorded, never
+from pgrecovery.plans.base import PlanBase, fact_recorded
 from pgrecovery.plans.dingo_container import ContainerSteps
 
 # Progress of the archive steps is pushed into status at most this often.
@@ -364,9 +364,9 @@ async def build_dingo_plan(inputs: PlanInputs) -> Plan:
                 verify_after=False,
             ),
             FunctionStep("verify-base-backup", fact_recorded("backupSysid"), r.verify_base_backup),
-            FunctionStep("find-container", never, r.find_container, verify_after=False),
-            FunctionStep("check-etcd", never, r.check_etcd, verify_after=False),
-            FunctionStep("check-new-archive", never, r.check_new_archive, verify_after=False),
+            self_checking("find-container", r.find_container),
+            self_checking("check-etcd", r.check_etcd),
+            self_checking("check-new-archive", r.check_new_archive),
         ],
         Phase.DECRYPTING: [],
         Phase.STAGING: [
@@ -384,7 +384,7 @@ async def build_dingo_plan(inputs: PlanInputs) -> Plan:
         ],
         Phase.REJOINED: [
             FunctionStep("ensure-restored", cell.restored, cell.wait_restored),
-            FunctionStep("verify-system-id", never, cell.verify_system_id, verify_after=False),
+            self_checking("verify-system-id", cell.verify_system_id),
         ],
     }
     return Plan(steps=steps, closers=[r.close])

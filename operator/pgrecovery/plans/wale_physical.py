@@ -65,7 +65,7 @@ from pgrecovery.engine import status as st
 from pgrecovery.engine.phases import Phase
 from pgrecovery.engine.plan import Plan, PlanInputs
 from pgrecovery.engine.status import BackupInfo, RecoveryStatus
-from pgrecovery.engine.steps import FunctionStep, Step, StepContext
+from pgrecovery.engine.steps import FunctionStep, Step, StepContext, self_checking
 from pgrecovery.errors import BackupCorrupt, BackupNotFound, FatalError
 from pgrecovery.plans.a9s_cluster import (
     A9sPgCluster,
@@ -75,7 +75,7 @@ from pgrecovery.plans.a9s_cluster import (
     tools_checked,
 )
 from pgrecovery.plans.a9s_leftovers import RecoveryFiles
-from pgrecovery.plans.base import ProgressHolder, fact_recorded, never, pumping
+from pgrecovery.plans.base import ProgressHolder, fact_recorded, pumping
 from pgrecovery.plans.state_words import STATE_WORDS
 from pgrecovery.plans.wale_restore import PhysicalRestore
 from pgrecovery.plans.wale_wal import WalSteps
@@ -288,10 +288,10 @@ async def build_wale_physical_plan(inputs: PlanInputs) -> Plan:
             FunctionStep("download-base-backup", r.parts_downloaded, r.download_base_backup),
             FunctionStep("verify-base-backup", r.sysid_checked, r.verify_base_backup),
             FunctionStep("fetch-wal", fact_recorded("walSegments"), wal.fetch_wal),
-            FunctionStep("probe-cluster", never, r.probe_cluster, verify_after=False),
+            self_checking("probe-cluster", r.probe_cluster),
             FunctionStep("check-cluster-tools", tools_checked, r.check_cluster_tools,
                          verify_after=False),
-            FunctionStep("plan-disk-space", never, wal.plan_space, verify_after=False),
+            self_checking("plan-disk-space", wal.plan_space),
         ],
         Phase.DECRYPTING: [
             FunctionStep("ensure-wal-staged", wal.wal_staged, wal.stage_wal),
@@ -300,8 +300,7 @@ async def build_wale_physical_plan(inputs: PlanInputs) -> Plan:
         Phase.RESTORING: [
             restore.phys_step("ensure-postgres-stopped-on-primary",
                         lambda p, n, run: p.ensure_postgres_stopped(n), "primaryStopped"),
-            FunctionStep("ensure-data-dir-replaced", never, restore.replace_data_dir,
-                         verify_after=False),
+            self_checking("ensure-data-dir-replaced", restore.replace_data_dir),
             FunctionStep("ensure-base-backup-extracted", restore.extracted,
                          restore.extract_base_backup),
             FunctionStep("ensure-recovery-configured", restore.recovery_configured,
@@ -314,8 +313,7 @@ async def build_wale_physical_plan(inputs: PlanInputs) -> Plan:
         ],
     }
     steps[Phase.REJOINED] = rejoined_steps(r, before_unblock=[
-        FunctionStep("ensure-leftovers-removed", never, restore.leftovers_removed,
-                     verify_after=False),
+        self_checking("ensure-leftovers-removed", restore.leftovers_removed),
     ])
     return Plan(steps=steps, closers=[r.close], leftovers=RecoveryFiles(r), state_words=STATE_WORDS,
                 observe_nodes=r.observed_nodes)
