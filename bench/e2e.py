@@ -19,7 +19,10 @@ restore. After every run the cluster must be healthy and every table on every no
 the backup's content (row count and an md5 over the rows in primary-key order) — a fast wrong
 answer fails the benchmark. Prints each run's time, per-step times, medians and the ratio, and
 the restore proof's share of pgrecovery's time (its two steps `prove-restore-on-primary` and
-`prove-restore-on-standbys`: every table counted on every node; the budget is <= 5 %).
+`prove-restore-on-standbys`: every table counted on every node; the budget is <= 5 %), and the
+machine's busy CPU-seconds per step (manual) and per phase (pgrecovery), with the share of
+all CPUs they kept busy — everything runs on this host, so this shows when the CPUs, not the
+method, are the limit.
 
     python bench/e2e.py                      # 1 GiB of data, 3 runs each
     python bench/e2e.py --size-mb 200 --runs 1
@@ -39,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -142,6 +146,7 @@ class Runbook:
     def __init__(self, cluster: SimCluster, store: S3Server, backup: A9sBackup, work: Path):
         self.cluster, self.store, self.backup, self.work = cluster, store, backup, work
         self.steps: dict[str, float] = {}
+        self.windows: dict[str, tuple[float, float]] = {}  # wall time span of each step
 
     def ssh(self, vm: SimVM, command: str, *, stdin: Path | None = None) -> str:
         with stdin.open("rb") if stdin else open(os.devnull, "rb") as inp:
@@ -160,9 +165,11 @@ class Runbook:
         return proc.stdout.decode(errors="replace")
 
     def timed(self, name: str, action: Callable[[], object]) -> None:
-        started = time.monotonic()
+        started, wall = time.monotonic(), time.time()
         action()
         self.steps[name] = self.steps.get(name, 0.0) + time.monotonic() - started
+        first = self.windows.get(name, (wall, wall))[0]
+        self.windows[name] = (first, time.time())
 
     def wait(self, vm: SimVM, condition: str, what: str, timeout: float = 600) -> None:
         deadline = time.monotonic() + timeout
@@ -283,10 +290,65 @@ def psql_command(db: str, sql: str) -> str:
     return f"source {VARS}; chpst -u postgres:vcap psql -tAq {db} -c {sh_quote(sql)}"
 
 
+# ---------------------------------------------------------------------------- CPU
+
+
+class CpuSampler:
+    """Busy CPU-seconds of the whole machine over time (/proc/stat, every 0.2 s): both
+    methods run their work on this host (the simulated VMs are namespaces, the store a local
+    process), so the busy time between two instants is what a step cost the 2 CPUs, whoever
+    spent it — it shows where the two CPUs, not the method, are the limit."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.samples: list[tuple[float, float]] = []  # (wall time, busy CPU-seconds so far)
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._tick = os.sysconf("SC_CLK_TCK")
+
+    def _busy(self) -> float:
+        with open("/proc/stat") as stat:
+            fields = [int(x) for x in stat.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return (sum(fields[:8]) - idle) / self._tick
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.time(), self._busy()))
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def busy_between(self, start: float, end: float) -> float:
+        """Busy CPU-seconds between two wall times (at the sampling resolution)."""
+        def at(t: float) -> float:
+            before = [b for w, b in self.samples if w <= t]
+            return before[-1] if before else (self.samples[0][1] if self.samples else 0.0)
+        return max(0.0, at(end) - at(start))
+
+
+def cpu_line(sampler: CpuSampler, windows: dict[str, tuple[float, float]]) -> str:
+    ncpu = os.cpu_count() or 1
+    parts = []
+    for name, (start, end) in windows.items():
+        busy = sampler.busy_between(start, end)
+        if end - start >= 0.05:
+            parts.append(f"{name} {busy:.1f} CPU-s ({100 * busy / (ncpu * (end - start)):.0f} %)")
+    return ", ".join(parts)
+
+
 # ---------------------------------------------------------------------------- pgrecovery
 
 
-def run_pgrecovery(scenario: Scenario, work: Path) -> tuple[float, dict[str, float]]:
+def run_pgrecovery(
+    scenario: Scenario, work: Path
+) -> tuple[float, dict[str, float], dict[str, tuple[float, float]]]:
     argv, status_file = local_recover_argv(scenario, work, "bench")
     started = time.monotonic()
     proc = subprocess.run(argv, cwd=work, capture_output=True, text=True, check=False)
@@ -295,14 +357,17 @@ def run_pgrecovery(scenario: Scenario, work: Path) -> tuple[float, dict[str, flo
         raise RuntimeError(f"pgrecovery recover failed: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     status = json.loads(status_file.read_text())["status"]
     phases: dict[str, float] = {}
+    windows: dict[str, tuple[float, float]] = {}  # each phase: first step start, last end
     for step in status.get("steps", []):
         if step.get("startedAt") and step.get("finishedAt"):
-            seconds = _seconds(step["finishedAt"]) - _seconds(step["startedAt"])
-            phases[step["name"]] = seconds
+            start, end = _seconds(step["startedAt"]), _seconds(step["finishedAt"])
+            phases[step["name"]] = end - start
+            first, last = windows.get(step["phase"], (start, end))
+            windows[step["phase"]] = (min(first, start), max(last, end))
     # Seconds the counts took per node (the rest of a proof step is the replay wait and SSH).
     for node, seconds in (status.get("restoreProof") or {}).get("seconds", {}).items():
         phases[f"counts on {node}"] = seconds
-    return elapsed, phases
+    return elapsed, phases, windows
 
 
 def _seconds(stamp: str) -> float:
@@ -373,6 +438,7 @@ def main() -> int:
         scenario = Scenario(cluster, backup, {}, store, encryption_key=key)
         times: dict[str, list[float]] = {"manual": [], "pgrecovery": []}
         proof_shares: list[float] = []
+        cpu: dict[str, list[float]] = {"manual": [], "pgrecovery": []}
         for run in range(1, args.runs + 1):
             for method in methods:
                 damage(cluster)
@@ -380,12 +446,16 @@ def main() -> int:
                 work = root / f"{method}-{run}"
                 shutil.rmtree(work, ignore_errors=True)
                 work.mkdir(parents=True)
-                if method == "manual":
-                    book = Runbook(cluster, store, backup, work)
-                    elapsed = book.run()
-                    detail = book.steps
-                else:
-                    elapsed, detail = run_pgrecovery(scenario, work)
+                wall = time.time()
+                with CpuSampler() as sampler:
+                    if method == "manual":
+                        book = Runbook(cluster, store, backup, work)
+                        elapsed = book.run()
+                        detail, windows = book.steps, book.windows
+                    else:
+                        elapsed, detail, windows = run_pgrecovery(scenario, work)
+                busy = sampler.busy_between(wall, wall + elapsed)
+                cpu[method].append(busy)
                 health = cluster.wait_healthy(timeout=180)
                 wrong = {
                     vm.name: [k for k, v in checksums(vm).items() if expected.get(k) != v]
@@ -401,6 +471,9 @@ def main() -> int:
                     + ", ".join(f"{k} {v:.1f}s" for k, v in detail.items() if v >= 0.05),
                     flush=True,
                 )
+                print(f"{'':10} CPU: {busy:.1f} CPU-s in all = "
+                      f"{100 * busy / ((os.cpu_count() or 1) * elapsed):.0f} % of "
+                      f"{os.cpu_count()} CPUs; {cpu_line(sampler, windows)}", flush=True)
                 if method == "pgrecovery":
                     proof = sum(v for k, v in detail.items() if k.startswith("prove-restore"))
                     counts = ", ".join(f"{k} {v:.1f}s" for k, v in detail.items()
@@ -412,7 +485,8 @@ def main() -> int:
         medians = {m: statistics.median(t) for m, t in times.items() if t}
         for m, t in times.items():
             if t:
-                print(f"median {m:15}: {medians[m]:7.1f}s  (runs {[round(x, 1) for x in t]})")
+                print(f"median {m:15}: {medians[m]:7.1f}s  (runs {[round(x, 1) for x in t]}); "
+                      f"{statistics.median(cpu[m]):.1f} CPU-s")
         if proof_shares:
             print(f"restore proof share   : median {statistics.median(proof_shares):.1f} % "
                   f"(runs {[round(x, 1) for x in proof_shares]})")

@@ -243,12 +243,15 @@ def test_local_recover_through_a_jumpbox(
     moto_s3: S3Server,
     bosh_director: DirectorEmulator,
     bosh_jumpbox: Jumpbox,
+    bosh_cli: Path,
     tmp_path: Path,
     how: str,
 ) -> None:
     """target.bosh with a gateway (in the spec, or BOSH_ALL_PROXY as for `bosh ssh`): every SSH
     connection to the VMs goes through the jumpbox (each VM's sshd logs the recovery's logins
-    from the jumpbox's address)."""
+    from the jumpbox's address). The environment variant is a bosh user's shell: the director
+    is an alias that the real bosh CLI wrote (`bosh alias-env`, with the CA) into the config
+    named by BOSH_CONFIG, and BOSH_CA_CERT is not set."""
     cluster, d, gw = healthy_sim_cluster, bosh_director, bosh_jumpbox
     scenario = Scenario.prepare(cluster, moto_s3, part_size=64 * 1024, rows=100)
     name = f"via-jumpbox-{how}"
@@ -257,11 +260,23 @@ def test_local_recover_through_a_jumpbox(
         key.write_bytes(gw.private_key)
         key.chmod(0o600)
         known.write_text(gw.known_hosts)
+        home = tmp_path / "home"
+        home.mkdir()
+        alias = subprocess.run(
+            [str(bosh_cli), "alias-env", "recovery-site", "-e", d.url, "--ca-cert",
+             str(d.ca_cert_path)],
+            env={"PATH": os.environ["PATH"], "HOME": str(home), "BOSH_CLIENT": CLIENT_ID,
+                 "BOSH_CLIENT_SECRET": d.clients[CLIENT_ID].secret},
+            capture_output=True, text=True, timeout=120, check=False)
+        assert alias.returncode == 0, alias.stdout + alias.stderr
         result, status = _recover(
             scenario,
             d,
             tmp_path,
             name,
+            BOSH_ENVIRONMENT="recovery-site",
+            BOSH_CONFIG=str(home / ".bosh" / "config"),
+            BOSH_CA_CERT="",
             BOSH_ALL_PROXY=f"ssh+socks5://{gw.user}@{gw.host}:{gw.port}?private-key={key}",
             BOSH_GW_KNOWN_HOSTS=str(known),
         )

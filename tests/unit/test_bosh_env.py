@@ -49,7 +49,7 @@ def test_director_url(value: str, url: str) -> None:
     assert director_url(value) == url
 
 
-def test_alias_and_http_are_refused() -> None:
+def test_unknown_alias_and_http_are_refused() -> None:
     with pytest.raises(ConfigurationError, match="alias"):
         director_url("my-env")
     with pytest.raises(ConfigurationError, match="https"):
@@ -107,3 +107,56 @@ async def test_secrets_come_from_the_variables(tmp_path: Path) -> None:
     missing = BoshEnvSecrets(SimpleNamespace(), {})
     with pytest.raises(SecretError, match="BOSH_CLIENT"):
         await missing.get_all(SimpleNamespace(name=BOSH_ENV_SECRET))  # type: ignore[arg-type]
+
+
+CA_PEM = "-----BEGIN CERTIFICATE-----\nFROMCONFIG\n-----END CERTIFICATE-----\n"
+
+
+def _bosh_config(tmp_path: Path, **extra: str) -> Path:
+    """A config as `bosh alias-env prod -e https://10.0.0.6:25555 --ca-cert ca.pem` writes it
+    (`cmd/config/fs_config.go`), plus `extra` fields of the entry."""
+    import yaml  # noqa: PLC0415
+
+    path = tmp_path / "config"
+    entry = {"url": "https://10.0.0.6:25555", "ca_cert": CA_PEM, "alias": "prod", **extra}
+    path.write_text(yaml.safe_dump({"environments": [
+        {"url": "https://10.9.9.9:25555", "alias": "other"}, entry]}))
+    return path
+
+
+async def test_an_alias_of_the_bosh_config_gives_url_ca_and_stored_client(
+    tmp_path: Path,
+) -> None:
+    config = _bosh_config(tmp_path, username="stored-client", password="stored-secret")
+    env = {"BOSH_ENVIRONMENT": "prod", "BOSH_CONFIG": str(config), "BOSH_DEPLOYMENT": "a9s-pg"}
+    spec = parse_spec(apply_bosh_environment(_spec_without_target_access(), env))
+    assert spec.target.bosh is not None
+    assert spec.target.bosh.director == "https://10.0.0.6:25555"
+    secrets = BoshEnvSecrets(inner=None, environ=env)
+    ca = await secrets.get_key(SimpleNamespace(name=BOSH_ENV_SECRET, key="ca"))  # type: ignore[arg-type]
+    assert ca.decode() == CA_PEM
+    creds = await secrets.get_all(SimpleNamespace(name=BOSH_ENV_SECRET))  # type: ignore[arg-type]
+    assert creds == {"client": b"stored-client", "clientSecret": b"stored-secret"}
+    # The variables win over the file, as for bosh.
+    over = BoshEnvSecrets(inner=None,
+                          environ={**env, "BOSH_CLIENT": "c", "BOSH_CLIENT_SECRET": "s"})
+    assert await over.get_all(SimpleNamespace(name=BOSH_ENV_SECRET)) == {  # type: ignore[arg-type]
+        "client": b"c", "clientSecret": b"s"}
+
+
+async def test_a_bosh_log_in_user_session_is_not_used_and_the_error_says_what_to_set(
+    tmp_path: Path,
+) -> None:
+    config = _bosh_config(tmp_path, access_token="eyJ.a.b", refresh_token="eyJ.r.t")
+    env = {"BOSH_ENVIRONMENT": "prod", "BOSH_CONFIG": str(config)}
+    secrets = BoshEnvSecrets(inner=None, environ=env)
+    with pytest.raises(SecretError, match=r"BOSH_CLIENT is not set.*user session") as caught:
+        await secrets.get_all(SimpleNamespace(name=BOSH_ENV_SECRET))  # type: ignore[arg-type]
+    assert "eyJ" not in str(caught.value)
+
+
+def test_an_unreadable_bosh_config_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "config"
+    bad.write_text("environments: [unclosed")
+    with pytest.raises(ConfigurationError, match="not YAML"):
+        director_url("prod", {"BOSH_CONFIG": str(bad)})
