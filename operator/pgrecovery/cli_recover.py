@@ -28,6 +28,7 @@ from pgrecovery.engine.local import LocalRun, cleanup_local, run_local
 from pgrecovery.engine.plan import load_plan_factory
 from pgrecovery.engine.status import WARNING_CONDITIONS, ConditionType, RecoveryStatus
 from pgrecovery.engine.steps import StepEvent, StepEventKind
+from pgrecovery.engine.supervisor import RetryPolicy
 from pgrecovery.errors import ConfigurationError, InvalidSpec
 
 DEFAULT_PLAN_FACTORY = "pgrecovery.plans:build_plan"
@@ -89,6 +90,19 @@ class TerminalReporter:
         self._last_progress = ""
 
 
+DEFAULT_RETRIES = RetryPolicy().limit
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
 def _local_run(args: argparse.Namespace, name: str, spec: dict[str, Any]) -> LocalRun:
     """What `recover` and `cleanup` share: files named after the recovery, secrets, plans."""
     secrets_dir = Path(args.secrets_dir) if args.secrets_dir else None
@@ -102,6 +116,7 @@ def _local_run(args: argparse.Namespace, name: str, spec: dict[str, Any]) -> Loc
         work_dir=Path(args.work_dir or f"{name}.work"),
         secrets=BoshEnvSecrets(LocalSecrets(secrets_dir)),
         plan_factory=load_plan_factory(args.plan_factory),
+        retry=RetryPolicy(limit=args.retries),
         # The operator's test-only setting, read the same way (unset: no breakpoints).
         breakpoints=Breakpoints(Path(os.environ["PGRECOVERY_BREAKPOINT_DIR"]))
         if os.environ.get("PGRECOVERY_BREAKPOINT_DIR") else NO_BREAKPOINTS,
@@ -174,6 +189,14 @@ def add_run_arguments(p: argparse.ArgumentParser, *, work_dir: str | None = None
         return
     p.add_argument("--work-dir", help=work_dir)
     p.add_argument("--secrets-dir", help="directory with <secret-name>/<key> files")
+    p.add_argument(
+        # A string default goes through `type` like an argument: a bad variable is a usage error.
+        "--retries", type=_non_negative,
+        default=os.environ.get("PGRECOVERY_RETRY_LIMIT", str(DEFAULT_RETRIES)),
+        help="retryable failures (store 5xx, unreachable node or jumpbox) tolerated per phase "
+             "before the recovery fails, waiting 5 s, 10 s, ... up to 300 s between them; 0 = "
+             f"fail at the first (default {DEFAULT_RETRIES}, or PGRECOVERY_RETRY_LIMIT as for "
+             "the operator)")
     p.add_argument("--plan-factory", default=DEFAULT_PLAN_FACTORY, help=argparse.SUPPRESS)
 
 

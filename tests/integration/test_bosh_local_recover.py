@@ -122,6 +122,7 @@ def test_local_recover_through_the_director_reaches_rejoined_and_leaves_no_user(
         ("unknown-deployment", "DirectorNotFound"),
         ("ssh-task-fails", "DirectorTaskFailed"),
         ("wrong-host-key", "HostKeyMismatch"),
+        ("gateway-unreachable", "GatewayUnreachable"),
     ],
 )
 def test_bad_director_inputs_fail_in_fetching_with_nothing_changed(
@@ -144,6 +145,17 @@ def test_bad_director_inputs_fail_in_fetching_with_nothing_changed(
         d.deployments = {"other-deployment": d.deployments[cluster.config.deployment]}
     elif fault == "ssh-task-fails":
         d.ssh_task_error = "Action Failed ssh: Creating user: exit status 9"
+    elif fault == "gateway-unreachable":
+        # A jumpbox where nothing listens: the director's ssh setup ran, the VMs are never
+        # reached, and the ephemeral users go again (passwd unchanged below).
+        key = tmp_path / "gw_key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+                       check=True)
+        (tmp_path / "gw_known_hosts").write_text("")
+        env["BOSH_ALL_PROXY"] = f"ssh+socks5://vcap@127.0.0.1:1?private-key={key}"
+        env["BOSH_GW_KNOWN_HOSTS"] = str(tmp_path / "gw_known_hosts")
+        # Retryable (a jumpbox may come back); fail at the first for the test.
+        env["PGRECOVERY_RETRY_LIMIT"] = "0"
     else:
         d.host_key_override["pg/1"] = cluster.vm("pg/2").rsa_host_key_public
     result, status = _recover(scenario, d, tmp_path, f"bad-{fault}", **env)
