@@ -29,7 +29,6 @@ from pgrecovery.adapters.ssh import (
     root_shell,
     shell_script_argv,
 )
-from pgrecovery.adapters.ssh_pipe import pipe_to_root
 from pgrecovery.errors import (
     AuthenticationFailed,
     ChecksumMismatch,
@@ -449,12 +448,12 @@ async def test_checksum_mismatch_keeps_the_partial_file(
 async def test_pipe_to_root_streams_and_a_torn_connection_is_unreachable(
     pool: SshPool, local_sshd: LocalSshd, tmp_path: Path  # noqa: F811
 ) -> None:
-    """`pipe_to_root` (the base backup's `tar -x` feed): bytes arrive; a connection torn down
+    """`SshPool.pipe_root` (the base backup's `tar -x` feed): bytes arrive; a connection torn down
     mid-stream (VM power cut) is NodeUnreachable — retryable — never a fatal 'exit 255'."""
     node = _node(local_sshd)
     dest = tmp_path / "piped"
     size = 2 * 1024 * 1024 + 5
-    result = await pipe_to_root(pool, node, ["dd", f"of={dest}", "bs=1M", "status=none"],
+    result = await pool.pipe_root(node, ["dd", f"of={dest}", "bs=1M", "status=none"],
                                 _random_stream(size), timeout=60)
     assert result.exit_status == 0
     assert dest.stat().st_size == size
@@ -466,5 +465,5 @@ async def test_pipe_to_root_streams_and_a_torn_connection_is_unreachable(
         yield b"y" * 65536
 
     with pytest.raises(NodeUnreachable, match="pg/0"):
-        await pipe_to_root(pool, node, ["dd", f"of={tmp_path / 'torn'}", "status=none"],
+        await pool.pipe_root(node, ["dd", f"of={tmp_path / 'torn'}", "status=none"],
                            torn(), timeout=60)

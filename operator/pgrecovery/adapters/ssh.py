@@ -699,41 +699,16 @@ class SshPool:
         if offset:
             argv += ["oflag=append", "conv=notrunc"]
         command = root_command(argv)
-        done = offset
         if progress is not None:
-            progress(done)
-        conn = await self._connection(node)
-        try:
-            async with conn.create_process(command, encoding=None) as proc:
-                async for chunk in chunks:
-                    if not chunk:
-                        continue
-                    hasher.update(chunk)
-                    proc.stdin.write(chunk)
-                    async with asyncio.timeout(UPLOAD_STALL_TIMEOUT):
-                        await proc.stdin.drain()
-                    done += len(chunk)
-                    if progress is not None:
-                        progress(done)
-                proc.stdin.write_eof()
-                async with asyncio.timeout(UPLOAD_STALL_TIMEOUT):
-                    stderr = await proc.stderr.read()
-                    await proc.wait_closed()
-                if proc.exit_status is None and proc.exit_signal is None:
-                    raise asyncssh.ConnectionLost("the channel closed without an exit status")
-                status = proc.exit_status
-        except TimeoutError:
-            self.forget(node)
-            raise RemoteCommandTimeout(
-                f"{node.label}: upload to {part} stalled for {UPLOAD_STALL_TIMEOUT:.0f}s "
-                f"after {done} bytes"
-            ) from None
-        except (asyncssh.Error, OSError) as exc:
-            self.forget(node)
-            raise NodeUnreachable(
-                f"{node.label}: connection lost during upload after {done} bytes: "
-                f"{_exc_text(exc)}"
-            ) from None
+            progress(offset)
+
+        def sent(chunk: bytes, done: int) -> None:
+            hasher.update(chunk)
+            if progress is not None:
+                progress(done)
+
+        status, _stdout, stderr, done = await self._stream_into(
+            node, command, chunks, what=f"the upload to {part}", start=offset, on_chunk=sent)
         if status != 0:
             raise _command_error(
                 node, command, CommandResult(status or 255, "", _decode(stderr))
@@ -747,6 +722,83 @@ class SshPool:
             )
         await self.run_root(node, ["mv", "-f", "--", part, remote_path], timeout=60)
         return UploadResult(remote_path, done, local, resumed_from=offset)
+
+
+    async def pipe_root(
+        self,
+        node: SshEndpoint,
+        argv: Sequence[str],
+        chunks: AsyncIterable[bytes],
+        *,
+        timeout: float,
+        progress: Callable[[int], None] | None = None,
+    ) -> CommandResult:
+        """Run `argv` as root with `chunks` as its stdin (the base backup's `tar -x` feed: a
+        physical restore unpacks gigabytes into the data directory, staging them as a file
+        first would need that much room again); RemoteCommandFailed on a non-zero exit.
+        Integrity on the wire is the SSH channel's MAC; the bytes were verified before."""
+        command = root_command(argv, timeout=timeout)
+
+        def sent(_chunk: bytes, done: int) -> None:
+            if progress is not None:
+                progress(done)
+
+        status, stdout, stderr, _done = await self._stream_into(
+            node, command, chunks, what=f"streaming into {argv[0]}", on_chunk=sent)
+        result = CommandResult(status, _decode(stdout), _decode(stderr))
+        if status != 0:
+            raise _command_error(node, command, result)
+        return result
+
+    async def _stream_into(
+        self,
+        node: SshEndpoint,
+        command: str,
+        chunks: AsyncIterable[bytes],
+        *,
+        what: str,
+        start: int = 0,
+        on_chunk: Callable[[bytes, int], None] | None = None,
+    ) -> tuple[int, bytes, bytes, int]:
+        """Feed `chunks` to `command`'s stdin over one channel: (exit status, stdout, stderr,
+        bytes counted from `start`). The one place a stream's errors are mapped: a stall is
+        RemoteCommandTimeout; a lost connection — also a channel torn down without an exit
+        status (VM power cut, sshd killed) — is NodeUnreachable (retryable), never a command
+        that failed with 255 (fatal)."""
+        done = start
+        conn = await self._connection(node)
+        try:
+            async with conn.create_process(command, encoding=None) as proc:
+                async for chunk in chunks:
+                    if not chunk:
+                        continue
+                    proc.stdin.write(chunk)
+                    async with asyncio.timeout(UPLOAD_STALL_TIMEOUT):
+                        await proc.stdin.drain()
+                    done += len(chunk)
+                    if on_chunk is not None:
+                        on_chunk(chunk, done)
+                proc.stdin.write_eof()
+                async with asyncio.timeout(UPLOAD_STALL_TIMEOUT):
+                    stdout = await proc.stdout.read()
+                    stderr = await proc.stderr.read()
+                    await proc.wait_closed()
+                if proc.exit_status is None and proc.exit_signal is None:
+                    raise asyncssh.ConnectionLost("the channel closed without an exit status")
+                status = proc.exit_status if proc.exit_status is not None else 255
+        except TimeoutError:
+            self.forget(node)
+            raise RemoteCommandTimeout(
+                f"{node.label}: {what} stalled for {UPLOAD_STALL_TIMEOUT:.0f}s after {done} "
+                "bytes"
+            ) from None
+        except (asyncssh.Error, OSError) as exc:
+            self.forget(node)
+            raise NodeUnreachable(
+                f"{node.label}: connection lost during {what} after {done} bytes: "
+                f"{_exc_text(exc)}"
+            ) from None
+        return status, stdout, stderr, done
 
 
 async def _hash_prefix(source: ReplayableSource, size: int) -> hashlib._Hash | None:

@@ -91,7 +91,7 @@ def replay_fatal_lines(log_tail: str) -> list[str]:
 
 Pipe = Callable[[Node, Sequence[str], AsyncIterable[bytes], Callable[[int], None]],
                 Awaitable[object]]
-"""Stream bytes into a root command on a node (adapters.ssh_pipe.pipe_to_root, bound)."""
+"""Stream bytes into a root command on a node (`SshPool.pipe_root`, bound)."""
 
 
 @dataclass(frozen=True)

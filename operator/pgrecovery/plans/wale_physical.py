@@ -36,7 +36,6 @@ from datetime import datetime
 from pathlib import Path
 
 from pgrecovery import metrics
-from pgrecovery.adapters.ssh_pipe import pipe_to_root
 from pgrecovery.backups.progress import human_size
 from pgrecovery.backups.wale.archive import Archive, BaseBackup, list_archive, load_details
 from pgrecovery.backups.wale.fetch import (
@@ -153,8 +152,8 @@ class WalePhysicalRecovery(A9sPgCluster):
 
             async def pipe(node: Node, argv: Sequence[str], chunks: AsyncIterable[bytes],
                            on_bytes: Callable[[int], None]) -> object:
-                return await pipe_to_root(pool, node.endpoint, argv, chunks,
-                                          timeout=extract_timeout, progress=on_bytes)
+                return await pool.pipe_root(node.endpoint, argv, chunks,
+                                           timeout=extract_timeout, progress=on_bytes)
 
             self._phys = PhysicalOperations(pool, pipe, layout=self.layout,
                                             progress=self._on_cluster_progress)
