@@ -12,6 +12,7 @@ from pgrecovery.cluster.restore_errors import (
     ConnectMap,
     Recreated,
     classify_output,
+    ddl_name,
     parse_connect_target,
 )
 
@@ -197,3 +198,17 @@ def test_a_missing_database_the_dump_does_not_create_again_is_an_error() -> None
         f'psql:{DUMP}:92: error: \\connect: connection to server on socket "/tmp/.s.PGSQL.5432"'
         ' failed: FATAL:  database "template1" does not exist'], ConnectMap(CLEAN_GREP))
     assert not report.ok
+
+
+@pytest.mark.parametrize(
+    ("raw", "name"),
+    [
+        ("shop", "shop"),
+        ('"Shop ""2"""', 'Shop "2"'),
+        ("SHOP", "shop"),
+        # UTF-8: the server folds ASCII only, and pg_dump leaves non-ASCII letters unquoted.
+        ("Ärger", "Ärger"),
+    ],
+)
+def test_ddl_names_are_read_as_the_server_reads_them(raw: str, name: str) -> None:
+    assert ddl_name(raw) == name

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pgrecovery.cluster.restore_errors import parse_connect_target
+from pgrecovery.cluster.restore_errors import ddl_name, parse_connect_target
 
 INDEX_VERSION = 2
 # Version 1 (before row counts) is still read, with `Entry.rows` None: an upgrade of the operator
@@ -514,9 +514,8 @@ class DumpIndexer:
         """`DROP ROLE` / `CREATE ROLE` starting a statement in the globals."""
         m = _ROLE_DDL.match(line)
         if m is not None:
-            raw = m.group("name")
-            name = raw[1:-1].replace(b'""', b'"') if raw.startswith(b'"') else raw.lower()
-            self._roles[m.group("verb").decode()].add(name.decode("utf-8", "replace"))
+            name = ddl_name(m.group("name").decode("utf-8", "replace"))
+            self._roles[m.group("verb").decode()].add(name)
 
     def _statement_start(self, start: int, line: bytes) -> None:
         db = self._dbs[-1] if self._dbs else None

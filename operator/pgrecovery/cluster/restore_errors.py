@@ -127,9 +127,15 @@ class Recreated:
 NOTHING_RECREATED = Recreated()
 
 
+# PostgreSQL folds unquoted identifiers to lower case in ASCII only (`downcase_identifier`, for
+# multi-byte encodings such as UTF-8); pg_dump leaves names with non-ASCII letters unquoted.
+_ASCII_FOLD = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
 def ddl_name(raw: str) -> str:
-    """An object name as pg_dump writes it after DROP/CREATE: quoted, or folded to lower case."""
-    return raw[1:-1].replace('""', '"') if raw.startswith('"') else raw.lower()
+    """An object name as pg_dump writes it after DROP/CREATE: quoted, or folded as the server
+    folds it. The serial restore's error check and the dump index use this one reading."""
+    return raw[1:-1].replace('""', '"') if raw.startswith('"') else raw.translate(_ASCII_FOLD)
 
 
 class ConnectMap:
