@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pgrecovery.adapters.objectstore import ObjectInfo, ObjectStore
+from pgrecovery.adapters.objectstore import ObjectStore
 from pgrecovery.adapters.retry import RetryPolicy, retry_async
 from pgrecovery.backups.config import EncryptionKey
 from pgrecovery.backups.download import download_backup, part_is_complete
@@ -25,6 +25,7 @@ from pgrecovery.backups.progress import Progress, human_size
 from pgrecovery.backups.sink import write_stream_to_file
 from pgrecovery.backups.sources import LocalPartsSource, StorePartsSource
 from pgrecovery.errors import BackupCorrupt, BackupIncomplete, StoreUnavailable, WrongKey
+from tests.memory_store import WrappedStore
 from tests.objectstores.a9sbackup import MadeBackup, make_backup, manual_decrypt
 from tests.objectstores.dumpgen import write_dump
 
@@ -95,28 +96,15 @@ async def test_store_source_streams_with_read_ahead(made: tuple[MadeBackup, Path
     assert await _collect(decrypt_stream(source, EncryptionKey.from_bytes(KEY))) == expected
 
 
-class IntoStore:
+class IntoStore(WrappedStore):
     """A store with `read_range_into` (like the S3 and Azure adapters) that records the buffers
     it was given and how many reads were in flight at once."""
 
     def __init__(self, inner: LocalDirStore) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.buffers: set[int] = set()
         self.inflight = 0
         self.max_inflight = 0
-
-    @property
-    def description(self) -> str:
-        return self.inner.description
-
-    async def list(self, prefix: str, *, limit: int | None = None) -> list[ObjectInfo]:
-        return await self.inner.list(prefix, limit=limit)
-
-    async def head(self, key: str) -> ObjectInfo:
-        return await self.inner.head(key)
-
-    async def read_range(self, key: str, start: int, end: int) -> bytes:
-        return await self.inner.read_range(key, start, end)
 
     async def read_range_into(self, key: str, start: int, buffer: memoryview) -> None:
         self.buffers.add(id(buffer.obj))
@@ -127,9 +115,6 @@ class IntoStore:
             buffer[:] = await self.inner.read_range(key, start, start + len(buffer))
         finally:
             self.inflight -= 1
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 async def test_store_source_reuses_a_fixed_set_of_buffers(
@@ -215,27 +200,17 @@ async def test_closing_early_stops_the_worker_threads(
     assert not [t for t in leftover if t.name.startswith(("decrypt", "gunzip"))]
 
 
-class FlakyStore:
+class FlakyStore(WrappedStore):
     """Wraps a store; the first `fail_times` reads of every `fail_every`-th range fail as a
     throttling store does (StoreUnavailable)."""
 
     def __init__(self, inner: ObjectStore, fail_every: int, fail_times: int = 2) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.fail_every = fail_every
         self.fail_times = fail_times
         self.attempts: dict[tuple[str, int], int] = {}
         self.calls = 0
         self.failures = 0
-
-    @property
-    def description(self) -> str:
-        return self.inner.description
-
-    async def list(self, prefix: str, *, limit: int | None = None) -> list[ObjectInfo]:
-        return await self.inner.list(prefix, limit=limit)
-
-    async def head(self, key: str) -> ObjectInfo:
-        return await self.inner.head(key)
 
     async def read_range(self, key: str, start: int, end: int) -> bytes:
         self.calls += 1
@@ -244,9 +219,6 @@ class FlakyStore:
             self.failures += 1
             raise StoreUnavailable("SlowDown: please reduce your request rate")
         return await self.inner.read_range(key, start, end)
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 async def test_download_retries_resumes_and_decrypts(

@@ -34,3 +34,22 @@ async def test_incomplete_credentials_name_their_source_not_their_values() -> No
     assert "Secret ns/backup-store" in str(caught.value)
     assert "AWS_SECRET_ACCESS_KEY" in str(caught.value)
     assert "AKIAEXAMPLEKEYID" not in str(caught.value)
+
+
+async def test_the_memory_store_fake_has_the_store_semantics_the_unit_tests_rely_on() -> None:
+    from pgrecovery.adapters.objectstore import ObjectStore, WritableObjectStore  # noqa: PLC0415
+    from pgrecovery.errors import BackupNotFound  # noqa: PLC0415
+    from tests.memory_store import MemoryStore  # noqa: PLC0415
+
+    store = MemoryStore({"b/2": b"two", "a/1": b"one", "b/10": b"ten"})
+    assert isinstance(store, ObjectStore)
+    assert isinstance(store, WritableObjectStore)
+    assert [o.key for o in await store.list("b/")] == ["b/10", "b/2"]  # key order, as S3
+    assert await store.read_range("a/1", 1, 3) == b"ne"
+    with pytest.raises(BackupNotFound):
+        await store.head("c/1")
+    with pytest.raises(ValueError, match="outside"):
+        await store.read_range("a/1", 0, 9)
+    await store.copy("a/1", "c/1")
+    assert await store.delete(["a/1", "zz"]) == 2
+    assert sorted(store.objects) == ["b/10", "b/2", "c/1"]

@@ -50,35 +50,7 @@ from pgrecovery.backups.wale.planning import (
     timeline_path,
 )
 from pgrecovery.errors import BackupCorrupt, BackupIncomplete, BackupNotFound, InvalidSpec
-
-# ---------------------------------------------------------------- a store fake
-
-
-class MemoryStore:
-    """`ObjectStore` over a dict of key → bytes (what S3 listing semantics need here)."""
-
-    def __init__(self) -> None:
-        self.objects: dict[str, bytes] = {}
-
-    @property
-    def description(self) -> str:
-        return "memory://bucket"
-
-    async def list(self, prefix: str, *, limit: int | None = None) -> list[ObjectInfo]:
-        keys = sorted(k for k in self.objects if k.startswith(prefix))[:limit]
-        return [ObjectInfo(k, len(self.objects[k])) for k in keys]
-
-    async def head(self, key: str) -> ObjectInfo:
-        if key not in self.objects:
-            raise BackupNotFound(key)
-        return ObjectInfo(key, len(self.objects[key]))
-
-    async def read_range(self, key: str, start: int, end: int) -> bytes:
-        return self.objects[key][start:end]
-
-    async def close(self) -> None:
-        return None
-
+from tests.memory_store import MemoryStore
 
 # ---------------------------------------------------------------- lzop
 
