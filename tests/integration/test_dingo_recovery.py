@@ -15,13 +15,17 @@ check the recovery ends with (restored system id == the old archive's) fails.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
+from tests.boshdirector.director import Client, DirectorEmulator
+from tests.boshdirector.fixtures import CLIENT_ID
 from tests.dingo.cell import DingoCell
 from tests.dingo.world import DeletedService, deleted_service, recover_argv, table_digest
 from tests.objectstores.servers import S3Server
@@ -100,6 +104,54 @@ def test_deleted_instance_is_restored_into_the_new_instance(
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert table_digest(new) != world.old_digest  # includes the row written after recovery
     assert new.psql("SELECT v FROM accounts WHERE id = -1") == "after the recovery"
+
+
+def test_deleted_instance_is_restored_through_the_director(
+    dingo_cell: DingoCell, moto_s3: S3Server, world: DeletedService, tmp_path: Path
+) -> None:
+    """target.bosh for Dingo (issue 21): a recovery file naming no cell and no SSH key, and
+    the bosh CLI's BOSH_* variables; the director lists the cell group (instanceGroup not
+    given: `cell`), opens the cell with an ephemeral user, and removes it at the end."""
+    deployment = dingo_cell.config.deployment
+    director = DirectorEmulator({deployment: dingo_cell.vms},
+                                clients={CLIENT_ID: Client(os.urandom(12).hex())})
+    with director:
+        try:
+            argv, status_file = recover_argv(world, tmp_path, "dingo-bosh")
+            manifest = tmp_path / "dingo-bosh.yaml"
+            doc = yaml.safe_load(manifest.read_text())
+            doc["spec"]["target"].pop("nodes")
+            doc["spec"]["target"].pop("ssh")
+            manifest.write_text(yaml.safe_dump(doc))
+            env = {**os.environ,
+                   "BOSH_ENVIRONMENT": director.url,
+                   "BOSH_CA_CERT": str(director.ca_cert_path),
+                   "BOSH_CLIENT": CLIENT_ID,
+                   "BOSH_CLIENT_SECRET": director.clients[CLIENT_ID].secret,
+                   "BOSH_DEPLOYMENT": deployment}
+            result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900,
+                                    check=False)
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+            status = _status(status_file)
+            assert status["phase"] == "Rejoined", status
+            facts = status["facts"]
+            assert isinstance(facts, dict)
+            assert facts["restoredSysid"] == world.old_sysid
+            pinned = json.loads(facts["boshInstances"])
+            assert [(name, addr) for name, _id, addr in pinned] == [
+                (vm.name, vm.address) for vm in dingo_cell.vms]
+            world.new.wait_leader()
+            assert table_digest(world.new) == world.old_digest
+            users = director.ssh_users(deployment)
+            assert {vm: [u for u in names if "pgrecovery" in u]
+                    for vm, names in users.items()} == {vm.name: [] for vm in dingo_cell.vms}
+            assert any(t.description == "ssh: setup" for t in director._tasks.values())
+            assert director.clients[CLIENT_ID].secret not in result.stdout + result.stderr
+        finally:
+            for vm in dingo_cell.vms:
+                vm.run("for u in $(awk -F: '$6 ~ \"^/var/vcap/bosh_ssh/\" {print $1}' "
+                       '/etc/passwd); do pkill -KILL -u "$u"; userdel -rf "$u"; done',
+                       check=False)
 
 
 def test_a_naive_sync_restores_the_wrong_database(dingo_cell: DingoCell, moto_s3: S3Server) -> None:

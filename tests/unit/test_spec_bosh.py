@@ -88,7 +88,7 @@ def test_patterns_match_the_typed_model() -> None:
     assert by_path[".spec.target.bosh.gateway.user"] == spec_module.SSH_USER_PATTERN
 
 
-def test_dingo_says_bosh_is_for_a9s_pg_targets_only() -> None:
+def test_nodes_of_a_bosh_target_say_the_director_is_used() -> None:
     spec = spec_module.parse_spec(_bosh_sample()["spec"])
-    with pytest.raises(spec_module.InvalidSpec, match=r"target\.bosh is supported"):
+    with pytest.raises(spec_module.InvalidSpec, match=r"through the director"):
         spec.target.require_nodes()

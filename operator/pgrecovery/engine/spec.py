@@ -228,12 +228,11 @@ class Target(_Model):
         return self
 
     def require_nodes(self) -> tuple[list[NodeSpec], SshSpec]:
-        """nodes + ssh for the plans that do not go through the director (yet)."""
+        """nodes + ssh, for a recovery that does not go through the director."""
         if self.nodes is None or self.ssh is None:
             raise InvalidSpec(
-                "target.type dingo needs target.nodes and target.ssh (the cells); target.bosh is "
-                "supported for target.type a9sPg (source.type a9sLogical and walE) in this "
-                "version",
+                "target.nodes and target.ssh are not given: the VMs are reached through the "
+                "director (target.bosh)",
                 field="spec.target.bosh",
             )
         return self.nodes, self.ssh

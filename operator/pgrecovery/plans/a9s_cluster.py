@@ -29,7 +29,6 @@ from pgrecovery.cluster import tools
 from pgrecovery.cluster.a9s import A9sOperations, StepResult
 from pgrecovery.cluster.nodes import A9sLayout, ClusterView, Node, NodeView, ProgressEvent
 from pgrecovery.engine import status as st
-from pgrecovery.engine.spec import RecoverySpec
 from pgrecovery.engine.status import NodeState, RecoveryStatus
 from pgrecovery.engine.steps import Step, StepContext, self_checking
 from pgrecovery.errors import FatalError, NotReadyYet
@@ -291,15 +290,6 @@ def staging_steps(c: A9sPgCluster, *, drop_inactive_slots: bool) -> list[Step]:
         steps.insert(2, c.cluster_step(
             "ensure-inactive-slots-dropped", lambda o, v: o.ensure_inactive_slots_dropped(v)))
     return steps
-
-
-def target_nodes(spec: RecoverySpec) -> tuple[Node, ...]:
-    """The VMs `target.nodes` names; none yet with `target.bosh`: the director lists them
-    when the cluster is first reached (`bosh_access`), and they are pinned in status."""
-    if spec.target.bosh is not None:
-        return ()
-    node_specs, ssh = spec.target.require_nodes()
-    return tuple(Node(name=n.name, address=n.address, port=ssh.port) for n in node_specs)
 
 
 def rejoined_steps(c: A9sPgCluster, *, before_unblock: Sequence[Step]) -> list[Step]:

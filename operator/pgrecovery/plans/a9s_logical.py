@@ -38,10 +38,10 @@ from pgrecovery.plans.a9s_cluster import (
     A9sPgCluster,
     rejoined_steps,
     staging_steps,
-    target_nodes,
     tools_checked,
 )
 from pgrecovery.plans.a9s_leftovers import RecoveryFiles
+from pgrecovery.plans.base import target_nodes
 from pgrecovery.plans.logical_proof import RestoreProofSteps
 from pgrecovery.plans.logical_restore import DumpRestore
 from pgrecovery.plans.logical_staging import DumpStaging, index_path

@@ -25,6 +25,7 @@ from pathlib import Path
 from pgrecovery.adapters.objectstore import ObjectStore
 from pgrecovery.backups.config import AzureLocation, S3Location
 from pgrecovery.backups.stores import StoreLocation, open_store
+from pgrecovery.cluster.nodes import Node
 from pgrecovery.engine import status as st
 from pgrecovery.engine.plan import PlanInputs
 from pgrecovery.engine.spec import RecoverySpec
@@ -42,6 +43,15 @@ def fact_recorded(name: str) -> Callable[[StepContext], Awaitable[bool]]:
         return name in ctx.status.facts
 
     return check
+
+
+def target_nodes(spec: RecoverySpec) -> tuple[Node, ...]:
+    """The VMs `target.nodes` names; none yet with `target.bosh`: the director lists them
+    when they are first reached (`bosh_access`), and they are pinned in status."""
+    if spec.target.bosh is not None:
+        return ()
+    node_specs, ssh = spec.target.require_nodes()
+    return tuple(Node(name=n.name, address=n.address, port=ssh.port) for n in node_specs)
 
 
 @dataclass

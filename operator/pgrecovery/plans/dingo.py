@@ -75,9 +75,13 @@ from pgrecovery.errors import (
     ConfigurationError,
     InvalidSpec,
 )
-from pgrecovery.plans.base import PlanBase, fact_recorded
+from pgrecovery.plans.base import PlanBase, fact_recorded, target_nodes
+from pgrecovery.plans.bosh_access import BoshAccess
 from pgrecovery.plans.dingo_container import ContainerSteps
 
+# target.bosh of a Dingo recovery without instanceGroup: the cells' group (a9s-pg's default,
+# `pg`, names no cell).
+DEFAULT_CELL_GROUP = "cell"
 # Progress of the archive steps is pushed into status at most this often.
 PROGRESS_INTERVAL = 1.0
 
@@ -144,14 +148,26 @@ class DingoRecovery(PlanBase):
     def wale_dir(self) -> Path:
         return Path(self.inputs.work_dir) / "wale"
 
-    async def cell_ops(self) -> DingoOperations:
+    async def cell_ops(self, ctx: StepContext) -> DingoOperations:
+        """The cells over SSH: the VMs `target.nodes` names with `target.ssh`, or — with
+        `target.bosh` — the cell group the director lists (pinned in Fetching), opened with
+        an ephemeral user that the closer removes (`bosh_access`, as for a9s-pg)."""
         if self._dingo_ops is None:
-            _, ssh = self.spec.target.require_nodes()
-            key = await self.inputs.secrets.get_key(ssh.private_key_secret_ref)
-            known_hosts = await self.inputs.secrets.get_key(ssh.known_hosts_secret_ref)
-            pool = SshPool(
-                SshAuth(username=ssh.user, private_key=key, known_hosts=known_hosts.decode())
-            )
+            bosh = self.spec.target.bosh
+            if bosh is not None:
+                if "instance_group" not in bosh.model_fields_set:
+                    bosh = bosh.model_copy(update={"instance_group": DEFAULT_CELL_GROUP})
+                access = BoshAccess(bosh, self.spec.target.deployment, self.inputs.uid,
+                                    self.inputs.secrets)
+                self.on_close(access.close)
+                auth, self.nodes = await access.open(ctx, None)
+            else:
+                _, ssh = self.spec.target.require_nodes()
+                key = await self.inputs.secrets.get_key(ssh.private_key_secret_ref)
+                known_hosts = await self.inputs.secrets.get_key(ssh.known_hosts_secret_ref)
+                auth = SshAuth(username=ssh.user, private_key=key,
+                               known_hosts=known_hosts.decode())
+            pool = SshPool(auth)
             self.on_close(pool.close)
             self._dingo_ops = DingoOperations(pool, self.nodes)
         return self._dingo_ops
@@ -159,7 +175,7 @@ class DingoRecovery(PlanBase):
     async def container(self, ctx: StepContext) -> Container:
         """The new instance's container; after Fetching, the one pinned in status."""
         if self._container is None:
-            ops = await self.cell_ops()
+            ops = await self.cell_ops(ctx)
             name = ctx.status.facts.get("container") or self.dingo.container
             found = await ops.find_container(self.dingo.instance_id, name)
             pinned = ctx.status.facts.get("containerId")
@@ -274,7 +290,7 @@ class DingoRecovery(PlanBase):
 
     async def find_container(self, ctx: StepContext) -> None:
         self._container = None
-        ops = await self.cell_ops()
+        ops = await self.cell_ops(ctx)
         container = await ops.find_container(self.dingo.instance_id, self.dingo.container)
         bucket = self.spec.source.s3.bucket if self.spec.source.s3 is not None else None
         if container.archive_bucket is not None and container.archive_bucket != bucket:
@@ -298,7 +314,7 @@ class DingoRecovery(PlanBase):
         await self.node_state(ctx, "running" if container.running else "stopped")
 
     async def check_etcd(self, ctx: StepContext) -> None:
-        ops = await self.cell_ops()
+        ops = await self.cell_ops(ctx)
         container = await self.container(ctx)
         initialize = await ops.etcd_get(container, self.etcd(container), "initialize")
         leader = await ops.etcd_get(container, self.etcd(container), "leader")
@@ -347,9 +363,7 @@ class DingoRecovery(PlanBase):
 
 async def build_dingo_plan(inputs: PlanInputs) -> Plan:
     spec = inputs.spec
-    node_specs, ssh = spec.target.require_nodes()
-    nodes = tuple(Node(name=n.name, address=n.address, port=ssh.port) for n in node_specs)
-    r = DingoRecovery(inputs=inputs, nodes=nodes)
+    r = DingoRecovery(inputs=inputs, nodes=target_nodes(spec))
     # Derive both prefixes now: a prefix the new one cannot be derived from fails in Pending.
     if r.old_prefix == r.new_prefix:
         raise InvalidSpec("old and new archive prefixes are equal", field="spec.target.dingo")

@@ -38,16 +38,16 @@ class ContainerSteps:
     recovery: DingoRecovery
 
     async def container_stopped(self, ctx: StepContext) -> bool:
-        ops = await self.recovery.cell_ops()
+        ops = await self.recovery.cell_ops(ctx)
         return not (await ops.refresh(await self.recovery.container(ctx))).running
 
     async def stop_container(self, ctx: StepContext) -> None:
-        ops = await self.recovery.cell_ops()
+        ops = await self.recovery.cell_ops(ctx)
         await ops.ensure_stopped(await self.recovery.container(ctx))
         await self.recovery.node_state(ctx, "stopped")
 
     async def delete_etcd_keys(self, ctx: StepContext) -> None:
-        ops = await self.recovery.cell_ops()
+        ops = await self.recovery.cell_ops(ctx)
         container = await self.recovery.container(ctx)
         if (await ops.refresh(container)).running:
             raise ClusterError(f"{container.label} runs again; refusing to reset its etcd keys")
@@ -59,7 +59,7 @@ class ContainerSteps:
         await ctx.fact(etcdKeysDeleted=",".join(deleted) or "none were set")
 
     async def wipe_data_dir(self, ctx: StepContext) -> None:
-        ops = await self.recovery.cell_ops()
+        ops = await self.recovery.cell_ops(ctx)
         container = await self.recovery.container(ctx)
         await ops.wipe_data_dir(container)
         if not await ops.data_is_empty(container):
@@ -67,22 +67,22 @@ class ContainerSteps:
         await ctx.fact(dataDirWiped=container.data_dir)
 
     async def container_running(self, ctx: StepContext) -> bool:
-        ops = await self.recovery.cell_ops()
+        ops = await self.recovery.cell_ops(ctx)
         return (await ops.refresh(await self.recovery.container(ctx))).running
 
     async def start_container(self, ctx: StepContext) -> None:
-        ops = await self.recovery.cell_ops()
+        ops = await self.recovery.cell_ops(ctx)
         await ops.ensure_started(await self.recovery.container(ctx))
         await self.recovery.node_state(ctx, "restoring")
 
     # ------------------------------------------------------------------ Rejoined
     async def restored(self, ctx: StepContext) -> bool:
-        ops = await self.recovery.cell_ops()
+        ops = await self.recovery.cell_ops(ctx)
         container = await self.recovery.container(ctx)
         return (await ops.readiness(container, self.recovery.etcd(container))).ready(container)
 
     async def wait_restored(self, ctx: StepContext) -> None:
-        ops = await self.recovery.cell_ops()
+        ops = await self.recovery.cell_ops(ctx)
         container = await self.recovery.container(ctx)
         etcd = self.recovery.etcd(container)
         size = ctx.status.backup.size_bytes or 0
@@ -118,7 +118,7 @@ class ContainerSteps:
         await self.recovery.node_state(ctx, "running")
 
     async def verify_system_id(self, ctx: StepContext) -> None:
-        ops = await self.recovery.cell_ops()
+        ops = await self.recovery.cell_ops(ctx)
         container = await self.recovery.container(ctx)
         want = ctx.status.facts.get("oldSysid")
         got = await ops.data_sysid(container)

@@ -70,11 +70,10 @@ from pgrecovery.plans.a9s_cluster import (
     A9sPgCluster,
     rejoined_steps,
     staging_steps,
-    target_nodes,
     tools_checked,
 )
 from pgrecovery.plans.a9s_leftovers import RecoveryFiles
-from pgrecovery.plans.base import ProgressHolder, fact_recorded, pumping
+from pgrecovery.plans.base import ProgressHolder, fact_recorded, pumping, target_nodes
 from pgrecovery.plans.state_words import STATE_WORDS
 from pgrecovery.plans.wale_restore import PhysicalRestore
 from pgrecovery.plans.wale_wal import WalSteps
