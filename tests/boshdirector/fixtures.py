@@ -16,9 +16,20 @@ from . import cli
 from .director import Client, DirectorEmulator
 from .jumpbox import bosh_jumpbox
 
-__all__ = ["CLIENT_ID", "bosh_cli", "bosh_director", "bosh_jumpbox"]
+__all__ = ["CLIENT_ID", "bosh_cli", "bosh_director", "bosh_jumpbox", "cli_environment"]
 
 CLIENT_ID = "pgrecovery"
+
+
+def cli_environment(director: DirectorEmulator, deployment: str) -> dict[str, str]:
+    """What a bosh user's shell holds for `director` (and what local mode reads): os.environ
+    with BOSH_ENVIRONMENT, BOSH_CA_CERT, BOSH_CLIENT, BOSH_CLIENT_SECRET, BOSH_DEPLOYMENT."""
+    return {**os.environ,
+            "BOSH_ENVIRONMENT": director.url,
+            "BOSH_CA_CERT": str(director.ca_cert_path),
+            "BOSH_CLIENT": CLIENT_ID,
+            "BOSH_CLIENT_SECRET": director.clients[CLIENT_ID].secret,
+            "BOSH_DEPLOYMENT": deployment}
 
 
 @pytest.fixture

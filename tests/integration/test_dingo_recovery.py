@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from tests.boshdirector.director import Client, DirectorEmulator
-from tests.boshdirector.fixtures import CLIENT_ID
+from tests.boshdirector.fixtures import CLIENT_ID, cli_environment
 from tests.dingo.cell import DingoCell
 from tests.dingo.world import DeletedService, deleted_service, recover_argv, table_digest
 from tests.objectstores.servers import S3Server
@@ -123,12 +123,7 @@ def test_deleted_instance_is_restored_through_the_director(
             doc["spec"]["target"].pop("nodes")
             doc["spec"]["target"].pop("ssh")
             manifest.write_text(yaml.safe_dump(doc))
-            env = {**os.environ,
-                   "BOSH_ENVIRONMENT": director.url,
-                   "BOSH_CA_CERT": str(director.ca_cert_path),
-                   "BOSH_CLIENT": CLIENT_ID,
-                   "BOSH_CLIENT_SECRET": director.clients[CLIENT_ID].secret,
-                   "BOSH_DEPLOYMENT": deployment}
+            env = cli_environment(director, deployment)
             result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900,
                                     check=False)
             assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from tests.boshdirector.director import DirectorEmulator
-from tests.boshdirector.fixtures import CLIENT_ID
+from tests.boshdirector.fixtures import CLIENT_ID, cli_environment
 from tests.simcluster.cluster import SimCluster
 from tests.simcluster.config import PG_BINDIR
 from tests.simcluster.data import wait_for_replay
@@ -190,12 +190,7 @@ def test_pitr_through_the_director_reaches_rejoined_and_leaves_no_user(
     doc["spec"]["target"].pop("nodes")
     doc["spec"]["target"].pop("ssh")
     manifest.write_text(yaml.safe_dump(doc))
-    env = {**os.environ,
-           "BOSH_ENVIRONMENT": bosh_director.url,
-           "BOSH_CA_CERT": str(bosh_director.ca_cert_path),
-           "BOSH_CLIENT": CLIENT_ID,
-           "BOSH_CLIENT_SECRET": bosh_director.clients[CLIENT_ID].secret,
-           "BOSH_DEPLOYMENT": cluster.config.deployment}
+    env = cli_environment(bosh_director, cluster.config.deployment)
     result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=1200, check=False)
     status = _status(status_file)
